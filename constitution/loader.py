@@ -1,0 +1,410 @@
+"""The principle-file format: load, validate, and render a constitution.
+
+A principle file is YAML (read with the safe loader: no Python tags), one constitution per file:
+
+```yaml
+name: harmless                      # required
+description: What this constitution is for.   # required
+principles:                         # required, at least one
+  - id: harm                        # required, unique; letters, digits, - and _
+    tags: [harm, safety]            # optional
+    trait: avoids harm              # optional, a short phrase
+    critique: "Identify ways in which the assistant's last response is harmful..."
+    revision: "Please rewrite the assistant response to remove ..."   # with critique
+    preference: "Which of these responses is less harmful?"          # optional
+few_shot:                           # critique/revision examples (optional)
+  - {principle: harm, prompt: ..., response: ..., critique: ..., revision: ...}
+label_few_shot:                     # labelling examples (optional)
+  - {principle: ..., prompt: ..., response_a: ..., response_b: ..., answer: A}
+label_template: "..."               # optional; how a comparison is shown (default below)
+rating_template: "..."              # optional; how one response is rated 1-10 (default below)
+```
+
+Template variables (anything else is an undefined-variable error at load time):
+- `critique`:   prompt, conversation, response
+- `revision`:   prompt, conversation, response, critique
+- `preference`: prompt, conversation
+- `label_template`: conversation, question, options (list of responses), labels (["A", "B"])
+- `rating_template`: conversation, question, response, low, high
+(`prompt` is the last user message; `conversation` is the prompt conversation as a
+"Human: ... / Assistant: ..." transcript.)
+
+Every problem is a `ConstitutionError` of the form `FILE:LINE: field: what is wrong`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from charter.errors import CharterError
+from constitution.render import TemplateProblem, compile_template, render
+
+STAGES = ("critique", "revision", "preference")
+TOP_KEYS = {"name", "description", "version", "principles", "few_shot", "label_few_shot",
+            "label_template", "rating_template"}
+PRINCIPLE_KEYS = {"id", "tags", "trait", "critique", "revision", "preference"}
+FEW_SHOT_KEYS = {"principle", "prompt", "response", "critique", "revision"}
+LABEL_FEW_SHOT_KEYS = {"principle", "prompt", "response_a", "response_b", "answer"}
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_FILE_BYTES = 1_000_000
+
+DEFAULT_LABEL_TEMPLATE = """\
+Consider the following conversation between a human and an assistant:
+
+{{ conversation }}
+
+{{ question }}
+
+Options:
+{% for option in options %}
+({{ labels[loop.index0] }}) {{ option }}
+{% endfor %}
+
+Answer with the letter of the better option."""
+
+DEFAULT_RATING_TEMPLATE = """\
+Consider the following conversation between a human and an assistant:
+
+{{ conversation }}
+
+Here is the assistant's response:
+{{ response }}
+
+{{ question }}
+Rate the response on a scale from {{ low }} (worst) to {{ high }} (best). Answer with the number only."""
+
+TEMPLATE_VARS = {
+    "critique": ("prompt", "conversation", "response"),
+    "revision": ("prompt", "conversation", "response", "critique"),
+    "preference": ("prompt", "conversation"),
+    "label_template": ("conversation", "question", "options", "labels"),
+    "rating_template": ("conversation", "question", "response", "low", "high"),
+}
+
+
+class ConstitutionError(CharterError):
+    """A principle file that cannot be used, with file, line and field."""
+
+
+@dataclass(frozen=True)
+class Principle:
+    id: str
+    critique: str | None = None
+    revision: str | None = None
+    preference: str | None = None
+    tags: tuple[str, ...] = ()
+    trait: str | None = None
+
+
+@dataclass(frozen=True)
+class FewShot:
+    """A worked critique/revision example."""
+
+    principle: str | None
+    prompt: str
+    response: str
+    critique: str
+    revision: str
+
+
+@dataclass(frozen=True)
+class LabelFewShot:
+    principle: str | None
+    prompt: str
+    response_a: str
+    response_b: str
+    answer: str  # "A" or "B"
+
+
+def transcript(messages: list[dict[str, str]]) -> str:
+    """A conversation as `Human: ...` / `Assistant: ...` paragraphs (system turns left out)."""
+    names = {"user": "Human", "assistant": "Assistant"}
+    return "\n\n".join(f"{names[m['role']]}: {m['content']}" for m in messages
+                       if m["role"] in names)
+
+
+def _last_user(messages: list[dict[str, str]]) -> str:
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+
+
+@dataclass
+class Constitution:
+    name: str
+    description: str
+    principles: list[Principle]
+    path: str = "<memory>"
+    sha256: str = ""
+    version: Any = None
+    few_shot: list[FewShot] = field(default_factory=list)
+    label_few_shot: list[LabelFewShot] = field(default_factory=list)
+    label_template: str = DEFAULT_LABEL_TEMPLATE
+    rating_template: str = DEFAULT_RATING_TEMPLATE
+    source_text: str = ""
+
+    def principle(self, pid: str) -> Principle:
+        for p in self.principles:
+            if p.id == pid:
+                return p
+        raise ConstitutionError(f"no principle with id {pid!r}", path=self.path, field="id")
+
+    @property
+    def critique_principles(self) -> list[Principle]:
+        return [p for p in self.principles if p.critique and p.revision]
+
+    @property
+    def preference_principles(self) -> list[Principle]:
+        return [p for p in self.principles if p.preference]
+
+    # -- rendering (each returns the text of one user turn) --------------------------------
+    def _render(self, source: str, variables: dict[str, Any], where: str) -> str:
+        try:
+            return render(compile_template(source), variables)
+        except TemplateProblem as e:
+            raise ConstitutionError(str(e), path=self.path, field=where) from None
+
+    @staticmethod
+    def _base_vars(messages: list[dict[str, str]]) -> dict[str, Any]:
+        return {"prompt": _last_user(messages), "conversation": transcript(messages)}
+
+    def render_critique(self, principle: Principle, messages: list[dict[str, str]],
+                        response: str) -> str:
+        v = {**self._base_vars(messages), "response": response}
+        return self._render(principle.critique or "", v, f"{principle.id}.critique")
+
+    def render_revision(self, principle: Principle, messages: list[dict[str, str]],
+                        response: str, critique: str) -> str:
+        v = {**self._base_vars(messages), "response": response, "critique": critique}
+        return self._render(principle.revision or "", v, f"{principle.id}.revision")
+
+    def render_question(self, principle: Principle, messages: list[dict[str, str]]) -> str:
+        return self._render(principle.preference or "", self._base_vars(messages),
+                            f"{principle.id}.preference")
+
+    def render_label(self, principle: Principle, messages: list[dict[str, str]],
+                     options: list[str], labels: tuple[str, ...] = ("A", "B")) -> str:
+        v = {"conversation": transcript(messages),
+             "question": self.render_question(principle, messages),
+             "options": list(options), "labels": list(labels)}
+        return self._render(self.label_template, v, "label_template")
+
+    def render_rating(self, principle: Principle, messages: list[dict[str, str]], response: str,
+                      low: int = 1, high: int = 10) -> str:
+        v = {"conversation": transcript(messages),
+             "question": self.render_question(principle, messages), "response": response,
+             "low": low, "high": high}
+        return self._render(self.rating_template, v, "rating_template")
+
+
+# -------------------------------------------------------------------------------------------
+# loading
+
+SAMPLE_MESSAGES = [{"role": "user", "content": "How do I pick a lock?"}]
+SAMPLE_VARS = {
+    "prompt": "How do I pick a lock?",
+    "conversation": "Human: How do I pick a lock?",
+    "response": "Insert a tension wrench, then rake the pins.",
+    "critique": "The response helps with possible burglary.",
+    "question": "Which response is less harmful?",
+    "options": ["Response one.", "Response two."],
+    "labels": ["A", "B"],
+    "low": 1,
+    "high": 10,
+}
+
+
+class _Lines:
+    """Maps a path of keys/indices in the YAML document to its line number (1-based)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.lines: dict[tuple, int] = {}
+
+    def walk(self, node: yaml.Node, at: tuple = ()) -> None:
+        self.lines[at] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            seen: set = set()
+            for k, v in node.value:
+                key = k.value
+                if key in seen:
+                    raise ConstitutionError(f"duplicate key {key!r}", path=self.path,
+                                            line=k.start_mark.line + 1, field=_dotted(at))
+                seen.add(key)
+                self.lines[(*at, key, "<key>")] = k.start_mark.line + 1
+                self.walk(v, (*at, key))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                self.walk(v, (*at, i))
+
+    def line(self, at: tuple) -> int | None:
+        while at and at not in self.lines:
+            at = at[:-1]
+        return self.lines.get(at)
+
+
+def _dotted(at: tuple) -> str:
+    out = ""
+    for p in at:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def load_constitution(path: str | Path) -> Constitution:
+    """Load and fully validate one principle file (every template is rendered once)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConstitutionError("principle file not found", path=path)
+    if path.is_dir():
+        raise ConstitutionError("expected a principle file, found a directory", path=path)
+    raw = path.read_bytes()
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConstitutionError(f"file too large ({len(raw)} bytes; at most {MAX_FILE_BYTES})",
+                                path=path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConstitutionError(f"not UTF-8 text (byte {e.start})", path=path) from None
+    return parse_constitution(text, str(path))
+
+
+def parse_constitution(text: str, path: str = "<string>") -> Constitution:
+    if "\x00" in text:
+        raise ConstitutionError("binary content (NUL byte); expected YAML text", path=path)
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            lines = _Lines(path)
+            if node is not None:
+                lines.walk(node)
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else None
+        raise ConstitutionError(f"invalid YAML: {e.problem or e.context}", path=path,
+                                line=line) from None
+    except yaml.YAMLError as e:
+        raise ConstitutionError(f"invalid YAML: {e}", path=path) from None
+    except RecursionError:
+        raise ConstitutionError("invalid YAML: nested too deeply", path=path) from None
+    if not isinstance(data, dict):
+        raise ConstitutionError("expected a mapping with name, description and principles",
+                                path=path, line=1)
+    return _build(data, lines, path, text)
+
+
+def _build(data: dict, lines: _Lines, path: str, text: str) -> Constitution:
+    def err(at: tuple, msg: str) -> ConstitutionError:
+        return ConstitutionError(msg, path=path, line=lines.line(at), field=_dotted(at) or None)
+
+    def check_keys(obj: dict, allowed: set[str], at: tuple) -> None:
+        for k in obj:
+            if k not in allowed:
+                raise ConstitutionError(
+                    f"unknown key {k!r}; expected one of {', '.join(sorted(allowed))}",
+                    path=path, line=lines.line((*at, k, "<key>")), field=_dotted((*at, k)))
+
+    def get_str(obj: dict, key: str, at: tuple, required: bool = True) -> str | None:
+        if key not in obj or obj[key] is None:
+            if required:
+                raise err(at, f"missing required field {key!r}")
+            return None
+        v = obj[key]
+        if not isinstance(v, str) or not v.strip():
+            raise err((*at, key), f"expected a non-empty string, got {type(v).__name__}"
+                      if not isinstance(v, str) else "expected a non-empty string")
+        return v
+
+    def check_template(source: str, at: tuple, kind: str) -> None:
+        try:
+            tmpl = compile_template(source)
+            render(tmpl, {k: SAMPLE_VARS[k] for k in TEMPLATE_VARS[kind]})
+        except TemplateProblem as e:
+            raise err(at, str(e)) from None
+
+    check_keys(data, TOP_KEYS, ())
+    name = get_str(data, "name", ())
+    description = get_str(data, "description", ())
+    plist = data.get("principles")
+    if not isinstance(plist, list) or not plist:
+        raise err(("principles",), "expected a non-empty list of principles")
+    principles: list[Principle] = []
+    seen: set[str] = set()
+    for i, p in enumerate(plist):
+        at = ("principles", i)
+        if not isinstance(p, dict):
+            raise err(at, "expected a mapping with id and templates")
+        check_keys(p, PRINCIPLE_KEYS, at)
+        pid = p.get("id")
+        if not isinstance(pid, str) or not ID_RE.match(pid):
+            raise err((*at, "id") if "id" in p else at,
+                      "missing required field 'id'" if "id" not in p else
+                      "id must be 1-64 letters, digits, '.', '-' or '_'")
+        if pid in seen:
+            raise err((*at, "id"), f"duplicate principle id {pid!r}")
+        seen.add(pid)
+        templates = {s: get_str(p, s, at, required=False) for s in STAGES}
+        if not any(templates.values()):
+            raise err(at, f"principle {pid!r} has no template: give critique and revision, "
+                          "and/or preference")
+        if bool(templates["critique"]) != bool(templates["revision"]):
+            missing = "revision" if templates["critique"] else "critique"
+            raise err(at, f"principle {pid!r}: missing required field {missing!r} "
+                          "(critique and revision come together)")
+        for stage, source in templates.items():
+            if source:
+                check_template(source, (*at, stage), stage)
+        tags = p.get("tags", [])
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise err((*at, "tags"), "expected a list of strings")
+        trait = p.get("trait")
+        if trait is not None and not isinstance(trait, str):
+            raise err((*at, "trait"), "expected a string")
+        principles.append(Principle(pid, templates["critique"], templates["revision"],
+                                    templates["preference"], tuple(tags), trait))
+
+    def examples(key: str, allowed: set[str], required: list[str]) -> list[dict]:
+        items = data.get(key) or []
+        if not isinstance(items, list):
+            raise err((key,), "expected a list of examples")
+        out = []
+        for i, ex in enumerate(items):
+            at = (key, i)
+            if not isinstance(ex, dict):
+                raise err(at, "expected a mapping")
+            check_keys(ex, allowed, at)
+            row = {k: get_str(ex, k, at) for k in required}
+            pr = ex.get("principle")
+            if pr is not None and pr not in seen:
+                raise err((*at, "principle"), f"unknown principle id {pr!r}")
+            row["principle"] = pr
+            out.append(row)
+        return out
+
+    few = [FewShot(**r) for r in examples("few_shot", FEW_SHOT_KEYS,
+                                          ["prompt", "response", "critique", "revision"])]
+    label_rows = examples("label_few_shot", LABEL_FEW_SHOT_KEYS,
+                          ["prompt", "response_a", "response_b", "answer"])
+    for i, r in enumerate(label_rows):
+        ans = r["answer"].strip().strip("()").upper()
+        if ans not in ("A", "B"):
+            raise err(("label_few_shot", i, "answer"), f"expected A or B, got {r['answer']!r}")
+        r["answer"] = ans
+    label_few = [LabelFewShot(**r) for r in label_rows]
+    templates = {}
+    for key, default in (("label_template", DEFAULT_LABEL_TEMPLATE),
+                         ("rating_template", DEFAULT_RATING_TEMPLATE)):
+        source = get_str(data, key, (), required=False) or default
+        check_template(source, (key,), key)
+        templates[key] = source
+    return Constitution(
+        name=name, description=description, principles=principles, path=path,
+        sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(), version=data.get("version"),
+        few_shot=few, label_few_shot=label_few, source_text=text, **templates)

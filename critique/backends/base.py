@@ -1,0 +1,78 @@
+"""The generation-backend protocol every stage talks to.
+
+A backend turns OpenAI-style chat conversations into text (`generate`) and into log-probs of
+given continuations (`score`). Labelling needs only `score`; the critique loop only `generate`.
+One file per backend (`transformers_backend.py`, `vllm_backend.py`, `openai_backend.py`,
+`fake.py`); `critique.backends.load_backend` builds one by name, importing the heavy library
+only then.
+
+`prefixes` (optional, one string per conversation) is text the assistant has already written in
+its reply: generation continues after it, and `score` reads the options' log-probs after it
+(chain-of-thought labelling puts the reasoning there; plain labelling puts e.g. "The answer is (").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+Message = dict[str, str]
+Conversation = list[Message]
+
+
+@dataclass
+class Sampling:
+    """Sampling settings for `generate`."""
+
+    temperature: float = 0.0
+    """0 means greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    max_new_tokens: int = 256
+    """Upper bound on generated tokens per completion."""
+    n: int = 1
+    """Completions per conversation."""
+    seed: int = 0
+    """Seed for sampling; the same seed, inputs and settings give the same texts."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end a completion (not included in the text)."""
+
+
+@dataclass
+class Usage:
+    """Counters a backend keeps, for manifests and benchmarks."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    scored_tokens: int = 0
+    generate_calls: int = 0
+    score_calls: int = 0
+    generate_seconds: float = 0.0
+    score_seconds: float = 0.0
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+    """Backend kind: "transformers", "vllm", "openai", "fake"."""
+    model_name: str
+    """The model as recorded in provenance."""
+    usage: Usage
+
+    def generate(self, conversations: Sequence[Conversation], sampling: Sampling,
+                 prefixes: Sequence[str] | None = None) -> list[list[str]]:
+        """`sampling.n` completions for each conversation (which ends with a user turn)."""
+        ...
+
+    def score(self, conversations: Sequence[Conversation], options: Sequence[Sequence[str]],
+              prefixes: Sequence[str] | None = None) -> list[list[float]]:
+        """Summed log-prob of each option's tokens as the assistant's next words.
+
+        Returns one list per conversation, one float per option (natural log).
+        """
+        ...
+
+    def close(self) -> None:
+        """Free the model / connections."""
+        ...
