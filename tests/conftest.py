@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny random-init llama with the embedded model's tokenizer, a fake backend.
+
+The tiny model has the real SmolLM2 tokenizer and chat template (so tokenisation and templating
+are exercised for real) but 2 layers of width 32: a forward pass takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download at test time
+
+
+def build_tiny_model(out: Path, seed: int = 0, layers: int = 2, width: int = 32) -> Path:
+    """Save a random-init llama (real SmolLM2 tokenizer + chat template) to `out`."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from charter.models import embedded_model_dir
+
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir())
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=1024, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A directory loadable by AutoModelForCausalLM/AutoTokenizer.from_pretrained."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def fake_backend():
+    from critique.backends.fake import FakeBackend
+
+    return FakeBackend()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (third-party data; see its README for sources and licences)."""
+    if not SHARED_DATA.exists():
+        pytest.skip("../shared/data is not beside this checkout (runs in the project workspace "
+                    "and CI, which lay shared/ beside the clone)")
+    return SHARED_DATA
