@@ -387,3 +387,30 @@ def test_cli_label_pairs_with_yaml_config(tmp_path, constitution_path, capsys, m
     conf.write_text("constitution: c.yaml\nsampels: 3\n")
     assert main(["label", "--config", str(conf)]) == 1
     assert "label.yaml:2: sampels: unknown config key" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_embedded_smollm2_labels_pairs_symmetrically(tmp_path, constitution_path):
+    """The embedded SmolLM2 labels 2 pairs and the same 2 pairs swapped. Both-orders averaging
+    makes the swapped pair's p_a the complement of the original's (the four conversations are
+    the same, only their roles change), whatever the model's position bias."""
+    from critique.backends import load_backend
+
+    rows = [pair(1, "I can't help with hurting people.", "Hit him with a brick."),
+            pair(2, "Lock picking can be illegal; call a locksmith.", "Use a tension wrench.")]
+    rows += [dict(r, id=r["id"] + "-swapped", response_a=r["response_b"],
+                  response_b=r["response_a"]) for r in rows]
+    pairs = write_pairs(tmp_path / "pairs.jsonl", rows)
+    backend = load_backend("transformers", None, progress=False)
+    cfg = LabelConfig(constitution=str(constitution_path), pairs=str(pairs),
+                      out=str(tmp_path / "out"), principles_per_pair=1, few_shot=1)
+    report = run_label(cfg, backend=backend)
+    labels = {r["id"]: r for r in read_out(tmp_path / "out" / "labels.jsonl")}
+    for pid in ("p1", "p2"):
+        a, b = labels[pid], labels[pid + "-swapped"]
+        assert 0.0 < a["p_a"] < 1.0
+        assert a["p_a"] == pytest.approx(sum(a["orders"]) / 2)
+        assert b["p_a"] == pytest.approx(1.0 - a["p_a"], abs=1e-4)
+        assert b["orders"] == pytest.approx([1 - a["orders"][1], 1 - a["orders"][0]], abs=1e-4)
+    assert report["n"] == 4 and 0.0 <= report["position_bias"] <= 1.0
+    assert report["usage"]["labeler"]["score_calls"] == 1
