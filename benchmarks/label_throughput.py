@@ -132,6 +132,8 @@ def main() -> None:
     ap.add_argument("--gen-tokens", type=int, default=32,
                     help="tokens the generating labeller may write (its answer and a reason)")
     ap.add_argument("--few-shot", type=int, default=0)
+    ap.add_argument("--skip-generate", action="store_true",
+                    help="only the log-prob labeller (for accuracy runs); no ratio")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data",
                     help="folder with the HH-RLHF file (default: ../shared/data)")
     ap.add_argument("--max-chars", type=int, default=900, help="skip longer transcripts")
@@ -150,20 +152,26 @@ def main() -> None:
     backend = load_backend(args.backend, args.model)
     # warm-up (first-call allocations) on one pair, both methods
     by_score(backend, constitution, pairs[:1], cfg)
-    by_generate(backend, constitution, pairs[:1], cfg, 2)
+    if not args.skip_generate:
+        by_generate(backend, constitution, pairs[:1], cfg, 2)
 
     t0 = time.perf_counter()
     scored = by_score(backend, constitution, pairs, cfg)
     t_score = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    generated, unparsed = by_generate(backend, constitution, pairs, cfg, args.gen_tokens)
-    t_gen = time.perf_counter() - t0
-
-    s, g = stats(scored, pairs), stats(generated, pairs)
+    s = stats(scored, pairs)
     print(f"pairs: {len(pairs)}  model: {backend.model_name}  backend: {backend.name}")
     print(f"score    (both orders): {len(pairs) / t_score:8.3f} pairs/s  ({t_score:.1f} s)  "
           f"acc given {s['accuracy_given_order']:.3f}  both {s['accuracy_both_orders']:.3f}  "
           f"position bias {s['position_bias']:.3f}")
+    if args.skip_generate:
+        print(json.dumps({"score_vs_generate": None, "pairs": len(pairs),
+                          "score_pairs_per_s": round(len(pairs) / t_score, 4),
+                          "score": {k: round(v, 4) for k, v in s.items()}}))
+        return
+    t0 = time.perf_counter()
+    generated, unparsed = by_generate(backend, constitution, pairs, cfg, args.gen_tokens)
+    t_gen = time.perf_counter() - t0
+    g = stats(generated, pairs)
     print(f"generate (both orders): {len(pairs) / t_gen:8.3f} pairs/s  ({t_gen:.1f} s)  "
           f"acc both {g['accuracy_both_orders']:.3f}  position bias {g['position_bias']:.3f}  "
           f"unparsed {unparsed}/{2 * len(pairs)}")

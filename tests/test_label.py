@@ -414,3 +414,18 @@ def test_embedded_smollm2_labels_pairs_symmetrically(tmp_path, constitution_path
         assert b["orders"] == pytest.approx([1 - a["orders"][1], 1 - a["orders"][0]], abs=1e-4)
     assert report["n"] == 4 and 0.0 <= report["position_bias"] <= 1.0
     assert report["usage"]["labeler"]["score_calls"] == 1
+
+
+def test_pairs_jsonl_loads_with_datasets(tmp_path, constitution_path):
+    """pairs.jsonl is TRL conversational data: `datasets` reads it with its extra columns."""
+    import datasets
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 3)
+    cfg = LabelConfig(constitution=str(constitution_path), prompts=str(prompts),
+                      out=str(tmp_path / "out"), samples=3, principles_per_pair=1)
+    run_label(cfg, backend=FakeBackend())
+    ds = datasets.load_dataset("json", data_files=str(tmp_path / "out" / "pairs.jsonl"),
+                               split="train", cache_dir=str(tmp_path / "cache"))
+    assert ds.num_rows == 9
+    assert {"prompt", "chosen", "rejected", "p_chosen", "votes", "orders"} <= set(ds.column_names)
+    assert ds[0]["chosen"][0]["role"] == "assistant"
