@@ -94,9 +94,9 @@ class LabelConfig:
     cot_max_new_tokens: int = 128
     """Length limit of the chain-of-thought reasoning."""
     clamp_low: float = 0.2
-    """Chain-of-thought labels are clamped to at least this."""
+    """Chain-of-thought: each order's P(A) is clamped to at least this."""
     clamp_high: float = 0.8
-    """Chain-of-thought labels are clamped to at most this."""
+    """Chain-of-thought: each order's P(A) is clamped to at most this."""
     min_margin: float = 0.1
     """Pairs with |p_chosen - 0.5| below this are kept but marked low_margin."""
     min_rating_gap: float = 1.0
@@ -237,16 +237,18 @@ def compare_pairs(backend, constitution, jobs: list[tuple], cfg: LabelConfig) ->
     scores = backend.score(convs, [list(lp.OPTIONS)] * len(convs), prefixes)
     firsts: dict[tuple, float] = {}
     for key, (la, lb) in zip(keys, scores):
-        p = p_first(la, lb)
+        p = p_first(la, lb)  # normalised P("(A)") over the two options (Bai et al. 2022 §4.1)
+        # CoT labels are clamped per read (Bai et al. 2022 §4.1: 40-60% there; a flag here)
         firsts[key] = clamp(p, cfg.clamp_low, cfg.clamp_high) if cfg.cot else p
     results = []
     for j, (_, _, _, principles) in enumerate(jobs):
         votes, vote_orders = {}, {}
         for pr in principles:
+            # both orders averaged: cancels position bias (Lee et al. 2023, "Addressing Position Bias")
             votes[pr.id], vote_orders[pr.id] = swap_average(firsts[(j, pr.id, 0)],
                                                             firsts[(j, pr.id, 1)])
         n = len(principles)
-        res = {"p_a": ensemble(votes),
+        res = {"p_a": ensemble(votes),  # principle ensemble (Bai et al. 2022 §4.1)
                "orders": [sum(o[k] for o in vote_orders.values()) / n for k in (0, 1)],
                "votes": votes, "vote_orders": vote_orders}
         if cfg.cot:
@@ -367,15 +369,21 @@ def _run_pairs(cfg, out, constitution, pool, backend) -> tuple[list[dict], int, 
                                            unit="pair") as bar:
         for chunk in _chunks(todo, cfg.batch_size):
             drawn = [draw(pool, cfg.principles_per_pair, cfg.seed, it.id) for it in chunk]
-            if cfg.mode == "compare":
-                jobs = [(it.messages, it.response_a, it.response_b, d)
-                        for it, d in zip(chunk, drawn)]
-                results = compare_pairs(backend, constitution, jobs, cfg)
-            else:
-                jobs = [(it.messages, r, d) for it, d in zip(chunk, drawn)
-                        for r in (it.response_a, it.response_b)]
-                rated = rate_responses(backend, constitution, jobs)
-                results = [_rated_pair(rated[2 * k], rated[2 * k + 1]) for k in range(len(chunk))]
+            try:
+                if cfg.mode == "compare":
+                    jobs = [(it.messages, it.response_a, it.response_b, d)
+                            for it, d in zip(chunk, drawn)]
+                    results = compare_pairs(backend, constitution, jobs, cfg)
+                else:
+                    jobs = [(it.messages, r, d) for it, d in zip(chunk, drawn)
+                            for r in (it.response_a, it.response_b)]
+                    rated = rate_responses(backend, constitution, jobs)
+                    results = [_rated_pair(rated[2 * k], rated[2 * k + 1])
+                               for k in range(len(chunk))]
+            except CharterError as e:  # e.g. a pair longer than the model's context
+                where = ", ".join(it.source for it in chunk)
+                raise CharterError(f"{e}; while labelling the pairs at {where} (the "
+                                   "labels before them are saved)", field=e.field) from e
             for it, res in zip(chunk, results):
                 rec = {"id": it.id, **res}
                 if it.preferred is not None:

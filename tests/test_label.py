@@ -429,3 +429,20 @@ def test_pairs_jsonl_loads_with_datasets(tmp_path, constitution_path):
     assert ds.num_rows == 9
     assert {"prompt", "chosen", "rejected", "p_chosen", "votes", "orders"} <= set(ds.column_names)
     assert ds[0]["chosen"][0]["role"] == "assistant"
+
+
+def test_backend_error_names_the_pairs_and_keeps_earlier_labels(tmp_path, constitution_path):
+    """A backend refusal (e.g. a pair too long for the context) names the pairs' file:line;
+    the chunks labelled before it stay in labels.jsonl."""
+    def scorer(conv, option, prefix):
+        if "too long" in conv[-1]["content"]:
+            raise CharterError("conversation 0 is 9000 tokens", field="conversations")
+        return -1.0
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", [pair(1, "x", "y"), pair(2, "too long", "y")])
+    cfg = LabelConfig(constitution=str(constitution_path), pairs=str(pairs),
+                      out=str(tmp_path / "out"), batch_size=1)
+    with pytest.raises(CharterError, match=r"9000 tokens; while labelling the pairs at "
+                       r"\S*pairs.jsonl:2 "):
+        run_label(cfg, backend=FakeBackend(scorer=scorer))
+    assert [r["id"] for r in read_out(tmp_path / "out" / "labels.jsonl")] == ["p1"]
