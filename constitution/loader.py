@@ -145,7 +145,9 @@ class Constitution:
         for p in self.principles:
             if p.id == pid:
                 return p
-        raise ConstitutionError(f"no principle with id {pid!r}", path=self.path, field="id")
+        ids = ", ".join(p.id for p in self.principles)
+        raise ConstitutionError(f"no principle with id {pid!r}; the ids are: {ids}",
+                                path=self.path, field="id")
 
     @property
     def critique_principles(self) -> list[Principle]:

@@ -11,7 +11,7 @@ Principle files are written by other people, so their templates get:
 - only a short list of filters (`center`, `format`, `random`... are gone: they allocate on
   demand or are not deterministic) and of callables (`range`, `loop.cycle`, a few plain string
   and dict methods); `cycler`, `joiner`, `namespace`, `lipsum` and `dict` are removed;
-- one budget of loop iterations per render, shared by every `for` and `range()`;
+- per render, at most 10,000 `range()` items and 10,000 loop iterations, over all loops;
 - `*`, `**` and `%` intercepted so `"x" * 10**9`, `9**9**9` or `"%999999999d" % 1` cannot
   allocate or hang; `join`, `replace` and `indent` check the size of what they would build;
 - a cap on template size and on rendered size, and a wall-clock deadline per render (main
@@ -35,7 +35,7 @@ from jinja2.sandbox import SandboxedEnvironment, SecurityError
 
 MAX_TEMPLATE_CHARS = 20_000
 MAX_OUTPUT_CHARS = 200_000
-MAX_LOOP_ITEMS = 10_000  # per render: every for-loop iteration and range() item together
+MAX_LOOP_ITEMS = 10_000  # per render: range() items, and for-loop iterations (each budget)
 MAX_BINOP_RESULT = 100_000  # length of a repeated/joined/replaced string or list
 MAX_FORMAT_WIDTH = 1_000  # width/precision in `%` formatting and `indent`
 RENDER_SECONDS = 2.0
@@ -76,28 +76,29 @@ class TemplateProblem(Exception):
 
 
 class _Budget(threading.local):
-    remaining = MAX_LOOP_ITEMS
+    """What is left of this render's allowance (reset by `render`)."""
+
+    range_items = MAX_LOOP_ITEMS
+    iterations = MAX_LOOP_ITEMS
 
 
 _budget = _Budget()
 
 
-def _spend(n: int, what: str) -> None:
-    if n > _budget.remaining:
-        raise SecurityError(f"{what}: at most {MAX_LOOP_ITEMS} loop items per render")
-    _budget.remaining -= n
-
-
 def _limited_range(*args: int) -> range:
     r = range(*args)
-    _spend(len(r), "range() too large")
+    if len(r) > _budget.range_items:
+        raise SecurityError(f"range() too large: at most {MAX_LOOP_ITEMS} items per render")
+    _budget.range_items -= len(r)
     return r
 
 
 def _budgeted(items: Iterable[Any]) -> Iterator[Any]:
-    """Wraps every `for` loop's iterable (inserted by `_check_tree`): one budget unit per item."""
+    """Wraps every `for` loop's iterable (inserted by `_check_tree`): one unit per iteration."""
     for item in items:
-        _spend(1, "too many loop iterations")
+        if _budget.iterations <= 0:
+            raise SecurityError(f"too many loop iterations: at most {MAX_LOOP_ITEMS} per render")
+        _budget.iterations -= 1
         yield item
 
 
@@ -251,7 +252,7 @@ def render(template: jinja2.Template | str, variables: dict[str, Any]) -> str:
     """Render with the sandbox limits; any failure becomes a `TemplateProblem`."""
     if isinstance(template, str):
         template = compile_template(template)
-    _budget.remaining = MAX_LOOP_ITEMS
+    _budget.range_items = _budget.iterations = MAX_LOOP_ITEMS
     out: list[str] = []
     size = 0
     try:

@@ -1,0 +1,140 @@
+"""Principle-file templates are untrusted: sandbox escapes and resource bombs are refused with a
+one-line reason, and random or hostile input never gets past `ConstitutionError`."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from constitution import ConstitutionError, parse_constitution
+from constitution.render import TemplateProblem, render
+
+VARS = {"prompt": "p", "conversation": "Human: p", "response": "hello", "critique": "c",
+        "options": ["one", "two"], "labels": ["A", "B"]}
+
+
+@pytest.mark.parametrize("source, reason", [
+    ("{{ response.__class__.__mro__ }}", "access to attribute '__class__'"),
+    ("{{ ''.__class__ }}", "access to attribute '__class__'"),
+    ("{{ response.__class__.__mro__[1].__subclasses__() }}", "'__class__'"),
+    ("{{ range.__globals__ }}", "'__globals__'"),
+    ("{{ options.pop() }}", "calling 'pop' is not allowed"),
+    ("{{ response.format_map({}) }}", "calling 'format_map' is not allowed"),
+    ("{{ '{:>999999999}'.format(1) }}", "calling 'format' is not allowed"),
+    ("{{ response.center(100000000) }}", "calling 'center' is not allowed"),
+    ("{{ cycler('a', 'b') }}", "'cycler' is undefined"),
+    ("{{ joiner() }}", "'joiner' is undefined"),
+    ("{{ namespace(a=1) }}", "'namespace' is undefined"),
+    ("{{ lipsum() }}", "'lipsum' is undefined"),
+    ("{{ range(10**9)|list|length }}", "range() too large"),
+    ("{% for i in range(5000) %}{% for j in range(5000) %}{% endfor %}{% endfor %}",
+     "range() too large"),
+    ("{% for a in response * 1000 %}{% for b in response * 1000 %}{% endfor %}{% endfor %}",
+     "too many loop iterations"),
+    ("{{ 'x' * 10**9 }}", "repetition too large"),
+    ("{{ [1] * 10**9 }}", "repetition too large"),
+    ("{{ 9 ** 999 }}", "power too large"),
+    ("{{ '%999999999d' % 1 }}", "format width too large"),
+    ("{{ '%*d' % (999999999, 1) }}", "format width too large"),
+    ("{{ ('x' * 100000)|replace('x', 'yy') }}", "replace result too large"),
+    ("{{ ('x' * 1000).join(['y' * 1000] * 1000) }}", "join result too large"),
+    ("{{ response|indent(100000000) }}", "indent too wide"),
+    ("{% set a = 'x' %}{{ a }}", "{% set %}"),
+    ("{% macro f(s) %}{{ f(s ~ s) }}{% endmacro %}{{ f('x') }}", "{% macro %}"),
+    ("{% include 'secret.txt' %}", "{% include %}"),
+    ("{% extends 'base' %}", "{% extends %}"),
+    ("{% for x in options recursive %}{{ loop(x) }}{% endfor %}", "recursive for-loops"),
+])
+def test_sandbox_refuses(source, reason):
+    with pytest.raises(TemplateProblem) as info:
+        render(source, VARS)
+    assert reason in str(info.value)
+
+
+@pytest.mark.parametrize("source", [
+    "{{ 'x'|center(10) }}",  # allocates on demand
+    "{{ options|random }}",  # not deterministic
+    "{{ '%s'|format(1) }}",
+])
+def test_removed_filters_are_syntax_errors(source):
+    with pytest.raises(TemplateProblem, match="No filter named"):
+        render(source, VARS)
+
+
+def test_allowed_language_renders_literally():
+    src = ("{{ response|upper }} {{ response.replace('l', 'L') }} {{ options|join(', ') }}\n"
+           "{% for o in options %}({{ labels[loop.index0] }}) {{ o }}{{ loop.cycle(';', '.') }}"
+           "{% endfor %}\n{% if critique %}[{{ critique|trim|length }}]{% endif %}"
+           " {{ '%-4s|' % 'ab' }}{{ '=' * 3 }}")
+    # trim_blocks: the newline after a block tag is dropped
+    assert render(src, VARS) == "HELLO heLLo one, two\n(A) one;(B) two.[1] ab  |==="
+
+
+def test_output_size_is_capped():
+    src = "{% for i in range(9000) %}{{ response * 20000 }}{% endfor %}"
+    with pytest.raises(TemplateProblem, match="rendered text too long"):
+        render(src, VARS)
+
+
+def test_budget_resets_between_renders():
+    src = "{% for i in range(6000) %}{% endfor %}ok"
+    assert render(src, VARS) == "ok" and render(src, VARS) == "ok"
+
+
+def test_hostile_template_in_a_file_names_line_and_field():
+    text = ("name: x\ndescription: d\nprinciples:\n  - id: a\n    critique: c\n"
+            "    revision: \"{{ ''.__class__.__mro__[1].__subclasses__() }}\"\n")
+    with pytest.raises(ConstitutionError) as info:
+        parse_constitution(text, "evil.yaml")
+    assert str(info.value).startswith("evil.yaml:6: principles[0].revision: not allowed")
+
+
+# ---- property test: anything in, ConstitutionError or a Constitution out --------------------
+
+JINJA_BITS = ["{{", "}}", "{%", "%}", "{#", "#}", "for x in", "endfor", "if", "endif", "set",
+              "macro", "range(", ")", "response", "options", "__class__", "__mro__", ".", "*",
+              "**", "%", "~", "|join", "|replace(", "'", '"', "9", "99999999", "loop", "cycler",
+              "[", "]", "(", ",", " ", "\n", "critique", "prompt", "conversation", "self",
+              "recursive", "include", "lipsum", "namespace"]
+YAML_BITS = ["name:", "description:", "principles:", "- id:", "critique:", "revision:",
+             "preference:", "few_shot:", "label_few_shot:", "tags:", "&a", "*a", "!!python/object",
+             "!!binary", "<<:", "? ", ": ", "- ", "  ", "\n", "{", "}", "[", "]", "'", '"', "#",
+             "---", "...", "%YAML 1.1", "\t", "x", "é", "\x00", "\ufeff", "1e9", "~", "null"]
+
+jinja_text = st.lists(st.sampled_from(JINJA_BITS), max_size=25).map("".join)
+yaml_text = st.one_of(
+    st.lists(st.sampled_from(YAML_BITS), max_size=40).map("".join),
+    st.text(max_size=200),
+)
+
+
+def _doc(template: str, where: int) -> str:
+    quoted = '"' + template.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    fields = {"critique": '"c"', "revision": '"r"', "preference": '"q"'}
+    fields[("critique", "revision", "preference")[where]] = quoted
+    body = "".join(f"    {k}: {v}\n" for k, v in fields.items())
+    return f"name: x\ndescription: d\nprinciples:\n  - id: a\n{body}"
+
+
+def _must_load_or_refuse(text: str) -> None:
+    start = time.monotonic()
+    try:
+        parse_constitution(text, "h.yaml")
+    except ConstitutionError as e:
+        assert str(e).startswith("h.yaml")
+    assert time.monotonic() - start < 3.0
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(template=jinja_text, where=st.integers(0, 2))
+def test_random_templates_load_or_raise_constitution_error(template, where):
+    _must_load_or_refuse(_doc(template, where))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=yaml_text)
+def test_random_yaml_loads_or_raises_constitution_error(text):
+    _must_load_or_refuse(text)
