@@ -29,7 +29,9 @@ Template variables (anything else is an undefined-variable error at load time):
 (`prompt` is the last user message; `conversation` is the prompt conversation as a
 "Human: ... / Assistant: ..." transcript.)
 
-Every problem is a `ConstitutionError` of the form `FILE:LINE: field: what is wrong`.
+Templates run in a cut-down jinja2 sandbox (see constitution/render.py); the full reference,
+with every limit, is docs/principles.md. Every problem is a `ConstitutionError` of the form
+`FILE:LINE: field: what is wrong`.
 """
 
 from __future__ import annotations

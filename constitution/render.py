@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 import signal
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -228,6 +229,8 @@ def compile_template(source: str) -> jinja2.Template:
                               ) from None
     except (RecursionError, MemoryError):
         raise TemplateProblem("template too deeply nested") from None
+    except (SyntaxError, ValueError, OverflowError) as e:  # Python's own compile() limits
+        raise TemplateProblem(f"template cannot be compiled: {e}") from None
 
 
 @contextmanager
@@ -240,12 +243,15 @@ def _deadline(seconds: float):
         raise TimeoutError
 
     old = signal.signal(signal.SIGALRM, _timeout)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    outer, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
+    start = time.monotonic()
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+        if outer:  # someone else's timer (e.g. a test timeout) was running: put it back
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - start), 1e-3))
 
 
 def render(template: jinja2.Template | str, variables: dict[str, Any]) -> str:

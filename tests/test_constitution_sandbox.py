@@ -138,3 +138,37 @@ def test_random_templates_load_or_raise_constitution_error(template, where):
 @given(text=yaml_text)
 def test_random_yaml_loads_or_raises_constitution_error(text):
     _must_load_or_refuse(text)
+
+
+def test_wall_clock_deadline(monkeypatch):
+    """Work that stays inside every budget but is slow still stops at the deadline."""
+    import constitution.render as render_mod
+
+    monkeypatch.setattr(render_mod, "RENDER_SECONDS", 0.05)
+    big = {"response": "x" * 100_000}
+    src = ("{% for i in range(10000) %}{% if (response ~ response ~ response ~ response)"
+           "|length < 0 %}{% endif %}{% endfor %}")
+    start = time.monotonic()
+    with pytest.raises(TemplateProblem, match="rendering took over 0.05s"):
+        render(src, big)
+    assert time.monotonic() - start < 1.0
+
+
+def test_python_compile_limits_are_template_problems():
+    with pytest.raises(TemplateProblem, match="template"):
+        render("{{ 1" + " + 1" * 3000 + " }}", VARS)
+
+
+def test_docs_list_the_allowed_filters_and_limits():
+    """docs/principles.md is the reference users read: it must match the sandbox."""
+    from pathlib import Path
+
+    import constitution.render as r
+
+    doc = (Path(__file__).parent.parent / "docs" / "principles.md").read_text()
+    section = doc.split("- filters:", 1)[1].split("- callable methods:", 1)[0]
+    listed = set(section.replace("`", " ").replace("/", " ").replace(";", " ").split())
+    assert listed == r.SAFE_FILTERS
+    for n in (r.MAX_TEMPLATE_CHARS, r.MAX_OUTPUT_CHARS, r.MAX_LOOP_ITEMS, r.MAX_BINOP_RESULT,
+              r.MAX_FORMAT_WIDTH):
+        assert f"{n:,}" in doc, n
