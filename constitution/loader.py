@@ -186,6 +186,8 @@ class Constitution:
 
     def render_label(self, principle: Principle, messages: list[dict[str, str]],
                      options: list[str], labels: tuple[str, ...] = ("A", "B")) -> str:
+        if len(labels) < len(options):
+            raise ValueError(f"{len(options)} options but only {len(labels)} labels")
         v = {"conversation": transcript(messages),
              "question": self.render_question(principle, messages),
              "options": list(options), "labels": list(labels)}
@@ -260,8 +262,8 @@ def _build(data: dict, lines: Lines, path: str, text: str) -> Constitution:
 
     def get_str(obj: dict, key: str, at: tuple, required: bool = True) -> str | None:
         if key not in obj or obj[key] is None:
-            if required:
-                raise err(at, f"missing required field {key!r}")
+            if required:  # point at the key when it is there with an empty value
+                raise err((*at, key) if key in obj else at, f"missing required field {key!r}")
             return None
         v = obj[key]
         if not isinstance(v, str) or not v.strip():
@@ -319,7 +321,8 @@ def _build(data: dict, lines: Lines, path: str, text: str) -> Constitution:
         principles.append(Principle(pid, templates["critique"], templates["revision"],
                                     templates["preference"], tuple(tags), trait))
 
-    def examples(key: str, allowed: set[str], required: list[str]) -> list[dict]:
+    def examples(key: str, allowed: set[str], required: list[str], usable: set[str],
+                 stage: str) -> list[dict]:
         items = data.get(key) or []
         if not isinstance(items, list):
             raise err((key,), "expected a list of examples")
@@ -333,14 +336,18 @@ def _build(data: dict, lines: Lines, path: str, text: str) -> Constitution:
             pr = ex.get("principle")
             if pr is not None and (not isinstance(pr, str) or pr not in seen):
                 raise err((*at, "principle"), f"unknown principle id {pr!r}")
+            if pr is not None and pr not in usable:
+                raise err((*at, "principle"), f"principle {pr!r} has no {stage} template")
             row["principle"] = pr
             out.append(row)
         return out
 
-    few = [FewShot(**r) for r in examples("few_shot", FEW_SHOT_KEYS,
-                                          ["prompt", "response", "critique", "revision"])]
+    few = [FewShot(**r) for r in examples(
+        "few_shot", FEW_SHOT_KEYS, ["prompt", "response", "critique", "revision"],
+        {p.id for p in principles if p.critique}, "critique")]
     label_rows = examples("label_few_shot", LABEL_FEW_SHOT_KEYS,
-                          ["prompt", "response_a", "response_b", "answer"])
+                          ["prompt", "response_a", "response_b", "answer"],
+                          {p.id for p in principles if p.preference}, "preference")
     for i, r in enumerate(label_rows):
         ans = r["answer"].strip().strip("()").upper()
         if ans not in ("A", "B"):

@@ -21,6 +21,7 @@ Every failure is a `TemplateProblem` with a one-line reason; the loader adds fil
 
 from __future__ import annotations
 
+import functools
 import re
 import signal
 import threading
@@ -215,8 +216,15 @@ def _check_tree(tree: nodes.Template) -> None:
 
 
 def compile_template(source: str) -> jinja2.Template:
+    """Check and compile a template (cached by source: the stages render the same few
+    templates for every record)."""
     if not isinstance(source, str):
         raise TemplateProblem(f"expected a template string, got {type(source).__name__}")
+    return _compile(source)
+
+
+@functools.lru_cache(maxsize=512)
+def _compile(source: str) -> jinja2.Template:
     if len(source) > MAX_TEMPLATE_CHARS:
         raise TemplateProblem(f"template too long ({len(source)} chars; at most "
                               f"{MAX_TEMPLATE_CHARS})")

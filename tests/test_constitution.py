@@ -267,3 +267,23 @@ def test_harmless_meets_the_brief():
     assert len(benign) >= 2 and all(f.revision == f.response for f in benign)
     # every critique asks first whether there is anything to fix
     assert all('Answer "No"' in p.critique for p in c.critique_principles)
+
+
+@pytest.mark.parametrize("text, line, field, words", [
+    ("name:\ndescription: d\nprinciples:\n  - id: a\n" + CR, 1, "name",
+     "missing required field 'name'"),
+    (P + "  - id: a\n    preference: q\n  - id: b\n" + CR + "few_shot:\n"
+     "  - {principle: a, prompt: p, response: r, critique: c, revision: v}\n", 10,
+     "few_shot[0].principle", "principle 'a' has no critique template"),
+    (P + "  - id: a\n" + CR + "label_few_shot:\n"
+     "  - {principle: a, prompt: p, response_a: x, response_b: y, answer: A}\n", 8,
+     "label_few_shot[0].principle", "principle 'a' has no preference template"),
+])
+def test_more_validation_errors(tmp_path, text, line, field, words):
+    test_validation_errors(tmp_path, text, line, field, words)
+
+
+def test_render_label_needs_a_label_per_option(tmp_path):
+    c = load_constitution(write(tmp_path, GOOD))
+    with pytest.raises(ValueError, match="3 options but only 2 labels"):
+        c.render_label(c.principle("harm"), MESSAGES, ["x", "y", "z"])
