@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ FEW_SHOT_KEYS = {"principle", "prompt", "response", "critique", "revision"}
 LABEL_FEW_SHOT_KEYS = {"principle", "prompt", "response_a", "response_b", "answer"}
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_FILE_BYTES = 1_000_000
+MAX_CHECK_SECONDS = 10.0  # all templates of one file together, at load
 
 DEFAULT_LABEL_TEMPLATE = """\
 Consider the following conversation between a human and an assistant:
@@ -271,7 +273,13 @@ def _build(data: dict, lines: Lines, path: str, text: str) -> Constitution:
                       if not isinstance(v, str) else "expected a non-empty string")
         return v
 
+    started = time.monotonic()
+
     def check_template(source: str, at: tuple, kind: str) -> None:
+        # each render has its own deadline; this bounds a file of many slow templates
+        if time.monotonic() - started > MAX_CHECK_SECONDS:
+            raise err(at, f"checking the templates took over {MAX_CHECK_SECONDS:g}s; "
+                          "simplify them")
         try:
             tmpl = compile_template(source)
             render(tmpl, {k: SAMPLE_VARS[k] for k in TEMPLATE_VARS[kind]})

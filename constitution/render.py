@@ -235,10 +235,15 @@ def _compile(source: str) -> jinja2.Template:
     except jinja2.TemplateSyntaxError as e:
         raise TemplateProblem(f"template syntax error on template line {e.lineno}: {e.message}"
                               ) from None
+    # jinja2 folds constant expressions while compiling, so compiling can fail like rendering
+    except jinja2.UndefinedError as e:
+        raise TemplateProblem(f"undefined variable: {e.message}") from None
+    except SecurityError as e:
+        raise TemplateProblem(f"not allowed in a template: {e}") from None
     except (RecursionError, MemoryError):
         raise TemplateProblem("template too deeply nested") from None
-    except (SyntaxError, ValueError, OverflowError) as e:  # Python's own compile() limits
-        raise TemplateProblem(f"template cannot be compiled: {e}") from None
+    except Exception as e:  # Python's own compile() limits (SyntaxError...), folded errors
+        raise TemplateProblem(f"template cannot be compiled: {type(e).__name__}: {e}") from None
 
 
 @contextmanager

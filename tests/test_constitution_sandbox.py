@@ -104,7 +104,27 @@ YAML_BITS = ["name:", "description:", "principles:", "- id:", "critique:", "revi
              "!!binary", "<<:", "? ", ": ", "- ", "  ", "\n", "{", "}", "[", "]", "'", '"', "#",
              "---", "...", "%YAML 1.1", "\t", "x", "é", "\x00", "\ufeff", "1e9", "~", "null"]
 
-jinja_text = st.lists(st.sampled_from(JINJA_BITS), max_size=25).map("".join)
+ATOMS = ["response", "options", "prompt", "labels", "1", "99999", "'x'", "range(3)", "loop",
+         "cycler", "''", "self", "critique", "[1, 2]", "{'a': 1}"]
+ATTRS = ["__class__", "__mro__", "__subclasses__", "__globals__", "__init__", "upper", "center",
+         "format", "join", "replace", "pop", "items", "mro", "func_globals", "gi_frame"]
+expr = st.recursive(st.sampled_from(ATOMS), lambda e: st.one_of(
+    st.tuples(e, st.sampled_from(["*", "**", "%", "~", "+", "-", "//"]), e).map(
+        lambda t: f"({t[0]} {t[1]} {t[2]})"),
+    st.tuples(e, st.sampled_from(ATTRS)).map(lambda t: f"{t[0]}.{t[1]}"),
+    e.map(lambda x: f"{x}()"),
+    st.tuples(e, e).map(lambda t: f"{t[0]}({t[1]})"),
+    st.tuples(e, st.sampled_from(["|join(',')", "|length", "|list", "|upper", "|sort",
+                                  "|replace('x', 'yy')", "|indent(999)", "|center(9)"])
+              ).map("".join),
+    st.tuples(e, e).map(lambda t: f"{t[0]}[{t[1]}]"),
+), max_leaves=8)
+jinja_text = st.one_of(
+    st.lists(st.sampled_from(JINJA_BITS), max_size=25).map("".join),
+    expr.map(lambda x: "{{ " + x + " }}"),
+    st.tuples(expr, expr).map(lambda t: f"{{% for a in {t[0]} %}}{{% for b in {t[1]} %}}"
+                              "{{ a ~ b }}{% endfor %}{% endfor %}"),
+)
 yaml_text = st.one_of(
     st.lists(st.sampled_from(YAML_BITS), max_size=40).map("".join),
     st.text(max_size=200),
@@ -172,3 +192,29 @@ def test_docs_list_the_allowed_filters_and_limits():
     for n in (r.MAX_TEMPLATE_CHARS, r.MAX_OUTPUT_CHARS, r.MAX_LOOP_ITEMS, r.MAX_BINOP_RESULT,
               r.MAX_FORMAT_WIDTH):
         assert f"{n:,}" in doc, n
+
+
+@pytest.mark.parametrize("source, reason", [
+    # jinja2 folds constants while compiling: these fail at compile time, not render time
+    ("{{ (1.__class__ ~ response) }}", "not allowed in a template: access to attribute"),
+    ("{{ (1.__mro__ ~ response) }}", "undefined variable"),
+    ("{{ (1 // 0) ~ response }}", "ZeroDivisionError"),
+])
+def test_errors_while_folding_constants(source, reason):
+    with pytest.raises(TemplateProblem, match=reason):
+        render(source, VARS)
+
+
+def test_many_slow_templates_hit_the_load_budget(monkeypatch):
+    import constitution.loader as loader_mod
+    import constitution.render as render_mod
+
+    monkeypatch.setattr(render_mod, "RENDER_SECONDS", 0.5)
+    monkeypatch.setattr(loader_mod, "MAX_CHECK_SECONDS", 0.1)
+    # a slow but legal template: every render stays under its own deadline
+    slow = "{% for i in range(10000) %}{{ '' if (prompt * 4000)|length < 0 }}{% endfor %}"
+    body = "".join(f"  - id: p{i}\n    preference: \"{slow} {i}\"\n" for i in range(50))
+    start = time.monotonic()
+    with pytest.raises(ConstitutionError, match="checking the templates took over 0.1s"):
+        parse_constitution("name: x\ndescription: d\nprinciples:\n" + body, "slow.yaml")
+    assert time.monotonic() - start < 5
