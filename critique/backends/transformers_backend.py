@@ -274,12 +274,9 @@ class TransformersBackend:
                                field="options")
         rows: list[tuple[list[int], int]] = []  # (ids of prompt+option, first scored position)
         for i, (conv, opts, prefix) in enumerate(zip(conversations, options, prefixes)):
-            text = self.prompt_text(conv, prefix)
-            p_ids = self._encode(text)
             for opt in opts:
-                full = self._encode(text + opt)
+                full, start = self.option_tokens(conv, opt, prefix)
                 self._check_len(len(full), i)
-                start = max(common_prefix_len(p_ids, full), 1)  # position 0 has no context
                 rows.append((full, start))
         scores = [0.0] * len(rows)
         order = sorted(range(len(rows)), key=lambda r: len(rows[r][0]))
@@ -293,6 +290,15 @@ class TransformersBackend:
         for opts in options:
             out.append([next(it) for _ in opts])
         return out
+
+    def option_tokens(self, conversation: Conversation, option: str, prefix: str = ""
+                      ) -> tuple[list[int], int]:
+        """Ids of templated conversation + prefix + option, and the index of the first id that
+        `score` counts as the option's (after the longest common prefix with the prompt's ids)."""
+        text = self.prompt_text(conversation, prefix)
+        full = self._encode(text + option)
+        start = common_prefix_len(self._encode(text), full)
+        return full, max(start, 1)  # position 0 has no context to be predicted from
 
     def _score_batch(self, rows: list[tuple[list[int], int]]) -> list[float]:
         import torch
