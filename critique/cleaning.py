@@ -16,7 +16,10 @@ reason code, counted in the manifest:
   times in a row, the same non-trivial line 3+ times, or, over 20+ word trigrams, fewer than
   half of them distinct.
 - `copies_request`: the output repeats the request it answers (or an earlier request of the
-  conversation): similarity ratio >= 0.8, or the request's text contained in the output.
+  conversation): similarity ratio >= 0.8, or the request's text (20+ characters) contained in
+  the output. Texts the request quotes (the prompt, the response, the critique: templates may
+  embed them) are cut out of it first, so that a revision close to the response it revises is
+  not taken for a copy of a request that quotes that response.
 - `copies_critique`: a revision that repeats the critique instead of rewriting the response.
 - `copies_example`: the output is a few-shot example's critique or revision word for word.
 """
@@ -122,19 +125,27 @@ def _copies(output: str, source: str) -> bool:
     return SequenceMatcher(None, a, b, autojunk=False).ratio() >= 0.8
 
 
+def _instruction(request: str, quoted: Sequence[str]) -> str:
+    """The request without the texts it quotes (longest first)."""
+    for q in sorted((q for q in quoted if q.strip()), key=len, reverse=True):
+        request = request.replace(q, " ")
+    return request
+
+
 def problem(text: str, *, requests: Sequence[str] = (), critique: str | None = None,
-            examples: Sequence[str] = ()) -> str | None:
+            examples: Sequence[str] = (), quoted: Sequence[str] = ()) -> str | None:
     """The reason code why a cleaned output cannot be used, or None if it can.
 
     `requests`: the request this output answers and earlier ones of the conversation;
     `critique`: for a revision, the critique it should act on; `examples`: the few-shot texts of
-    the same kind (critiques for a critique, revisions for a revision).
+    the same kind (critiques for a critique, revisions for a revision); `quoted`: the texts
+    that requests may quote (prompt, responses, critiques), cut out of them before comparing.
     """
     if not re.search(r"\w", text):
         return "empty"
     if loop_reason(text):
         return "loop"
-    if any(_copies(text, r) for r in requests):
+    if any(_copies(text, _instruction(r, quoted)) for r in requests):
         return "copies_request"
     if critique is not None and _copies(text, critique):
         return "copies_critique"

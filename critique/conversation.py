@@ -85,6 +85,11 @@ class Dialogue:
         """Every request of the conversation so far (to catch outputs that copy one)."""
         return [m["content"] for m in self.turns if m["role"] == "user"]
 
+    def quoted(self) -> list[str]:
+        """Texts a request may quote: the prompt turns and every assistant turn so far."""
+        return [m["content"] for m in self.prompt] + [
+            m["content"] for m in self.turns if m["role"] == "assistant"]
+
     def set_initial(self, text: str) -> None:
         self.initial = text
         self.turns = [{"role": "assistant", "content": text}]

@@ -193,7 +193,7 @@ def _round(dialogues: list[Dialogue], r: int, constitution: Constitution, seed: 
     revise = []
     for d, raw in zip(active, texts):
         text = clean(raw)
-        why = problem(text, requests=d.requests() + [d.request],
+        why = problem(text, requests=d.requests() + [d.request], quoted=d.quoted(),
                       examples=[e.critique for e in d.examples])
         if why:
             d.fail("critique", why, raw)
@@ -208,7 +208,7 @@ def _round(dialogues: list[Dialogue], r: int, constitution: Constitution, seed: 
     for d, raw in zip(revise, texts):
         text = clean(raw)
         why = problem(text, requests=d.requests() + [d.request], critique=d.critique,
-                      examples=[e.revision for e in d.examples])
+                      quoted=d.quoted(), examples=[e.revision for e in d.examples])
         if why:
             d.fail("revision", why, raw)
         else:

@@ -66,6 +66,12 @@ REQUEST = "Please rewrite the assistant response to remove any harmful content."
      "copies_example"),
     ("I can't help with stealing bikes.", {"examples": ["I can't help with stealing cars."]},
      None),
+    # a request that quotes the response: a light edit of that response is not a copy of it
+    ("Better answer after 9 turns.", {"requests": ["Rewrite: Better answer after 5 turns."],
+                                      "quoted": ["Better answer after 5 turns."]}, None),
+    ("Rewrite the response below to be polite.",
+     {"requests": ["Rewrite the response below to be polite. Response: Go away."],
+      "quoted": ["Go away."]}, "copies_request"),
 ])
 def test_problem(text, kwargs, reason):
     assert problem(text, **kwargs) == reason
