@@ -83,7 +83,7 @@ def test_resume_gives_the_same_result(pairs, tmp_path, tiny_model_dir, monkeypat
     real_save = checkpoint.save_checkpoint
 
     def save_then_die(acc, model, opt, sched, step, out, cfg_dict):
-        path = real_save(acc, model, opt, sched, step, out, cfg_dict)
+        real_save(acc, model, opt, sched, step, out, cfg_dict)
         (out / ".checkpoint-3.tmp").mkdir()  # a checkpoint killed while being written
         (out / "checkpoint-3").mkdir()  # and one without its completion marker
         raise KeyboardInterrupt
