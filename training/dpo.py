@@ -19,7 +19,6 @@ import gc
 import hashlib
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,7 +29,6 @@ from training.collate import collate_pairs
 from training.data import data_provenance, load_pair_rows, pairs_fingerprint, tokenise_pairs
 from training.loop import (
     MetricsLog,
-    TrainConfig,
     forward_logps,
     log,
     make_optimizer,
@@ -40,43 +38,11 @@ from training.loop import (
     step_indices,
     total_steps,
 )
-from training.losses import LOSSES, check_loss_settings, preference_loss
+from training.losses import preference_loss
+from training.options import DPOConfig
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
            "logps/chosen", "logps/rejected")
-
-
-@dataclass(kw_only=True)
-class DPOConfig(TrainConfig):
-    lr: float = 1e-6
-    """peak learning rate"""
-    loss: str = "sigmoid"
-    """sigmoid (DPO), ipo, hinge, robust, soft (per-pair AI label p_chosen), simpo"""
-    beta: float = 0.1
-    """strength of the KL constraint to the reference (SimPO: reward scale)"""
-    label_smoothing: float = 0.0
-    """ε: conservative DPO (sigmoid) or the assumed label flip rate (robust)"""
-    gamma: float = 0.0
-    """SimPO's target reward margin γ"""
-    rpo_alpha: float = 0.0
-    """weight of an extra per-token NLL term on the chosen response (RPO); 0 = off"""
-    ref_model: str | None = None
-    """reference model (default: the starting policy; with --lora, the base without adapter)"""
-    ref_batch_size: int = 8
-    """pairs per forward pass when computing reference log-probs (no gradients)"""
-
-    def validate(self) -> None:
-        super().validate()
-        if self.loss not in LOSSES:
-            raise CharterError(f"unknown loss {self.loss!r}; expected one of "
-                               f"{', '.join(LOSSES)}", field="loss")
-        check_loss_settings(self.loss, beta=self.beta, label_smoothing=self.label_smoothing,
-                            gamma=self.gamma, rpo_alpha=self.rpo_alpha)
-        if self.loss == "simpo" and self.ref_model:
-            raise CharterError("simpo is reference-free; drop --ref-model", field="ref_model")
-        if self.ref_batch_size < 1:
-            raise CharterError(f"must be >= 1, got {self.ref_batch_size}",
-                               field="ref_batch_size")
 
 
 def _model_identity(path: str) -> str:

@@ -1,6 +1,5 @@
 """Parts shared by the SFT and DPO loops (functions, not a base class).
 
-- `TrainConfig`: the settings both stages take (each stage's config adds its own).
 - `setup`: the `accelerate.Accelerator`, model (optionally wrapped in LoRA) and tokenizer.
 - `step_indices`: which examples each process uses at each optimizer step. The order is a
   function of (seed, epoch) only, so the data position in a checkpoint is just the step number,
@@ -14,87 +13,13 @@ from __future__ import annotations
 import math
 import random
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from charter.errors import CharterError
 from training.logps import sequence_logps
-
-
-@dataclass(kw_only=True)
-class TrainConfig:
-    data: str
-    """training data: a JSONL file, a run directory, or a dataset saved with save_to_disk"""
-    out: str
-    """run directory: checkpoints, metrics, final/ model; re-running resumes from it"""
-    model: str | None = None
-    """model to train: a directory, a run directory (its final/), a hub id; None = embedded"""
-    epochs: int = 1
-    """passes over the data (ignored when max_steps is set)"""
-    max_steps: int | None = None
-    """optimizer steps to run (sets the schedule's length); None = epochs over the data"""
-    batch_size: int = 4
-    """examples per process per micro-batch (DPO: pairs)"""
-    grad_accum: int = 1
-    """micro-batches per optimizer step; global batch = batch_size x grad_accum x processes"""
-    lr: float = 1e-5
-    """peak learning rate"""
-    weight_decay: float = 0.0
-    """AdamW weight decay"""
-    max_grad_norm: float = 1.0
-    """clip the global gradient norm to this (0 = no clipping)"""
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    """learning-rate decay after warm-up"""
-    warmup_ratio: float = 0.1
-    """fraction of the steps spent warming the learning rate up linearly from 0"""
-    max_length: int = 1024
-    """tokens per sequence; longer ones keep the prompt's end and the response's start"""
-    lora: bool = False
-    """train a LoRA adapter (peft) instead of all weights; merged into final/"""
-    lora_r: int = 16
-    """LoRA rank"""
-    lora_alpha: int = 32
-    """LoRA scaling alpha"""
-    lora_dropout: float = 0.0
-    """dropout on the LoRA input"""
-    lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])
-    """module names LoRA adapts (peft target_modules), e.g. q_proj v_proj; all-linear = every
-    linear layer but the output head"""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """autocast precision (bf16 runs on CPUs with AMX and on GPUs; weights stay fp32)"""
-    cpu: bool = False
-    """train on the CPU even when a GPU is present"""
-    gradient_checkpointing: bool = False
-    """recompute activations in the backward pass (less memory, ~30% slower)"""
-    seed: int = 0
-    """seed for data order and initialisation of LoRA weights"""
-    log_every: int = 1
-    """write metrics every this many optimizer steps"""
-    save_every: int | None = 100
-    """write a checkpoint every this many optimizer steps (None = only the final model)"""
-    tensorboard: bool = False
-    """also log metrics to tensorboard under out/tensorboard (needs the tensorboard package)"""
-
-    def validate(self) -> None:
-        for name in ("epochs", "batch_size", "grad_accum", "log_every", "lora_r"):
-            if getattr(self, name) < 1:
-                raise CharterError(f"must be >= 1, got {getattr(self, name)}", field=name)
-        for name in ("max_steps", "save_every"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise CharterError(f"must be >= 1 (or unset), got {v}", field=name)
-        if not self.lr > 0:
-            raise CharterError(f"must be > 0, got {self.lr}", field="lr")
-        if not 0 <= self.warmup_ratio < 1:
-            raise CharterError(f"must be in [0, 1), got {self.warmup_ratio}",
-                               field="warmup_ratio")
-        if self.max_length < 8:
-            raise CharterError(f"must be >= 8, got {self.max_length}", field="max_length")
-        if self.max_grad_norm < 0:
-            raise CharterError(f"must be >= 0, got {self.max_grad_norm}", field="max_grad_norm")
+from training.options import TrainConfig
 
 
 def log(acc, msg: str) -> None:

@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from charter.errors import CharterError
-
-LOSSES = ("sigmoid", "ipo", "hinge", "robust", "soft", "simpo")
+from training.options import check_loss_settings
 
 
 @dataclass
@@ -105,30 +104,6 @@ def nll_term(chosen_logps_sum, chosen_tokens, *, alpha: float) -> torch.Tensor:
     α · (−log π(y_w|x) / |y_w|)
     """
     return alpha * (-chosen_logps_sum / chosen_tokens.clamp(min=1))  # Pang et al. 2024 (IRPO) objective, NLL term
-
-
-def check_loss_settings(loss: str, *, beta: float, label_smoothing: float, gamma: float,
-                        rpo_alpha: float) -> None:
-    """Raise CharterError (naming the field) for unknown or conflicting settings."""
-    if loss not in LOSSES:
-        raise CharterError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}",
-                           field="loss")
-    if not beta > 0:
-        raise CharterError(f"must be > 0, got {beta}", field="beta")
-    if label_smoothing and loss not in ("sigmoid", "robust"):
-        raise CharterError(f"label smoothing is defined for the sigmoid (conservative DPO) and "
-                           f"robust losses, not {loss!r}; set it to 0 (soft labels: --loss soft "
-                           "uses each pair's p_chosen)", field="label_smoothing")
-    if loss == "sigmoid" and not 0 <= label_smoothing <= 0.5:
-        raise CharterError(f"must be in [0, 0.5], got {label_smoothing}", field="label_smoothing")
-    if loss == "robust" and not 0 <= label_smoothing < 0.5:
-        raise CharterError(f"the robust loss needs 0 <= ε < 0.5 (the flip rate), got "
-                           f"{label_smoothing}", field="label_smoothing")
-    if gamma and loss != "simpo":
-        raise CharterError(f"gamma is SimPO's target margin; it has no meaning for {loss!r}",
-                           field="gamma")
-    if rpo_alpha < 0:
-        raise CharterError(f"must be >= 0, got {rpo_alpha}", field="rpo_alpha")
 
 
 def preference_loss(loss: str, pc, pr, rc, rr, *, beta: float, label_smoothing: float = 0.0,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +24,6 @@ from training.collate import collate_sft
 from training.data import data_provenance, load_sft_rows, tokenise_sft
 from training.loop import (
     MetricsLog,
-    TrainConfig,
     forward_logps,
     log,
     make_optimizer,
@@ -35,12 +33,7 @@ from training.loop import (
     step_indices,
     total_steps,
 )
-
-
-@dataclass(kw_only=True)
-class SFTConfig(TrainConfig):
-    lr: float = 2e-5
-    """peak learning rate"""
+from training.options import SFTConfig
 
 
 def _label_tokens(examples, idx: list[int]) -> int:
