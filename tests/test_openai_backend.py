@@ -322,3 +322,24 @@ def test_backend_kwargs_per_backend():
                                    "api_key_env": "OPENAI_API_KEY", "concurrency": 3,
                                    "timeout": 5.0, "max_retries": 5}
     assert normalise_base_url("http://b:2/") == "http://b:2/v1"
+
+
+def test_backend_flags_and_yaml(tmp_path):
+    """`--base-url` repeats or takes several URLs; a YAML string is one URL; the key's
+    variable name is the only key-related thing a config holds."""
+    import argparse
+
+    from charter.config import add_config_args, build_config
+    from critique.backends.options import BackendFields
+
+    p = argparse.ArgumentParser()
+    add_config_args(p, BackendFields)
+    args = p.parse_args(["--backend", "openai", "--base-url", "http://a/v1", "--base-url",
+                         "http://b/v1", "http://c/v1", "--api-key-env", "MY_KEY"])
+    cfg = build_config(BackendFields, args)
+    assert cfg.base_url == ["http://a/v1", "http://b/v1", "http://c/v1"]
+    assert cfg.api_key_env == "MY_KEY"
+    y = tmp_path / "c.yaml"
+    y.write_text("backend: openai\nbase_url: http://a/v1\nbackend_options: {backoff: 2}\n")
+    cfg = build_config(BackendFields, p.parse_args([]), y)
+    assert cfg.base_url == ["http://a/v1"] and cfg.backend_options == {"backoff": 2}
