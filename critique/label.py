@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -79,6 +79,9 @@ class LabelConfig:
     """Model that labels (None: the policy, or the embedded default when there is none)."""
     backend: str = "transformers"
     """Generation backend for both models: transformers, vllm, openai, fake."""
+    backend_options: dict = field(default_factory=dict)
+    """Extra keyword options for the backends (YAML only), e.g. {dtype: bfloat16} or, for
+    openai, {base_url: [http://host:8000/v1]}."""
     mode: Literal["compare", "rate"] = "compare"
     """compare: A/B question read in both orders; rate: 1-10 rating of each response."""
     samples: int = 2
@@ -113,6 +116,8 @@ class LabelConfig:
     """Use only the first N prompts or pairs."""
     batch_size: int = 8
     """Prompts or pairs per chunk: one generate and one score call each, then appended."""
+    progress: bool = True
+    """Show tqdm progress bars."""
 
     def validate(self) -> None:
         if bool(self.prompts) == bool(self.pairs):
@@ -153,7 +158,7 @@ class LabelConfig:
 
 # Settings that change what is written; a resumed run must match them (limit, batch_size and
 # out may differ).
-_RESUME_FREE = ("out", "limit", "batch_size")
+_RESUME_FREE = ("out", "limit", "batch_size", "progress")
 
 
 @dataclass
@@ -321,7 +326,7 @@ def run_label(cfg: LabelConfig, backend=None, policy_backend=None) -> dict:
     if backend is None:
         from critique.backends import load_backend
 
-        backend = load_backend(cfg.backend, cfg.labeler_model)
+        backend = load_backend(cfg.backend, cfg.labeler_model, **cfg.backend_options)
         owned.append(backend)
     if cfg.prompts and policy_backend is None:
         if cfg.labeler is None or cfg.labeler == cfg.policy:
@@ -329,7 +334,7 @@ def run_label(cfg: LabelConfig, backend=None, policy_backend=None) -> dict:
         else:
             from critique.backends import load_backend
 
-            policy_backend = load_backend(cfg.backend, cfg.policy)
+            policy_backend = load_backend(cfg.backend, cfg.policy, **cfg.backend_options)
             owned.append(policy_backend)
     provenance = {"labeler": model_label(cfg.labeler_model), "backend": cfg.backend,
                   "constitution": constitution.name,
@@ -365,8 +370,8 @@ def _run_pairs(cfg, out, constitution, pool, backend) -> tuple[list[dict], int, 
     todo = [it for it in items if it.id not in done]
     from tqdm.auto import tqdm
 
-    with JsonlAppender(path) as sink, tqdm(total=len(todo), desc="label pairs",
-                                           unit="pair") as bar:
+    with JsonlAppender(path) as sink, tqdm(total=len(todo), desc="label pairs", unit="pair",
+                                           disable=not cfg.progress) as bar:
         for chunk in _chunks(todo, cfg.batch_size):
             drawn = [draw(pool, cfg.principles_per_pair, cfg.seed, it.id) for it in chunk]
             try:
@@ -418,7 +423,8 @@ def _run_prompts(cfg, out, constitution, pool, backend, policy, provenance
     from tqdm.auto import tqdm
 
     with JsonlAppender(pairs_path) as sink, JsonlAppender(done_path) as marks, \
-            tqdm(total=len(todo), desc="sample and label", unit="prompt") as bar:
+            tqdm(total=len(todo), desc="sample and label", unit="prompt",
+                 disable=not cfg.progress) as bar:
         for chunk in _chunks(todo, cfg.batch_size):
             samples = policy.generate([p.messages for _, p in chunk], sampling)
             per_prompt = []
