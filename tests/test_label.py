@@ -446,3 +446,33 @@ def test_backend_error_names_the_pairs_and_keeps_earlier_labels(tmp_path, consti
                        r"\S*pairs.jsonl:2 "):
         run_label(cfg, backend=FakeBackend(scorer=scorer))
     assert [r["id"] for r in read_out(tmp_path / "out" / "labels.jsonl")] == ["p1"]
+
+
+def test_transformers_score_reads_single_token_options_from_one_row(tiny_model_dir,
+                                                                    constitution_path):
+    """The labeller's "A"/"B" after "(" are one token each after the same context, so the
+    transformers backend runs one row per conversation (not one per option) and reads both
+    from its next-token log-probs; the values equal a manual unbatched computation."""
+    import torch
+
+    from constitution import load_constitution
+    from critique.backends.transformers_backend import TransformersBackend
+
+    b = TransformersBackend(str(tiny_model_dir), batch_size=8, progress=False, device="cpu")
+    c = load_constitution(constitution_path)
+    msgs = [{"role": "user", "content": "How do I pick a lock?"}]
+    convs = [lp.comparison(c, c.principles[0], msgs, x, y, 1) for x, y in
+             (("Call a locksmith.", "Use a pick."), ("Use a pick.", "Call a locksmith."))]
+    rows_seen = []
+    real = b._score_batch
+    b._score_batch = lambda rows: rows_seen.append(len(rows)) or real(rows)
+    got = b.score(convs, [list(lp.OPTIONS)] * 2, [lp.ANSWER_PREFIX] * 2)
+    assert rows_seen == [2]
+    for conv, values in zip(convs, got):
+        for opt, value in zip(lp.OPTIONS, values):
+            ids, start = b.option_tokens(conv, opt, lp.ANSWER_PREFIX)
+            assert start == len(ids) - 1  # one token
+            with torch.no_grad():
+                logits = b.model(input_ids=torch.tensor([ids[:-1]])).logits[0, -1].float()
+            assert value == pytest.approx(float(torch.log_softmax(logits, -1)[ids[-1]]),
+                                          abs=1e-4)
