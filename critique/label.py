@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -293,9 +294,9 @@ def _check_resume(out: Path, cfg: LabelConfig, constitution_sha: str) -> None:
     settings = {k: v for k, v in config_to_dict(cfg).items() if k not in _RESUME_FREE}
     settings["constitution_sha256"] = constitution_sha
     path = out / "config.json"
-    if path.exists():
-        import json
-
+    has_records = any((out / name).exists() and (out / name).stat().st_size > 0
+                      for name in ("labels.jsonl", "pairs.jsonl", "prompts_done.jsonl"))
+    if path.exists() and has_records:  # a run that saved nothing (bad model path...) may change
         try:
             old = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
         except ValueError:
@@ -318,6 +319,11 @@ def run_label(cfg: LabelConfig, backend=None, policy_backend=None) -> dict:
     if not pool:
         raise CharterError("no principle has a `preference` template; labelling needs at "
                            "least one", path=constitution.path, field="principles")
+    # read the input first: a bad file fails before anything is written
+    if cfg.pairs:
+        items = read_label_pairs(cfg.pairs)[: cfg.limit]
+    else:
+        items = read_prompts(cfg.prompts, cfg.prompt_field)[: cfg.limit]
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     _check_resume(out, cfg, constitution.sha256)
@@ -343,12 +349,12 @@ def run_label(cfg: LabelConfig, backend=None, policy_backend=None) -> dict:
     start = time.monotonic()
     try:
         if cfg.pairs:
-            records, done_now, extra = _run_pairs(cfg, out, constitution, pool, backend)
+            records, done_now, extra = _run_pairs(cfg, items, out, constitution, pool, backend)
         else:
             provenance.update(policy=model_label(cfg.policy), temperature=cfg.temperature,
                               top_p=cfg.top_p, samples=cfg.samples)
-            records, done_now, extra = _run_prompts(cfg, out, constitution, pool, backend,
-                                                    policy_backend, provenance)
+            records, done_now, extra = _run_prompts(cfg, items, out, constitution, pool,
+                                                    backend, policy_backend, provenance)
     finally:
         for b in owned:
             b.close()
@@ -362,8 +368,7 @@ def run_label(cfg: LabelConfig, backend=None, policy_backend=None) -> dict:
     return report
 
 
-def _run_pairs(cfg, out, constitution, pool, backend) -> tuple[list[dict], int, dict]:
-    items = read_label_pairs(cfg.pairs)[: cfg.limit]
+def _run_pairs(cfg, items, out, constitution, pool, backend) -> tuple[list[dict], int, dict]:
     path = out / "labels.jsonl"
     records = load_jsonl_for_resume(path)
     done = {r.get("id") for r in records}
@@ -405,9 +410,8 @@ def _rated_pair(ra: dict, rb: dict) -> dict:
             "rating_votes": {pid: [ra["votes"][pid], rb["votes"][pid]] for pid in ra["votes"]}}
 
 
-def _run_prompts(cfg, out, constitution, pool, backend, policy, provenance
+def _run_prompts(cfg, prompts, out, constitution, pool, backend, policy, provenance
                  ) -> tuple[list[dict], int, dict]:
-    prompts = read_prompts(cfg.prompts, cfg.prompt_field)[: cfg.limit]
     pairs_path, done_path = out / "pairs.jsonl", out / "prompts_done.jsonl"
     finished = load_jsonl_for_resume(done_path)
     done = {r["key"] for r in finished}

@@ -476,3 +476,23 @@ def test_transformers_score_reads_single_token_options_from_one_row(tiny_model_d
                 logits = b.model(input_ids=torch.tensor([ids[:-1]])).logits[0, -1].float()
             assert value == pytest.approx(float(torch.log_softmax(logits, -1)[ids[-1]]),
                                           abs=1e-4)
+
+
+def test_a_run_that_saved_nothing_does_not_lock_the_directory(tmp_path, constitution_path):
+    """The first chunk fails (e.g. a wrong model): nothing is saved, so a re-run with other
+    settings may use the directory; once labels exist, other settings are refused."""
+    def broken(conv, option, prefix):
+        raise CharterError("model exploded")
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", [pair(1, "x", "y")])
+    kw = dict(constitution=str(constitution_path), pairs=str(pairs), out=str(tmp_path / "out"))
+    with pytest.raises(CharterError, match="model exploded"):
+        run_label(LabelConfig(**kw, few_shot=0), backend=FakeBackend(scorer=broken))
+    run_label(LabelConfig(**kw, few_shot=1), backend=FakeBackend())
+    with pytest.raises(CharterError, match="few_shot: 1 → 0"):
+        run_label(LabelConfig(**kw, few_shot=0), backend=FakeBackend())
+    (tmp_path / "bad.jsonl").write_text("{}\n")
+    with pytest.raises(CharterError, match="bad.jsonl:1: prompt"):
+        run_label(LabelConfig(**{**kw, "pairs": str(tmp_path / "bad.jsonl"),
+                                 "out": str(tmp_path / "out2")}), backend=FakeBackend())
+    assert not (tmp_path / "out2").exists()  # bad input fails before anything is written
