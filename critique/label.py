@@ -273,9 +273,10 @@ def rate_responses(backend, constitution, jobs: list[tuple]) -> list[dict]:
             convs.append(lp.rating(constitution, pr, messages, response))
             keys.append((j, pr.id))
     scores = backend.score(convs, [list(lp.RATING_OPTIONS)] * len(convs), None)
+    nested = lp.ratings_nested(getattr(backend, "tokenizer", None))
     per: dict[int, dict[str, float]] = {}
     for (j, pid), logps in zip(keys, scores):
-        per.setdefault(j, {})[pid] = rating_expectation(logps, lp.RATING_LOW)
+        per.setdefault(j, {})[pid] = rating_expectation(logps, lp.RATING_LOW, nested)
     return [{"rating": sum(per[j].values()) / len(per[j]), "votes": per[j]}
             for j in range(len(jobs))]
 

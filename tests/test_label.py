@@ -496,3 +496,17 @@ def test_a_run_that_saved_nothing_does_not_lock_the_directory(tmp_path, constitu
         run_label(LabelConfig(**{**kw, "pairs": str(tmp_path / "bad.jsonl"),
                                  "out": str(tmp_path / "out2")}), backend=FakeBackend())
     assert not (tmp_path / "out2").exists()  # bad input fails before anything is written
+
+
+def test_ratings_nested_follows_the_tokenizer(tiny_model_dir):
+    """SmolLM2's tokenizer writes "10" as "1" "0" (ids 33, 32): nested. A tokenizer with one
+    "10" token is not; no tokenizer: assume split digits."""
+    from transformers import AutoTokenizer
+
+    assert lp.ratings_nested(AutoTokenizer.from_pretrained(tiny_model_dir))
+
+    def one_token_ten(text, add_special_tokens=False):
+        return {"input_ids": {"1": [5], "10": [9]}[text]}
+
+    assert not lp.ratings_nested(one_token_ten)
+    assert lp.ratings_nested(None)
