@@ -139,7 +139,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
         if base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(base) in (list, tuple):
-            parser.add_argument(flag, nargs="+", **kw)
+            # `--base-url A B` and `--base-url A --base-url B` both give [A, B]
+            parser.add_argument(flag, nargs="+", action="extend", **kw)
         elif typing.get_origin(base) is typing.Literal:
             parser.add_argument(flag, choices=typing.get_args(base), **kw)
         elif typing.get_origin(base) is dict or base is dict:
