@@ -87,6 +87,11 @@ class TransformersBackend:
         self.progress = progress
         self.usage = Usage()
         path = resolve_model(model)
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        if not progress:  # also quiet the "Loading weights" bar, then restore the setting
+            hf_logging.disable_progress_bar()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path,
                                                            trust_remote_code=trust_remote_code)
@@ -96,6 +101,9 @@ class TransformersBackend:
         except (OSError, ValueError, KeyError, RuntimeError, ImportError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CharterError(f"cannot load model {path!r}: {first}", field="model") from None
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         if not getattr(self.tokenizer, "chat_template", None):
             raise CharterError(f"model {path!r} has no chat template in its tokenizer",
                                field="model")
