@@ -115,7 +115,8 @@ class TransformersBackend:
         tok = self.tokenizer
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
-        self.pad_id = tok.pad_token_id
+        # pad id only fills masked positions; any id will do when the tokenizer has none
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         eos = set()
         for cfg in (self.model.generation_config, self.model.config):
             e = getattr(cfg, "eos_token_id", None)
