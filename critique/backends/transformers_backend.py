@@ -25,9 +25,9 @@ from charter.errors import CharterError
 from charter.models import model_label, resolve_model
 from critique.backends.base import Conversation, Sampling, Usage
 
-# On this project's reference CPU (Xeon with AMX) bf16 matmuls are faster, but SmolLM2-135M's
-# greedy text drifts from fp32 on some prompts, and scores move (benchmarks/README.md,
-# "Backend dtype"). "auto" therefore keeps fp32 on CPU; pass dtype="bfloat16" to trade.
+# Measured on an AMX Xeon (benchmarks/README.md, "Backend dtype"): bf16 weights make generation
+# 1.6x and score() 3.6x faster, but 12/16 greedy SmolLM2 answers diverge from fp32 and option
+# log-probs move by up to 0.7 nats. "auto" therefore keeps fp32 on CPU; dtype="bfloat16" trades.
 CPU_AUTO_DTYPE = "float32"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -88,6 +88,11 @@ class TransformersBackend:
         self.progress = progress
         self.usage = Usage()
         path = resolve_model(model)
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        if not progress:  # also quiet the "Loading weights" bar, then restore the setting
+            hf_logging.disable_progress_bar()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path,
                                                            trust_remote_code=trust_remote_code)
@@ -97,6 +102,9 @@ class TransformersBackend:
         except (OSError, ValueError, KeyError, RuntimeError, ImportError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CharterError(f"cannot load model {path!r}: {first}", field="model") from None
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         if not getattr(self.tokenizer, "chat_template", None):
             raise CharterError(f"model {path!r} has no chat template in its tokenizer",
                                field="model")
@@ -108,7 +116,8 @@ class TransformersBackend:
         tok = self.tokenizer
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
-        self.pad_id = tok.pad_token_id
+        # pad id only fills masked positions; any id will do when the tokenizer has none
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         eos = set()
         for cfg in (self.model.generation_config, self.model.config):
             e = getattr(cfg, "eos_token_id", None)
@@ -212,8 +221,9 @@ class TransformersBackend:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) positions that skip the padding
         with torch.inference_mode():
             while not all(done):
+                # logits_to_keep=1: the prefill needs only the last position's (B, 1, V) logits
                 res = self.model(input_ids=step_ids, attention_mask=mask, position_ids=pos,
-                                 past_key_values=cache, use_cache=True)
+                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
                 cache = res.past_key_values
                 logits = res.logits[:, -1, :].float()  # (B, V)
                 nxt = self._pick(logits, gens, sampling)  # (B,)
@@ -292,18 +302,20 @@ class TransformersBackend:
                 else:
                     rows.append((full, start))
                     reads.append((len(rows) - 1, None))
+        want: dict[int, set[int]] = {}  # context row -> next-token ids to read
+        for r, tok in reads:
+            if tok is not None:
+                want.setdefault(r, set()).add(tok)
         totals = [0.0] * len(rows)
-        next_logp: dict[int, Any] = {}  # row -> (V,) log-probs of the token after it
-        want_next = set(context_row.values())
+        next_logp: dict[tuple[int, int], float] = {}  # (row, token id) -> log-prob
         order = sorted(range(len(rows)), key=lambda r: len(rows[r][0]))
         for batch in self._bar(self._batches(order), "score"):
-            sums, last = self._score_batch([rows[r] for r in batch])
+            sums, last = self._score_batch([rows[r] for r in batch])  # last: (B, V)
             for k, r in enumerate(batch):
                 totals[r] = sums[k]
-                if r in want_next:
-                    next_logp[r] = last[k]
-        scores = [float(next_logp[r][tok]) if tok is not None else totals[r]
-                  for r, tok in reads]
+                for tok in want.get(r, ()):
+                    next_logp[(r, tok)] = float(last[k, tok])
+        scores = [next_logp[(r, tok)] if tok is not None else totals[r] for r, tok in reads]
         self.usage.score_calls += 1
         self.usage.scored_tokens += sum(len(f) for f, _ in rows)
         self.usage.score_seconds += time.perf_counter() - t0
