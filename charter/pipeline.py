@@ -317,7 +317,7 @@ def run_pipeline(path: str | Path, out: str | Path | None = None,
             if st.kind in ("sft", "dpo"):
                 ctx.drop(str(out / st.name))  # a stale backend of this (re)trained model
             state[st.name]["status"] = "running"
-            write_summary(out, pf, stages, state, time.time() - t_all)
+            write_summary(out, pf, stages, state, time.time() - t_all, plot=False)
             t0 = time.time()
             try:
                 result = kinds[st.kind].run(st.cfg, ctx)
