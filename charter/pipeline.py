@@ -143,11 +143,11 @@ def eval_headline(report: dict) -> dict:
 STAGE_KINDS: dict[str, StageKind] = {
     "critique": StageKind("critique.loop:CritiqueConfig", _run_critique,
                           ("constitution", "prompts", "helpful_prompts", "out", "model")),
-    "sft": StageKind("training.sft:SFTConfig", _train("training.sft:train_sft"),
+    "sft": StageKind("training.options:SFTConfig", _train("training.sft:train_sft"),
                      ("data", "out", "model")),
     "label": StageKind("critique.label:LabelConfig", _run_label,
                        ("constitution", "prompts", "pairs", "policy", "labeler", "out")),
-    "dpo": StageKind("training.dpo:DPOConfig", _train("training.dpo:train_dpo"),
+    "dpo": StageKind("training.options:DPOConfig", _train("training.dpo:train_dpo"),
                      ("data", "out", "model")),
     "eval": StageKind("critique.evaluate:EvalConfig", _run_eval,
                       ("model", "baseline", "prompts", "harmful", "benign", "out", "judge",

@@ -19,15 +19,6 @@ from collections.abc import Sequence
 Z95 = 1.959963984540054  # the standard normal's 0.975 quantile
 
 
-def two_way_probability(logp_a: float, logp_b: float) -> float:
-    """P(a) over the two options a, b: e^a / (e^a + e^b) = 1 / (1 + e^(b - a)), stable."""
-    d = logp_b - logp_a
-    if d > 0:
-        e = math.exp(-d)
-        return e / (1.0 + e)
-    return 1.0 / (1.0 + math.exp(d))
-
-
 def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
     """Wilson score interval for a binomial fraction successes / n.
 

@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from critique.stats import (
     bootstrap_mean_interval,
     outcome,
     rate_summary,
-    two_way_probability,
     wilson_interval,
     win_summary,
 )
-
-
-def test_two_way_probability():
-    """P(a) = 1 / (1 + e^(b - a)): equal log-probs → 0.5; a = log 0.3, b = log 0.1 → 0.3/0.4
-    = 0.75; a - b = 2 → 1 / (1 + e^-2) = 0.880797; huge gaps do not overflow."""
-    assert two_way_probability(-1.0, -1.0) == 0.5
-    assert two_way_probability(math.log(0.3), math.log(0.1)) == pytest.approx(0.75)
-    assert two_way_probability(0.0, -2.0) == pytest.approx(0.8807970779778823)
-    assert two_way_probability(-2.0, 0.0) == pytest.approx(1 - 0.8807970779778823)
-    assert two_way_probability(0.0, -1000.0) == 1.0
-    assert two_way_probability(-1000.0, 0.0) == pytest.approx(0.0, abs=1e-300)
 
 
 def test_wilson_interval_hand_computed():
