@@ -90,7 +90,13 @@ def _run_critique(cfg, ctx: Context) -> dict:
 
     manifest = run_critique(cfg, backend=ctx.backend(cfg.backend, cfg.model,
                                                      cfg.backend_options))
-    return {"counts": manifest.get("counts")}
+    counts = manifest.get("counts") or {}
+    if not counts.get("sft_examples"):
+        raise CharterError(f"critique wrote no SFT examples ({counts.get('flagged', 0)} records "
+                           f"flagged: {counts.get('flagged_by_reason')}); see the records: "
+                           "larger max_new_tokens, other few-shot examples or another model",
+                           path=Path(cfg.out) / "records.jsonl")
+    return {"counts": counts}
 
 
 def _train(fn: str) -> Callable[[Any, Context], dict]:
@@ -112,6 +118,10 @@ def _run_label(cfg, ctx: Context) -> dict:
     policy = ctx.backend(cfg.backend, cfg.policy)
     labeler = ctx.backend(cfg.backend, cfg.labeler_model)
     report = run_label(cfg, backend=labeler, policy_backend=policy)
+    if not report.get("n"):
+        raise CharterError("labelling made no preference pairs (every prompt's samples were "
+                           "identical or failed); raise temperature or samples",
+                           path=Path(cfg.out) / "pairs.jsonl")
     return {k: v for k, v in report.items() if isinstance(v, (int, float)) or k == "counts"}
 
 
