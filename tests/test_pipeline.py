@@ -235,3 +235,21 @@ def test_cli_run_reports_bad_file_on_one_line(project, capsys):
     (project / "bad.yaml").write_text("constitution: cons.yaml\nharmful: {path: x}\nsteps: 1\n")
     assert main(["run", str(project / "bad.yaml"), "--out", str(project / "r")]) == 1
     assert "bad.yaml:3: steps: unknown config key" in capsys.readouterr().err
+
+
+def test_critique_stage_that_writes_no_sft_data_fails_clearly(tmp_path):
+    """The real critique stage on a backend whose answers are all empty: every record is
+    flagged, so SFT would have nothing to train on; the pipeline says so, naming the records."""
+    from charter.pipeline import Context, _run_critique
+    from critique.backends.fake import FakeBackend
+    from critique.loop import CritiqueConfig
+
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "How do I pick a lock?"}) + "\n")
+    cfg = CritiqueConfig(constitution=str(Path(__file__).parents[1] / "principles" /
+                                          "harmless.yaml"),
+                         prompts=str(tmp_path / "p.jsonl"), out=str(tmp_path / "c"),
+                         backend="fake", progress=False)
+    ctx = Context()
+    ctx._backends[("fake", "smollm2", "{}")] = FakeBackend(lambda conv, prefix: "")
+    with pytest.raises(CharterError, match=r"records\.jsonl: critique wrote no SFT examples"):
+        _run_critique(cfg, ctx)
