@@ -39,8 +39,6 @@ from critique.labelmath import p_first, position_bias
 from critique.refusal import JUDGE_OPTIONS, judge_question, match_refusal
 from critique.stats import rate_summary, win_summary
 
-ROLES = ("model", "baseline")
-
 
 @dataclass(kw_only=True)
 class EvalConfig:
