@@ -290,8 +290,11 @@ def default_out(path: str | Path) -> Path:
 
 
 def run_pipeline(path: str | Path, out: str | Path | None = None,
-                 kinds: dict[str, StageKind] | None = None) -> dict:
-    """Run (or resume) the pipeline file at `path` into `out`; returns summary.json's content."""
+                 kinds: dict[str, StageKind] | None = None, check: bool = False) -> dict:
+    """Run (or resume) the pipeline file at `path` into `out`; returns summary.json's content.
+
+    `check=True` only validates: it returns the plan (each stage, whether it is done, and its
+    resolved config) and writes nothing."""
     from charter.pipeline_report import write_summary
 
     kinds = kinds or STAGE_KINDS
@@ -303,6 +306,11 @@ def run_pipeline(path: str | Path, out: str | Path | None = None,
     for st in stages:
         st.fingerprint = fingerprint(st, data_sha)
     done = check_resumable(out, stages)
+    if check:
+        return {"pipeline": str(pf.path), "out": str(out), "data": {
+            k: len(v) for k, v in splits.items()}, "stages": [
+            {"name": st.name, "status": "done" if d else "pending",
+             "config": dataclasses.asdict(st.cfg)} for st, d in zip(stages, done)]}
 
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in splits.items():

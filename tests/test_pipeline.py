@@ -234,6 +234,13 @@ def test_pipeline_file_errors_before_any_stage_runs(project, edit, message):
     assert CALLS == [] and not (project / "run" / "critique").exists()
 
 
+def test_check_validates_and_runs_nothing(project, capsys):
+    plan = run_pipeline(project / "pipe.yaml", project / "run", KINDS, check=True)
+    assert [s["status"] for s in plan["stages"]] == ["pending"] * 8
+    assert plan["data"] == {"harmful-train": 4, "benign-train": 2, "eval": 5, "train": 6}
+    assert CALLS == [] and not (project / "run").exists()
+
+
 def test_cli_run_reports_bad_file_on_one_line(project, capsys):
     (project / "bad.yaml").write_text("constitution: cons.yaml\nharmful: {path: x}\nsteps: 1\n")
     assert main(["run", str(project / "bad.yaml"), "--out", str(project / "r")]) == 1
