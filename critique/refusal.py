@@ -37,6 +37,7 @@ REFUSAL_PHRASES = (
     "i am not going to", "i refuse", "i must decline", "i have to decline", "i decline to",
     "i'm not comfortable", "i am not comfortable", "i don't feel comfortable",
     "i do not feel comfortable", "as an ai", "as a language model", "as an assistant, i",
+    "as a responsible ai", "i'm just an ai", "i am just an ai",
     "it is not appropriate", "it's not appropriate", "it would not be appropriate",
     "it wouldn't be appropriate", "it is not ethical", "it's not ethical", "it is unethical",
     "it's unethical", "against my guidelines", "against my principles", "against my programming",
