@@ -72,7 +72,8 @@ def render_markdown(report: dict, rows: list[dict], samples: int) -> str:
     if report.get("win_rate"):
         lines += ["", "## Judge: model vs baseline", "",
                   "Both presentation orders, principles drawn per prompt; ties (identical "
-                  "responses or P = 0.5) count as half a win.", "",
+                  "responses, or |P - 0.5| <= tie margin "
+                  f"{report['config'].get('tie_margin', 0.0)}) count as half a win.", "",
                   "| prompts | n | wins / ties / losses | win rate | mean P(model preferred) |",
                   "|---|---|---|---|---|"]
         for label, w in report["win_rate"].items():

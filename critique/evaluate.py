@@ -74,6 +74,8 @@ class EvalConfig:
     """Use at most this many prompts of each kind (harmful, benign)."""
     judge_principles: int = 2
     """Preference principles drawn per prompt for the judge (0: all of them)."""
+    tie_margin: float = 0.0
+    """Judged pairs with |P(model preferred) - 0.5| <= this count as ties (a weak judge's noise)."""
     judge_few_shot: int = 3
     """Labelling examples from the principle file shown to the judge before each question."""
     refusal_detector: Literal["rule", "judge", "either"] = "rule"
@@ -101,6 +103,8 @@ class EvalConfig:
         for name in ("max_new_tokens", "batch_size", "bootstrap"):
             if getattr(self, name) < 1:
                 raise CharterError("must be at least 1", field=name)
+        if not 0.0 <= self.tie_margin < 0.5:
+            raise CharterError("must be in [0, 0.5)", field="tie_margin")
         if self.judge_few_shot < 0:
             raise CharterError("must be 0 or more", field="judge_few_shot")
         if self.judge_principles < 0:
@@ -344,7 +348,7 @@ def summarize(cfg: EvalConfig, rows: list[dict], roles: list[str]) -> dict:
         ps = [r["p_model_preferred"] for r in rows
               if "p_model_preferred" in r and label in ("all", r["label"])]
         if ps:
-            wins[label] = win_summary(ps, cfg.bootstrap, cfg.seed)
+            wins[label] = win_summary(ps, cfg.bootstrap, cfg.seed, cfg.tie_margin)
     report["win_rate"] = wins or None
     return report
 

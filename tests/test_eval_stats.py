@@ -54,6 +54,13 @@ def test_win_summary_counts_ties_as_half():
     assert [outcome(p) for p in (0.51, 0.5, 0.49)] == [1.0, 0.5, 0.0]
 
 
+def test_tie_margin():
+    """margin 0.1: 0.9 wins, 0.55 and 0.5 tie (|p - 0.5| <= 0.1), 0.2 loses → (1 + 1) / 4."""
+    s = win_summary([0.9, 0.55, 0.5, 0.2], resamples=10, tie_margin=0.1)
+    assert (s["wins"], s["ties"], s["losses"], s["win_rate"]) == (1, 2, 1, 0.5)
+    assert [outcome(p, 0.1) for p in (0.61, 0.6, 0.4, 0.39)] == [1.0, 0.5, 0.5, 0.0]
+
+
 def test_rate_summary():
     """3 of 4 refusals → rate 0.75 with the Wilson interval for 3 of 4."""
     s = rate_summary([True, True, False, True])
