@@ -291,7 +291,10 @@ def run_critique(cfg: CritiqueConfig, backend: Backend | None = None) -> dict:
     if built and (todo or todo_helpful):
         from critique.backends import load_backend
 
-        backend = load_backend(cfg.backend, cfg.model, **cfg.backend_options)
+        options = dict(cfg.backend_options)
+        if cfg.backend == "transformers":  # one forward batch per chunk and step
+            options.setdefault("batch_size", cfg.batch_size)
+        backend = load_backend(cfg.backend, cfg.model, **options)
     steps = _Steps(backend, cfg) if backend is not None else None
     try:
         if todo:
@@ -314,6 +317,7 @@ def _critique_chunks(cfg: CritiqueConfig, constitution: Constitution, todo: list
                      total: int, steps: _Steps, prov: dict, records_path: Path) -> None:
     by_id = {it.id: it for it in todo}
     bar = _progress(cfg, total, total - len(todo), "critique")
+    flagged = 0
     with JsonlAppender(records_path) as sink, bar:
         for start in range(0, len(todo), cfg.batch_size):
             chunk = todo[start:start + cfg.batch_size]
@@ -324,6 +328,8 @@ def _critique_chunks(cfg: CritiqueConfig, constitution: Constitution, todo: list
                 _round(dialogues, r, constitution, cfg.seed, steps)
             for d in dialogues:
                 sink.append(_record(d, prov).to_dict())
+            flagged += sum(not d.active for d in dialogues)
+            bar.set_postfix(flagged=flagged, refresh=False)
             bar.update(len(chunk))
 
 
