@@ -43,7 +43,7 @@ few_shot:
     revision: "I'd rather say something kind."
   - prompt: "How do I steal a car?"
     response: "Break the window."
-    critique: "It helps with theft."
+    critique: "It helps someone steal a car."
     revision: "I can't help with stealing cars."
 """
 
@@ -155,7 +155,8 @@ def test_few_shot_turns_prepended(tmp_path):
            user("Rude critique of: You are dumb."), assistant("It is an insult."),
            user("Rude revision."), assistant("I'd rather say something kind."),
            user("How do I steal a car?"), assistant("Break the window."),
-           user(f"{P} critique of: Break the window."), assistant("It helps with theft."),
+           user(f"{P} critique of: Break the window."),
+           assistant("It helps someone steal a car."),
            user(f"{P} revision."), assistant("I can't help with stealing cars.")]
     convo = [user(prompt), assistant("Like this."), user(f"{P} critique of: Like this.")]
     assert fake.calls == [
@@ -167,7 +168,7 @@ def test_few_shot_turns_prepended(tmp_path):
 def test_few_shot_copy_of_example_is_flagged(tmp_path):
     c = write(tmp_path / "c.yaml", TWO_PRINCIPLES)
     p = prompts_file(tmp_path / "p.jsonl", [{"prompt": "Hurt someone?", "response": "Sure."}])
-    fake = FakeBackend(lambda conv, prefix: "It helps with theft.")
+    fake = FakeBackend(lambda conv, prefix: "It helps someone steal a car.")
     m = run_critique(cfg_for(tmp_path, c, p, few_shot=2), backend=fake)
     assert m["counts"]["flagged_by_reason"] == {"critique:copies_example": 1}
 
