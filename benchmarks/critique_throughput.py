@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--constitution", default=None,
                     help="principle file (default: principles/harmless.yaml, else a built-in)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads for both sides (default: torch's); on a shared, "
+                    "oversubscribed machine 1 avoids threads spinning against each other")
     ap.add_argument("--data", default=None, help=f"the red-team file (default: {RED_TEAM} in "
                     "the shared data folder)")
     args = ap.parse_args(argv)
@@ -168,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from critique.backends import Sampling, load_backend
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = "bfloat16" if device == "cuda" else "float32"  # what the transformers backend picks
