@@ -101,6 +101,9 @@ def test_resume_gives_the_same_result(pairs, tmp_path, tiny_model_dir, monkeypat
     a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert not (out / ".checkpoint-3.tmp").exists()
+    stamp = (resumed / "model.safetensors").stat().st_mtime_ns
+    assert train_dpo(cfg(pairs, out, tiny_model_dir, save_every=2)) == resumed  # done: no-op
+    assert (resumed / "model.safetensors").stat().st_mtime_ns == stamp
     with pytest.raises(CharterError, match="other settings.*beta"):
         train_dpo(cfg(pairs, out, tiny_model_dir, beta=0.2))
 
