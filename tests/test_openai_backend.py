@@ -297,6 +297,13 @@ def test_score_without_logprobs_points_to_cot(stub, tiny_model_dir, action):
     assert "--cot" in str(e.value)
 
 
+def test_score_without_local_tokenizer_says_so(stub):
+    with make(stub.url, tokenizer="/nonexistent/tok") as b, pytest.raises(CharterError) as e:
+        b.score([CONV], [["A"]])
+    assert "tokenizer" in str(e.value) and "/nonexistent/tok" in str(e.value)
+    assert stub.log == []  # failed before sending anything
+
+
 def test_bad_base_url_and_missing_url():
     from critique.backends.options import BackendFields, backend_kwargs
 

@@ -199,14 +199,3 @@ def test_openai_backend_against_vllm_server(server, llm, reference_scores, model
         cont = b.generate(CONVS[1:2], Sampling(max_new_tokens=4), prefixes=["The answer is ("])
         assert cont[0][0] and not cont[0][0].startswith("The answer")
         assert b.usage.generated_tokens > 0 and b.retries == 0
-
-
-def test_openai_score_errors_without_tokenizer(server):
-    from charter.errors import CharterError
-    from critique.backends.openai_backend import OpenAIBackend
-
-    url = server.wait_ready()
-    with OpenAIBackend("smollm2", base_url=url, tokenizer="/nonexistent/tok",
-                       progress=False) as b:
-        with pytest.raises(CharterError, match="tokenizer"):
-            b.score(CONVS[:1], [["A"]])
