@@ -93,11 +93,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if base is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise ValueError(f"expected an integer, got {value!r}")
-        return int(value)
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {value!r}") from None
     if base is float:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ValueError(f"expected a number, got {value!r}")
-        return float(value)
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"expected a number, got {value!r}") from None
     if base is str:
         if isinstance(value, (dict, list)):
             raise ValueError(f"expected a string, got {type(value).__name__}")
@@ -205,6 +211,12 @@ def build_config(cls: type, args: argparse.Namespace | dict | None = None,
     given = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
     names = {f.name for f in dataclasses.fields(cls)}
     cli = {k: v for k, v in given.items() if k in names}
+    hints = _field_types(cls)
+    for k, v in cli.items():  # a bad flag value is the flag's fault, not the YAML file's
+        try:
+            cli[k] = _coerce(v, hints[k], k)
+        except ValueError as e:
+            raise CharterError(str(e), field="--" + k.replace("_", "-")) from None
     merged = {**values, **cli}
     src = str(config_path) if config_path else None
     return config_from_dict(cls, merged, source=src,

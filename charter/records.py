@@ -108,6 +108,9 @@ def load_jsonl_for_resume(path: str | os.PathLike) -> list[dict]:
         raw = data[pos:end]
         lineno += 1
         is_last = end >= len(data)
+        if nl >= 0 and not raw.strip():  # a blank line (hand-edited file): nothing to keep
+            good_end = pos = end
+            continue
         try:
             if nl < 0:
                 raise ValueError("no newline")
@@ -134,10 +137,8 @@ def load_jsonl_for_resume(path: str | os.PathLike) -> list[dict]:
 # reading
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+def _open_bytes(path: Path) -> io.BufferedIOBase:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
 def check_readable(path: str | os.PathLike, what: str = "file") -> Path:
@@ -152,41 +153,58 @@ def check_readable(path: str | os.PathLike, what: str = "file") -> Path:
 
 
 def read_text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
-    """(line number, line) for a UTF-8 text file (optionally .gz), with clear errors."""
+    """(line number, line) for a UTF-8 text file (optionally .gz), with clear errors.
+
+    Lines are split as bytes and decoded one by one, so a decoding error names its own line
+    (a text-mode reader decodes ahead in chunks and would blame an earlier line).
+    """
     path = check_readable(path)
-    lineno = 0
     try:
-        with _open_text(path) as f:
-            for lineno, line in enumerate(f, start=1):
-                if "\x00" in line:
+        with _open_bytes(path) as f:
+            for lineno, raw in enumerate(f, start=1):
+                if b"\x00" in raw:
                     raise CharterError("binary content (NUL byte); expected UTF-8 text",
                                        path=path, line=lineno)
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise CharterError(f"not valid UTF-8 text ({e.reason} at byte {e.start} "
+                                       "of the line)", path=path, line=lineno) from None
+                if lineno == 1:
+                    line = line.removeprefix("\ufeff")  # a BOM is not content
                 yield lineno, line
-    except UnicodeDecodeError as e:
-        raise CharterError(f"not valid UTF-8 text ({e.reason} at byte {e.start})",
-                           path=path, line=lineno + 1) from None
     except (OSError, EOFError) as e:
-        if isinstance(e, gzip.BadGzipFile) or isinstance(e, EOFError):
+        if isinstance(e, (gzip.BadGzipFile, EOFError)):
             raise CharterError(f"not a readable gzip file ({e})", path=path) from None
         raise CharterError(f"cannot read: {e.strerror or e}", path=path) from None
 
 
-def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; errors name the file and line."""
+def read_jsonl(path: str | os.PathLike, errors: list[str] | None = None
+               ) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; errors name the file and line.
+
+    With an `errors` list, a line that is not a JSON object is reported there and skipped
+    (the lines after it are still read) instead of raising.
+    """
     seen = False
     for lineno, line in read_text_lines(path):
         if not line.strip():
             continue
+        seen = True
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise CharterError(f"invalid JSON ({e.msg} at column {e.colno})",
-                               path=path, line=lineno) from None
-        if not isinstance(obj, dict):
-            raise CharterError(f"expected a JSON object, got {type(obj).__name__}",
+            err = CharterError(f"invalid JSON ({e.msg} at column {e.colno})",
                                path=path, line=lineno)
-        seen = True
-        yield lineno, obj
+        else:
+            if isinstance(obj, dict):
+                yield lineno, obj
+                continue
+            err = CharterError(f"expected a JSON object, got {type(obj).__name__}",
+                               path=path, line=lineno)
+        if errors is None:
+            raise err
+        errors.append(str(err))
     if not seen:
         raise CharterError("file is empty: expected at least one JSON line", path=path)
 
@@ -265,9 +283,12 @@ def _prompt_from_obj(obj: dict, path: Path, lineno: int, prompt_field: str | Non
         if not value.strip():
             raise CharterError("empty prompt", path=path, line=lineno, field=key)
         messages = [{"role": "user", "content": value}]
-    else:
+    elif isinstance(value, list):
         messages = validate_messages(value, path=path, line=lineno, field=key,
                                      must_end_with="user")
+    else:
+        raise CharterError(f"expected a string or a list of {{role, content}} messages, got "
+                           f"{type(value).__name__}", path=path, line=lineno, field=key)
     response = obj.get("response")
     if response is not None and not isinstance(response, str):
         raise CharterError("response must be a string", path=path, line=lineno, field="response")
@@ -293,26 +314,25 @@ def read_prompts(path: str | os.PathLike, prompt_field: str | None = None,
     if on_error not in ("raise", "skip"):
         raise CharterError(f"on_error must be raise or skip, got {on_error!r}")
     items: list[PromptItem] = []
+    found: list[str] = []  # messages of skipped records (on_error="skip")
     name = path.name.removesuffix(".gz")
     if name.endswith(".csv"):
         rows = _read_csv(path)
     else:
-        rows = read_jsonl(path)
-    try:
-        for lineno, obj in rows:
-            try:
-                items.append(_prompt_from_obj(obj, path, lineno, prompt_field))
-            except CharterError as e:
-                if on_error == "raise":
-                    raise
-                if errors is not None:
-                    errors.append(str(e))
-    except CharterError as e:
-        if on_error == "raise" or e.line is None:
-            raise
-        if errors is not None:
-            errors.append(str(e))
+        rows = read_jsonl(path, errors=None if on_error == "raise" else found)
+    for lineno, obj in rows:
+        try:
+            items.append(_prompt_from_obj(obj, path, lineno, prompt_field))
+        except CharterError as e:
+            if on_error == "raise":
+                raise
+            found.append(str(e))
+    if errors is not None:
+        errors.extend(found)
     if not items:
+        if found:
+            raise CharterError(f"no usable prompts ({len(found)} bad records; first: "
+                               f"{found[0]})", path=path)
         raise CharterError("no usable prompts", path=path)
     return items
 
@@ -323,8 +343,10 @@ def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
     if not reader.fieldnames:
         raise CharterError("empty CSV file: expected a header row with a prompt column",
                            path=path)
-    for i, row in enumerate(reader, start=2):
-        yield i, {k: v for k, v in row.items() if k is not None}
+    start = reader.line_num + 1  # the first data row's line
+    for row in reader:
+        yield start, {k: v for k, v in row.items() if k is not None}
+        start = reader.line_num + 1  # a quoted field may span lines
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,21 +29,22 @@ Template variables (anything else is an undefined-variable error at load time):
 (`prompt` is the last user message; `conversation` is the prompt conversation as a
 "Human: ... / Assistant: ..." transcript.)
 
-Every problem is a `ConstitutionError` of the form `FILE:LINE: field: what is wrong`.
+Templates run in a cut-down jinja2 sandbox (see constitution/render.py); the full reference,
+with every limit, is docs/principles.md. Every problem is a `ConstitutionError` of the form
+`FILE:LINE: field: what is wrong`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from charter.errors import CharterError
 from constitution.render import TemplateProblem, compile_template, render
+from constitution.source import ConstitutionError, Lines, dotted, read_yaml
 
 STAGES = ("critique", "revision", "preference")
 TOP_KEYS = {"name", "description", "version", "principles", "few_shot", "label_few_shot",
@@ -53,6 +54,7 @@ FEW_SHOT_KEYS = {"principle", "prompt", "response", "critique", "revision"}
 LABEL_FEW_SHOT_KEYS = {"principle", "prompt", "response_a", "response_b", "answer"}
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_FILE_BYTES = 1_000_000
+MAX_CHECK_SECONDS = 10.0  # all templates of one file together, at load
 
 DEFAULT_LABEL_TEMPLATE = """\
 Consider the following conversation between a human and an assistant:
@@ -86,10 +88,6 @@ TEMPLATE_VARS = {
     "label_template": ("conversation", "question", "options", "labels"),
     "rating_template": ("conversation", "question", "response", "low", "high"),
 }
-
-
-class ConstitutionError(CharterError):
-    """A principle file that cannot be used, with file, line and field."""
 
 
 @dataclass(frozen=True)
@@ -151,7 +149,9 @@ class Constitution:
         for p in self.principles:
             if p.id == pid:
                 return p
-        raise ConstitutionError(f"no principle with id {pid!r}", path=self.path, field="id")
+        ids = ", ".join(p.id for p in self.principles)
+        raise ConstitutionError(f"no principle with id {pid!r}; the ids are: {ids}",
+                                path=self.path, field="id")
 
     @property
     def critique_principles(self) -> list[Principle]:
@@ -188,6 +188,8 @@ class Constitution:
 
     def render_label(self, principle: Principle, messages: list[dict[str, str]],
                      options: list[str], labels: tuple[str, ...] = ("A", "B")) -> str:
+        if len(labels) < len(options):
+            raise ValueError(f"{len(options)} options but only {len(labels)} labels")
         v = {"conversation": transcript(messages),
              "question": self.render_question(principle, messages),
              "options": list(options), "labels": list(labels)}
@@ -218,42 +220,6 @@ SAMPLE_VARS = {
 }
 
 
-class _Lines:
-    """Maps a path of keys/indices in the YAML document to its line number (1-based)."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.lines: dict[tuple, int] = {}
-
-    def walk(self, node: yaml.Node, at: tuple = ()) -> None:
-        self.lines[at] = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            seen: set = set()
-            for k, v in node.value:
-                key = k.value
-                if key in seen:
-                    raise ConstitutionError(f"duplicate key {key!r}", path=self.path,
-                                            line=k.start_mark.line + 1, field=_dotted(at))
-                seen.add(key)
-                self.lines[(*at, key, "<key>")] = k.start_mark.line + 1
-                self.walk(v, (*at, key))
-        elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
-                self.walk(v, (*at, i))
-
-    def line(self, at: tuple) -> int | None:
-        while at and at not in self.lines:
-            at = at[:-1]
-        return self.lines.get(at)
-
-
-def _dotted(at: tuple) -> str:
-    out = ""
-    for p in at:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out
-
-
 def load_constitution(path: str | Path) -> Constitution:
     """Load and fully validate one principle file (every template is rendered once)."""
     path = Path(path)
@@ -262,59 +228,44 @@ def load_constitution(path: str | Path) -> Constitution:
     if path.is_dir():
         raise ConstitutionError("expected a principle file, found a directory", path=path)
     raw = path.read_bytes()
+    if b"\x00" in raw[:8192]:
+        raise ConstitutionError("binary file (NUL byte); expected YAML text", path=path,
+                                line=raw[:raw.index(b"\x00")].count(b"\n") + 1)
     if len(raw) > MAX_FILE_BYTES:
         raise ConstitutionError(f"file too large ({len(raw)} bytes; at most {MAX_FILE_BYTES})",
                                 path=path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConstitutionError(f"not UTF-8 text (byte {e.start})", path=path) from None
+        raise ConstitutionError(f"not UTF-8 text (byte {e.start}); save the file as UTF-8",
+                                path=path, line=raw[:e.start].count(b"\n") + 1) from None
     return parse_constitution(text, str(path))
 
 
 def parse_constitution(text: str, path: str = "<string>") -> Constitution:
-    if "\x00" in text:
-        raise ConstitutionError("binary content (NUL byte); expected YAML text", path=path)
-    try:
-        loader = yaml.SafeLoader(text)
-        try:
-            node = loader.get_single_node()
-            lines = _Lines(path)
-            if node is not None:
-                lines.walk(node)
-            data = loader.construct_document(node) if node is not None else None
-        finally:
-            loader.dispose()
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        line = mark.line + 1 if mark else None
-        raise ConstitutionError(f"invalid YAML: {e.problem or e.context}", path=path,
-                                line=line) from None
-    except yaml.YAMLError as e:
-        raise ConstitutionError(f"invalid YAML: {e}", path=path) from None
-    except RecursionError:
-        raise ConstitutionError("invalid YAML: nested too deeply", path=path) from None
+    """Validate a principle file's text (`path` is only used in error messages)."""
+    data, lines = read_yaml(text, path)
     if not isinstance(data, dict):
         raise ConstitutionError("expected a mapping with name, description and principles",
                                 path=path, line=1)
     return _build(data, lines, path, text)
 
 
-def _build(data: dict, lines: _Lines, path: str, text: str) -> Constitution:
+def _build(data: dict, lines: Lines, path: str, text: str) -> Constitution:
     def err(at: tuple, msg: str) -> ConstitutionError:
-        return ConstitutionError(msg, path=path, line=lines.line(at), field=_dotted(at) or None)
+        return ConstitutionError(msg, path=path, line=lines.line(at), field=dotted(at) or None)
 
     def check_keys(obj: dict, allowed: set[str], at: tuple) -> None:
         for k in obj:
             if k not in allowed:
                 raise ConstitutionError(
                     f"unknown key {k!r}; expected one of {', '.join(sorted(allowed))}",
-                    path=path, line=lines.line((*at, k, "<key>")), field=_dotted((*at, k)))
+                    path=path, line=lines.line((*at, k, "<key>")), field=dotted((*at, k)))
 
     def get_str(obj: dict, key: str, at: tuple, required: bool = True) -> str | None:
         if key not in obj or obj[key] is None:
-            if required:
-                raise err(at, f"missing required field {key!r}")
+            if required:  # point at the key when it is there with an empty value
+                raise err((*at, key) if key in obj else at, f"missing required field {key!r}")
             return None
         v = obj[key]
         if not isinstance(v, str) or not v.strip():
@@ -322,7 +273,13 @@ def _build(data: dict, lines: _Lines, path: str, text: str) -> Constitution:
                       if not isinstance(v, str) else "expected a non-empty string")
         return v
 
+    started = time.monotonic()
+
     def check_template(source: str, at: tuple, kind: str) -> None:
+        # each render has its own deadline; this bounds a file of many slow templates
+        if time.monotonic() - started > MAX_CHECK_SECONDS:
+            raise err(at, f"checking the templates took over {MAX_CHECK_SECONDS:g}s; "
+                          "simplify them")
         try:
             tmpl = compile_template(source)
             render(tmpl, {k: SAMPLE_VARS[k] for k in TEMPLATE_VARS[kind]})
@@ -330,6 +287,8 @@ def _build(data: dict, lines: _Lines, path: str, text: str) -> Constitution:
             raise err(at, str(e)) from None
 
     check_keys(data, TOP_KEYS, ())
+    if not isinstance(data.get("version"), (str, int, float, type(None))):
+        raise err(("version",), "expected a string or number")
     name = get_str(data, "name", ())
     description = get_str(data, "description", ())
     plist = data.get("principles")
@@ -361,16 +320,17 @@ def _build(data: dict, lines: _Lines, path: str, text: str) -> Constitution:
         for stage, source in templates.items():
             if source:
                 check_template(source, (*at, stage), stage)
-        tags = p.get("tags", [])
-        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-            raise err((*at, "tags"), "expected a list of strings")
+        tags = p.get("tags") or []
+        if not isinstance(tags, list) or not all(isinstance(t, str) and t for t in tags):
+            raise err((*at, "tags"), "expected a list of non-empty strings")
         trait = p.get("trait")
         if trait is not None and not isinstance(trait, str):
             raise err((*at, "trait"), "expected a string")
         principles.append(Principle(pid, templates["critique"], templates["revision"],
                                     templates["preference"], tuple(tags), trait))
 
-    def examples(key: str, allowed: set[str], required: list[str]) -> list[dict]:
+    def examples(key: str, allowed: set[str], required: list[str], usable: set[str],
+                 stage: str) -> list[dict]:
         items = data.get(key) or []
         if not isinstance(items, list):
             raise err((key,), "expected a list of examples")
@@ -382,16 +342,20 @@ def _build(data: dict, lines: _Lines, path: str, text: str) -> Constitution:
             check_keys(ex, allowed, at)
             row = {k: get_str(ex, k, at) for k in required}
             pr = ex.get("principle")
-            if pr is not None and pr not in seen:
+            if pr is not None and (not isinstance(pr, str) or pr not in seen):
                 raise err((*at, "principle"), f"unknown principle id {pr!r}")
+            if pr is not None and pr not in usable:
+                raise err((*at, "principle"), f"principle {pr!r} has no {stage} template")
             row["principle"] = pr
             out.append(row)
         return out
 
-    few = [FewShot(**r) for r in examples("few_shot", FEW_SHOT_KEYS,
-                                          ["prompt", "response", "critique", "revision"])]
+    few = [FewShot(**r) for r in examples(
+        "few_shot", FEW_SHOT_KEYS, ["prompt", "response", "critique", "revision"],
+        {p.id for p in principles if p.critique}, "critique")]
     label_rows = examples("label_few_shot", LABEL_FEW_SHOT_KEYS,
-                          ["prompt", "response_a", "response_b", "answer"])
+                          ["prompt", "response_a", "response_b", "answer"],
+                          {p.id for p in principles if p.preference}, "preference")
     for i, r in enumerate(label_rows):
         ans = r["answer"].strip().strip("()").upper()
         if ans not in ("A", "B"):

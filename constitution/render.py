@@ -1,31 +1,76 @@
 """Rendering untrusted templates: a jinja2 sandbox with hard limits.
 
 Principle files are written by other people, so their templates get:
-- `SandboxedEnvironment` (no attribute access to dunders or internals, no unsafe callables) and
-  `StrictUndefined` (a misspelt variable is an error, not an empty string);
-- no `cycler`, `joiner`, `namespace` or `lipsum` globals, and a `range` that shares a budget of
-  iterations per render;
-- `*` and `**` intercepted so `"x" * 10**9` or `9**9**9` cannot allocate or hang;
+- `SandboxedEnvironment` (no attribute access to dunders or internals) and `StrictUndefined`
+  (a misspelt variable is an error, not an empty string);
+- a small template language, checked on the parsed tree before compiling: output, `if`, `for`
+  (not recursive), expressions and filters. No `set`, `macro`, `call`, `include`, `import`,
+  `extends`, `block` or `with`: without assignment and recursion a value can only grow as far
+  as the expression written in the template, so doubling bombs (`{% set b = a ~ a %}`...)
+  cannot be written;
+- only a short list of filters (`center`, `format`, `random`... are gone: they allocate on
+  demand or are not deterministic) and of callables (`range`, `loop.cycle`, a few plain string
+  and dict methods); `cycler`, `joiner`, `namespace`, `lipsum` and `dict` are removed;
+- per render, at most 10,000 `range()` items and 10,000 loop iterations, over all loops;
+- `*`, `**` and `%` intercepted so `"x" * 10**9`, `9**9**9` or `"%999999999d" % 1` cannot
+  allocate or hang; `join`, `replace` and `indent` check the size of what they would build;
 - a cap on template size and on rendered size, and a wall-clock deadline per render (main
-  thread only: it uses SIGALRM).
+  thread only: it uses SIGALRM; elsewhere the budgets above still bound the work).
 Every failure is a `TemplateProblem` with a one-line reason; the loader adds file and line.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 import signal
 import threading
+import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import jinja2
+from jinja2 import nodes
+from jinja2.runtime import LoopContext
 from jinja2.sandbox import SandboxedEnvironment, SecurityError
 
 MAX_TEMPLATE_CHARS = 20_000
 MAX_OUTPUT_CHARS = 200_000
-MAX_RANGE_ITEMS = 10_000  # per render, all range() calls together
-MAX_BINOP_RESULT = 100_000  # length of a repeated string/list, digits of a power
+MAX_LOOP_ITEMS = 10_000  # per render: range() items, and for-loop iterations (each budget)
+MAX_BINOP_RESULT = 100_000  # length of a repeated/joined/replaced string or list
+MAX_FORMAT_WIDTH = 1_000  # width/precision in `%` formatting and `indent`
 RENDER_SECONDS = 2.0
+
+# The template language principle files may use (anything else is refused before compiling).
+ALLOWED_NODES = (
+    nodes.Template, nodes.Output, nodes.TemplateData, nodes.If, nodes.For, nodes.Name,
+    nodes.Const, nodes.Getattr, nodes.Getitem, nodes.Slice, nodes.Filter, nodes.Test,
+    nodes.Compare, nodes.Operand, nodes.And, nodes.Or, nodes.Not, nodes.Neg, nodes.Pos,
+    nodes.CondExpr, nodes.Add, nodes.Sub, nodes.Mul, nodes.Div, nodes.FloorDiv, nodes.Mod,
+    nodes.Pow, nodes.Concat, nodes.List, nodes.Tuple, nodes.Dict, nodes.Pair, nodes.Call,
+    nodes.Keyword,
+)
+STATEMENT_NAMES = {
+    nodes.Assign: "{% set %}", nodes.AssignBlock: "{% set %}", nodes.Macro: "{% macro %}",
+    nodes.CallBlock: "{% call %}", nodes.Include: "{% include %}",
+    nodes.Import: "{% import %}", nodes.FromImport: "{% from ... import %}",
+    nodes.Extends: "{% extends %}", nodes.Block: "{% block %}", nodes.With: "{% with %}",
+    nodes.FilterBlock: "{% filter %}",
+}
+SAFE_FILTERS = {
+    "abs", "capitalize", "count", "d", "default", "first", "float", "int", "join", "last",
+    "length", "list", "lower", "max", "min", "replace", "reverse", "round", "sort", "string",
+    "sum", "title", "trim", "truncate", "unique", "upper", "wordcount", "indent", "e", "escape",
+}
+SAFE_METHODS = {
+    str: {"lower", "upper", "strip", "lstrip", "rstrip", "title", "capitalize", "startswith",
+          "endswith", "split", "splitlines", "count", "find", "rfind", "isdigit", "isalpha",
+          "isspace", "replace", "join"},
+    dict: {"items", "keys", "values", "get"},
+    list: {"count", "index"},
+}
+_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?")
 
 
 class TemplateProblem(Exception):
@@ -33,22 +78,64 @@ class TemplateProblem(Exception):
 
 
 class _Budget(threading.local):
-    remaining = MAX_RANGE_ITEMS
+    """What is left of this render's allowance (reset by `render`)."""
+
+    range_items = MAX_LOOP_ITEMS
+    iterations = MAX_LOOP_ITEMS
 
 
 _budget = _Budget()
 
 
-def _limited_range(*args: int):
+def _limited_range(*args: int) -> range:
     r = range(*args)
-    if len(r) > _budget.remaining:
-        raise SecurityError(f"range() too large: at most {MAX_RANGE_ITEMS} items per render")
-    _budget.remaining -= len(r)
+    if len(r) > _budget.range_items:
+        raise SecurityError(f"range() too large: at most {MAX_LOOP_ITEMS} items per render")
+    _budget.range_items -= len(r)
     return r
 
 
+def _budgeted(items: Iterable[Any]) -> Iterator[Any]:
+    """Wraps every `for` loop's iterable (inserted by `_check_tree`): one unit per iteration."""
+    for item in items:
+        if _budget.iterations <= 0:
+            raise SecurityError(f"too many loop iterations: at most {MAX_LOOP_ITEMS} per render")
+        _budget.iterations -= 1
+        yield item
+
+
+def _check_size(n: int, what: str) -> None:
+    if n > MAX_BINOP_RESULT:
+        raise SecurityError(f"{what} too large (over {MAX_BINOP_RESULT} items)")
+
+
+def _safe_join(env: Any, value: Iterable[Any], d: str = "", attribute: Any = None) -> str:
+    items = [str(v) for v in value]
+    _check_size(sum(map(len, items)) + len(str(d)) * max(len(items) - 1, 0), "join result")
+    return str(d).join(items)
+
+
+def _safe_replace(env: Any, s: Any, old: str, new: str, count: int | None = None) -> str:
+    s, old, new = str(s), str(old), str(new)
+    hits = s.count(old) if old else len(s) + 1
+    _check_size(len(s) + hits * len(new), "replace result")
+    return s.replace(old, new, -1 if count is None else count)
+
+
+def _safe_indent(s: Any, width: Any = 4, first: bool = False, blank: bool = False) -> str:
+    pad = width if isinstance(width, str) else " " * min(int(width), MAX_FORMAT_WIDTH + 1)
+    if len(pad) > MAX_FORMAT_WIDTH:
+        raise SecurityError("indent too wide")
+    s = str(s)
+    _check_size(len(s) + len(pad) * (s.count("\n") + 1), "indent result")
+    lines = s.split("\n")
+    out = [(pad + ln if (blank or ln.strip()) else ln) for ln in lines[1:]]
+    head = pad + lines[0] if first else lines[0]
+    return "\n".join([head, *out])
+
+
 class _Sandbox(SandboxedEnvironment):
-    intercepted_binops = frozenset(["*", "**"])
+    intercepted_binops = frozenset(["*", "**", "%"])
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "**":
@@ -56,39 +143,107 @@ class _Sandbox(SandboxedEnvironment):
                 if abs(right) > 64 or (abs(left) > 1 and abs(right) * max(1, len(str(left))) > 1000):
                     raise SecurityError("power too large")
             return left**right
+        if operator == "%":
+            if isinstance(left, str):
+                for width, precision in _PERCENT_SPEC.findall(left):
+                    for n in (width, precision):
+                        if n == "*" or (n and int(n) > MAX_FORMAT_WIDTH):
+                            raise SecurityError("format width too large")
+            return left % right
         # operator == "*"
         for seq, n in ((left, right), (right, left)):
             if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
-                if len(seq) * max(n, 0) > MAX_BINOP_RESULT:
-                    raise SecurityError("repetition too large")
+                _check_size(len(seq) * max(n, 0), "repetition")
         return left * right
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        if isinstance(__obj, jinja2.Undefined):
+            __obj._fail_with_undefined_error()
+        if __obj is not _limited_range and __obj is not _budgeted and not _safe_method(__obj):
+            name = getattr(__obj, "__name__", type(__obj).__name__)
+            raise SecurityError(f"calling {name!r} is not allowed")
+        if getattr(__obj, "__name__", "") in ("join", "replace") and isinstance(
+                getattr(__obj, "__self__", None), str):
+            return _safe_str_method(__obj, args, kwargs)
+        return super().call(__context, __obj, *args, **kwargs)
+
+
+def _safe_method(obj: Any) -> bool:
+    owner = getattr(obj, "__self__", None)
+    name = getattr(obj, "__name__", "")
+    if isinstance(owner, LoopContext):
+        return name in ("cycle", "changed")
+    return any(type(owner) is t and name in names for t, names in SAFE_METHODS.items())
+
+
+def _safe_str_method(method: Any, args: tuple, kwargs: dict) -> str:
+    if kwargs:
+        raise SecurityError(f"str.{method.__name__}() takes no keyword arguments here")
+    if method.__name__ == "join":
+        if len(args) != 1:
+            raise SecurityError("str.join() takes one argument")
+        return _safe_join(None, args[0], method.__self__)
+    if len(args) not in (2, 3):
+        raise SecurityError("str.replace() takes two or three arguments")
+    return _safe_replace(None, method.__self__, *args)
 
 
 def make_environment() -> SandboxedEnvironment:
     env = _Sandbox(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=False,
                    trim_blocks=True, lstrip_blocks=True)
-    for name in ("cycler", "joiner", "namespace", "lipsum", "dict"):
-        env.globals.pop(name, None)
-    env.globals["range"] = _limited_range
+    env.globals = {"range": _limited_range, "_budgeted": _budgeted}
+    env.filters = {k: v for k, v in env.filters.items() if k in SAFE_FILTERS}
+    env.filters.update(join=jinja2.pass_environment(_safe_join),
+                       replace=jinja2.pass_environment(_safe_replace), indent=_safe_indent)
     return env
 
 
 _ENV = make_environment()
 
 
+def _check_tree(tree: nodes.Template) -> None:
+    """Refuse statements outside the small language; route every `for` through the budget."""
+    for node in tree.find_all(nodes.Node):
+        if isinstance(node, nodes.For):
+            if node.recursive:
+                raise TemplateProblem("not allowed in a template: recursive for-loops")
+            node.iter = nodes.Call(nodes.Name("_budgeted", "load"), [node.iter], [], None, None,
+                                   lineno=node.lineno)
+        elif not isinstance(node, ALLOWED_NODES):
+            what = STATEMENT_NAMES.get(type(node), type(node).__name__)
+            raise TemplateProblem(f"not allowed in a template: {what} (templates may use "
+                                  "{{ }} expressions, filters, if and for)")
+
+
 def compile_template(source: str) -> jinja2.Template:
+    """Check and compile a template (cached by source: the stages render the same few
+    templates for every record)."""
     if not isinstance(source, str):
         raise TemplateProblem(f"expected a template string, got {type(source).__name__}")
+    return _compile(source)
+
+
+@functools.lru_cache(maxsize=512)
+def _compile(source: str) -> jinja2.Template:
     if len(source) > MAX_TEMPLATE_CHARS:
         raise TemplateProblem(f"template too long ({len(source)} chars; at most "
                               f"{MAX_TEMPLATE_CHARS})")
     try:
-        return _ENV.from_string(source)
+        tree = _ENV.parse(source)
+        _check_tree(tree)
+        return _ENV.from_string(tree)
     except jinja2.TemplateSyntaxError as e:
         raise TemplateProblem(f"template syntax error on template line {e.lineno}: {e.message}"
                               ) from None
+    # jinja2 folds constant expressions while compiling, so compiling can fail like rendering
+    except jinja2.UndefinedError as e:
+        raise TemplateProblem(f"undefined variable: {e.message}") from None
+    except SecurityError as e:
+        raise TemplateProblem(f"not allowed in a template: {e}") from None
     except (RecursionError, MemoryError):
         raise TemplateProblem("template too deeply nested") from None
+    except Exception as e:  # Python's own compile() limits (SyntaxError...), folded errors
+        raise TemplateProblem(f"template cannot be compiled: {type(e).__name__}: {e}") from None
 
 
 @contextmanager
@@ -101,19 +256,22 @@ def _deadline(seconds: float):
         raise TimeoutError
 
     old = signal.signal(signal.SIGALRM, _timeout)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    outer, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
+    start = time.monotonic()
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+        if outer:  # someone else's timer (e.g. a test timeout) was running: put it back
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - start), 1e-3))
 
 
 def render(template: jinja2.Template | str, variables: dict[str, Any]) -> str:
     """Render with the sandbox limits; any failure becomes a `TemplateProblem`."""
     if isinstance(template, str):
         template = compile_template(template)
-    _budget.remaining = MAX_RANGE_ITEMS
+    _budget.range_items = _budget.iterations = MAX_LOOP_ITEMS
     out: list[str] = []
     size = 0
     try:

@@ -1,0 +1,110 @@
+"""Answer prompts with a model; one JSON line per prompt (`id`, `prompt` messages, `response`).
+
+    charter generate --prompts prompts.jsonl --out answers.jsonl
+    charter generate --prompts hh.jsonl.gz --out a.jsonl --model smollm2 --max-new-tokens 128 \\
+        --temperature 0.7 --seed 1 --limit 50
+
+Prompts: JSONL with `prompt` (string) or `messages` (chat list), an HH-RLHF `chosen` transcript
+(its first human turn), CSV with a `prompt` column, optionally gzipped; `--prompt-field` names
+another field. Lines are appended as each batch finishes; re-running the same command skips the
+ids already in `--out`, so a killed run resumes without duplicates.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+
+@dataclass(kw_only=True)
+class GenerateConfig:
+    prompts: str
+    """Prompts file: JSONL, CSV or HH-RLHF transcripts (.gz allowed)."""
+    out: str
+    """Output JSONL file (appended to; ids already there are skipped)."""
+    model: str | None = None
+    """Model directory, hub id or `smollm2` (the embedded default when omitted)."""
+    backend: str = "transformers"
+    """Generation backend: transformers, vllm, openai or fake."""
+    max_new_tokens: int = 256
+    """Upper bound on generated tokens per response."""
+    temperature: float = 0.0
+    """Sampling temperature; 0 is greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    seed: int = 0
+    """Sampling seed; the same seed and inputs give the same responses."""
+    batch_size: int = 16
+    """Prompts per batch (and per appended chunk of output lines)."""
+    prompt_field: str | None = None
+    """Field that holds the prompt (default: prompt, messages, chosen, instruction, question)."""
+    limit: int | None = None
+    """Use only the first N prompts."""
+
+    def validate(self) -> None:
+        from charter.errors import CharterError
+
+        if self.max_new_tokens < 1:
+            raise CharterError("must be >= 1", field="max_new_tokens")
+        if self.temperature < 0:
+            raise CharterError("must be >= 0", field="temperature")
+        if not 0 < self.top_p <= 1:
+            raise CharterError("must be in (0, 1]", field="top_p")
+        if self.batch_size < 1:
+            raise CharterError("must be >= 1", field="batch_size")
+        if self.limit is not None and self.limit < 1:
+            raise CharterError("must be >= 1", field="limit")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from charter.config import add_config_args
+
+    p.add_argument("--config", metavar="YAML", help="YAML file with these settings; "
+                   "flags given on the command line override it")
+    add_config_args(p, GenerateConfig)
+
+
+def run_generate(cfg: GenerateConfig, backend=None) -> dict:
+    """Answer every prompt not yet in `cfg.out`; returns counts."""
+    from charter.records import JsonlAppender, load_jsonl_for_resume, read_prompts
+    from critique.backends import Sampling, load_backend
+
+    items = read_prompts(cfg.prompts, prompt_field=cfg.prompt_field)
+    if cfg.limit is not None:
+        items = items[:cfg.limit]
+    done = {r.get("id") for r in load_jsonl_for_resume(cfg.out)}
+    seen: set[str] = set()
+    todo = []
+    for it in items:  # duplicate prompts in the input are answered once
+        if it.id not in done and it.id not in seen:
+            todo.append(it)
+            seen.add(it.id)
+    if todo and backend is None:
+        options = {"batch_size": cfg.batch_size} if cfg.backend == "transformers" else {}
+        backend = load_backend(cfg.backend, cfg.model, **options)
+    sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p,
+                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    chunks = [todo[i:i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
+    bar = chunks
+    if len(chunks) > 1:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(chunks, desc="prompts", unit="batch")
+    with JsonlAppender(cfg.out) as out:
+        for chunk in bar:
+            texts = backend.generate([it.messages for it in chunk], sampling)
+            for it, (text, *_) in zip(chunk, texts):
+                out.append({"id": it.id, "prompt": it.messages, "response": text})
+    return {"prompts": len(items), "skipped": len(items) - len(todo), "written": len(todo)}
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from charter.config import build_config
+
+    cfg = build_config(GenerateConfig, args, getattr(args, "config", None))
+    counts = run_generate(cfg)
+    print(f"{cfg.out}: wrote {counts['written']} responses "
+          f"({counts['skipped']} already there)", file=sys.stderr)
+    return 0

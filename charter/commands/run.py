@@ -1,0 +1,31 @@
+"""Run the whole pipeline from one YAML file: critique → SFT → label → DPO → eval.
+
+    charter run examples/quickstart.yaml --out runs/quick
+
+The file names the constitution, the starting model, the prompt sets (with held-out parts for
+evaluation) and each stage's settings (the keys of that stage's command); see
+charter/pipeline_file.py for the format. Each stage writes into DIR/<stage>/; re-running the
+same command skips finished stages and resumes the one that was interrupted. DIR/summary.json
+names the final model; DIR/report.md shows the evaluation with plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pipeline", help="pipeline file (YAML)")
+    p.add_argument("--out", default=None,
+                   help="output directory (default: the file's `out`, else runs/<file name>)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from charter.pipeline import run_pipeline
+
+    summary = run_pipeline(args.pipeline, args.out)
+    for st in summary["stages"]:
+        print(f"{st['name']:10s} {st['status']}")
+    print(f"final model: {summary['final_model']}")
+    print(f"report: {summary['out']}/report.md")
+    return 0

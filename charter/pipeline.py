@@ -1,0 +1,354 @@
+"""The one-command pipeline: critique → SFT → label → DPO → eval, resumable stage by stage.
+
+    charter run examples/quickstart.yaml --out runs/quick
+
+`run_pipeline(path, out)` loads and validates the whole pipeline file (see
+`charter/pipeline_file.py`) and builds every stage's config before anything runs, writes the
+held-out data split into `DIR/data/`, then runs the stages in order, each into `DIR/<stage>/`:
+
+    critique → sft [→ eval-sft] → label → dpo → eval [→ label-2 → dpo-2 → eval-2 ...]
+
+Wiring: critique's sft.jsonl is SFT's data; the SFT model is the first labelling policy and
+DPO's starting model; each label stage's pairs.jsonl is the next DPO's data; each DPO model is
+evaluated against the starting model and becomes the next iteration's policy (and labeller
+with `labeler: policy`). A stage writes `DONE.json` (atomically) last; a re-run skips stages
+whose DONE.json matches their settings, so a killed pipeline resumes (stages also resume
+internally). A stage that finished with other settings, or a finished stage after one that must
+run again, is an error telling which directory to delete. One backend per (kind, model) is
+loaded once and shared by the stages that need it. `DIR/summary.json` (rewritten after every
+stage) and `DIR/report.md` summarise it all; `final_model` is the last model trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from charter.config import config_from_dict
+from charter.errors import CharterError
+from charter.pipeline_file import PipelineFile, load_pipeline_file, split_data
+from charter.records import write_json_atomic, write_jsonl_atomic
+
+
+@dataclass
+class StageKind:
+    """How to build and run one kind of stage."""
+
+    config: str  # "module:Class" of the stage's config dataclass
+    run: Callable[[Any, Context], dict]  # (config, context) -> result summary
+    wired: tuple[str, ...]  # keys the runner fills (a section may not set them)
+
+
+@dataclass
+class Stage:
+    name: str  # the directory under DIR: critique, sft, label, label-2, eval-sft, ...
+    kind: str  # a STAGE_KINDS key
+    iteration: int
+    cfg: Any
+    fingerprint: str = ""
+
+
+class Context:
+    """What stages share while the pipeline runs: loaded backends, by (kind, model)."""
+
+    def __init__(self) -> None:
+        self._backends: dict[tuple[str, str], Any] = {}
+
+    def backend(self, kind: str, model: str | None, options: dict | None = None):
+        from charter.models import model_label
+        from critique.backends import load_backend
+
+        key = (kind, model_label(model), json.dumps(options or {}, sort_keys=True))
+        if key not in self._backends:
+            self._backends[key] = load_backend(kind, model, **(options or {}))
+        return self._backends[key]
+
+    def drop(self, model: str) -> None:
+        """Free a model's backends (a model about to be retrained or no longer needed)."""
+        for key in [k for k in self._backends if k[1] == model]:
+            self._backends.pop(key).close()
+
+    def close(self) -> None:
+        for b in self._backends.values():
+            b.close()
+        self._backends.clear()
+
+
+# -- the stage kinds (their real entry points; tests may pass others) -------------------------
+
+
+def _run_critique(cfg, ctx: Context) -> dict:
+    from critique.loop import run_critique
+
+    manifest = run_critique(cfg, backend=ctx.backend(cfg.backend, cfg.model,
+                                                     cfg.backend_options))
+    return {"counts": manifest.get("counts")}
+
+
+def _train(fn: str) -> Callable[[Any, Context], dict]:
+    def run(cfg, ctx: Context) -> dict:
+        module, name = fn.split(":")
+        final = getattr(importlib.import_module(module), name)(cfg)
+        from critique.eval_report import read_metrics
+
+        rows = read_metrics(cfg.out)
+        last = {k: v for k, v in (rows[-1] if rows else {}).items() if isinstance(v, float)}
+        return {"final_model": str(final), "steps": rows[-1].get("step") if rows else None,
+                "last_metrics": last}
+    return run
+
+
+def _run_label(cfg, ctx: Context) -> dict:
+    from critique.label import run_label
+
+    policy = ctx.backend(cfg.backend, cfg.policy)
+    labeler = ctx.backend(cfg.backend, cfg.labeler_model)
+    report = run_label(cfg, backend=labeler, policy_backend=policy)
+    return {k: v for k, v in report.items() if isinstance(v, (int, float)) or k == "counts"}
+
+
+def _run_eval(cfg, ctx: Context) -> dict:
+    from critique.evaluate import run_eval
+
+    backends = {"model": ctx.backend(cfg.backend, cfg.model)}
+    if cfg.baseline is not None:
+        backends["baseline"] = ctx.backend(cfg.backend, cfg.baseline)
+    if cfg.judge:
+        backends["judge"] = ctx.backend(cfg.judge_backend or cfg.backend, cfg.judge)
+    return eval_headline(run_eval(cfg, backends))
+
+
+def eval_headline(report: dict) -> dict:
+    """Refusal rates (baseline and model), their change, and the judge's win rates."""
+    out: dict = {}
+    for role, m in report["models"].items():
+        for label in ("harmful", "benign"):
+            out[f"{role}_{label}_refusal"] = m[label]["refusal"]["rate"]
+    for key, value in (report.get("delta") or {}).items():
+        out[f"delta_{key}"] = value
+    for label, w in (report.get("win_rate") or {}).items():
+        out[f"win_rate_{label}"] = w["win_rate"]
+        out[f"win_ci95_{label}"] = w["win_ci95"]
+    return out
+
+
+STAGE_KINDS: dict[str, StageKind] = {
+    "critique": StageKind("critique.loop:CritiqueConfig", _run_critique,
+                          ("constitution", "prompts", "helpful_prompts", "out", "model")),
+    "sft": StageKind("training.sft:SFTConfig", _train("training.sft:train_sft"),
+                     ("data", "out", "model")),
+    "label": StageKind("critique.label:LabelConfig", _run_label,
+                       ("constitution", "prompts", "pairs", "policy", "labeler", "out")),
+    "dpo": StageKind("training.dpo:DPOConfig", _train("training.dpo:train_dpo"),
+                     ("data", "out", "model")),
+    "eval": StageKind("critique.evaluate:EvalConfig", _run_eval,
+                      ("model", "baseline", "prompts", "harmful", "benign", "out", "judge",
+                       "constitution", "metrics")),
+}
+SHARED_DEFAULTS = ("backend", "seed")  # top-level keys copied into sections that have them
+
+
+def _config_class(kind: StageKind) -> type:
+    module, name = kind.config.split(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise CharterError(f"this install has no {kind.config} ({e})") from None
+
+
+# -- planning ---------------------------------------------------------------------------------
+
+
+def plan(pf: PipelineFile, out: Path, kinds: dict[str, StageKind]) -> list[Stage]:
+    """Every stage with its full config, wired; raises on any bad setting (file:line)."""
+    c = pf.cfg
+    data = out / "data"
+    start = c.model
+
+    def make(name: str, kind: str, iteration: int, wiring: dict) -> Stage:
+        section = "eval" if kind == "eval" else kind
+        raw, lines = pf.sections[section], pf.lines.get(section, {})
+        spec = kinds[kind]
+        cls = _config_class(spec)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for key in raw:
+            if key in spec.wired:
+                raise CharterError(f"set by the pipeline runner (it wires {', '.join(spec.wired)}"
+                                   f" between stages); remove it here", path=pf.path,
+                                   line=lines.get(key), field=f"{section}.{key}")
+        values = {k: getattr(c, k) for k in SHARED_DEFAULTS if k in fields}
+        values.update(raw)
+        values.update({k: v for k, v in wiring.items() if k in fields and v is not None})
+        missing = [k for k, v in wiring.items() if k not in fields and v is not None]
+        if missing:
+            raise CharterError(f"{spec.config} has no field {', '.join(missing)}: the pipeline "
+                               "runner and this stage disagree (a bug; please report it)")
+        cfg = config_from_dict(cls, values, source=str(pf.path),
+                               lines={k: lines.get(k) or pf.lines[""].get(k)
+                                      or pf.lines[""].get(section) for k in values})
+        return Stage(name, kind, iteration, cfg)
+
+    def suffix(k: int) -> str:
+        return "" if k == 1 else f"-{k}"
+
+    def judge_for(model: str) -> str | None:
+        return {"start": start, "policy": model}.get(c.judge, c.judge) if c.judge else None
+
+    def evaluate(name: str, model: str, metrics: list[str], k: int) -> Stage:
+        return make(name, "eval", k, {
+            "model": model, "baseline": start, "prompts": str(data / "eval.jsonl"),
+            "out": str(out / name), "judge": judge_for(model), "constitution": c.constitution,
+            "metrics": metrics})
+
+    benign_train = pf.benign is not None and pf.benign.train != 0
+    stages = [
+        make("critique", "critique", 0, {
+            "constitution": c.constitution, "prompts": str(data / "harmful-train.jsonl"),
+            "helpful_prompts": str(data / "benign-train.jsonl") if benign_train else None,
+            "out": str(out / "critique"), "model": start}),
+        make("sft", "sft", 0, {"data": str(out / "critique" / "sft.jsonl"),
+                               "out": str(out / "sft"), "model": start}),
+    ]
+    policy = str(out / "sft")
+    if c.eval_sft:
+        stages.append(evaluate("eval-sft", policy, [str(out / "sft")], 0))
+    for k in range(1, c.iterations + 1):
+        labeler = {"start": start, "policy": policy}.get(c.labeler, c.labeler)
+        stages.append(make(f"label{suffix(k)}", "label", k, {
+            "constitution": c.constitution, "prompts": str(data / "train.jsonl"),
+            "policy": policy, "labeler": labeler, "out": str(out / f"label{suffix(k)}")}))
+        stages.append(make(f"dpo{suffix(k)}", "dpo", k, {
+            "data": str(out / f"label{suffix(k)}" / "pairs.jsonl"),
+            "out": str(out / f"dpo{suffix(k)}"), "model": policy}))
+        policy = str(out / f"dpo{suffix(k)}")
+        stages.append(evaluate(f"eval{suffix(k)}", policy,
+                               [str(out / "sft"), policy], k))
+    return stages
+
+
+def fingerprint(stage: Stage, data_sha: str) -> str:
+    """What a finished stage must match to be skipped: its settings and the data split."""
+    blob = json.dumps({"config": dataclasses.asdict(stage.cfg), "data": data_sha},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_done(out: Path, stage: Stage) -> dict | None:
+    path = out / stage.name / "DONE.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None  # torn: the stage runs again (its own resume keeps finished work)
+
+
+def check_resumable(out: Path, stages: list[Stage]) -> list[bool]:
+    """Which stages are done; errors for stale results (see the module docstring)."""
+    done = []
+    for st in stages:
+        d = read_done(out, st)
+        if d is not None and d.get("fingerprint") != st.fingerprint:
+            raise CharterError(f"{out / st.name} finished with other settings or data; delete "
+                               "it (and the stages after it) to run it again",
+                               path=out / st.name / "DONE.json")
+        done.append(d is not None)
+    for i, st in enumerate(stages):
+        if not done[i]:
+            later = [s.name for s, d in zip(stages[i + 1:], done[i + 1:]) if d]
+            if later:
+                raise CharterError(f"{st.name} must run again, but {', '.join(later)} already "
+                                   f"finished with its old output; delete "
+                                   f"{', '.join(str(out / n) for n in later)} to redo them")
+            break
+    return done
+
+
+# -- running ----------------------------------------------------------------------------------
+
+
+def default_out(path: str | Path) -> Path:
+    return Path("runs") / Path(path).stem
+
+
+def run_pipeline(path: str | Path, out: str | Path | None = None,
+                 kinds: dict[str, StageKind] | None = None) -> dict:
+    """Run (or resume) the pipeline file at `path` into `out`; returns summary.json's content."""
+    from charter.pipeline_report import write_summary
+
+    kinds = kinds or STAGE_KINDS
+    pf = load_pipeline_file(path)
+    out = Path(out or pf.cfg.out or default_out(path))
+    splits = split_data(pf)  # reads (and so checks) every prompt file
+    data_sha = hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest()[:16]
+    stages = plan(pf, out, kinds)
+    for st in stages:
+        st.fingerprint = fingerprint(st, data_sha)
+    done = check_resumable(out, stages)
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in splits.items():
+        if rows and _changed(out / "data" / f"{name}.jsonl", rows):
+            write_jsonl_atomic(out / "data" / f"{name}.jsonl", rows)
+    shutil.copyfile(pf.path, out / "pipeline.yaml")
+    state = {st.name: {"status": "done" if d else "pending"} for st, d in zip(stages, done)}
+    for st, d in zip(stages, done):
+        if d:
+            prev = read_done(out, st) or {}
+            state[st.name].update(status="skipped", seconds=prev.get("seconds"),
+                                  result=prev.get("result"))
+    ctx = Context()
+    t_all = time.time()
+    try:
+        for st, d in zip(stages, done):
+            if d:
+                print(f"[charter run] {st.name}: already done, skipped")
+                continue
+            print(f"[charter run] {st.name}: running into {out / st.name}")
+            _reuse_baseline(out, st)
+            if st.kind in ("sft", "dpo"):
+                ctx.drop(str(out / st.name))  # a stale backend of this (re)trained model
+            state[st.name]["status"] = "running"
+            write_summary(out, pf, stages, state, time.time() - t_all)
+            t0 = time.time()
+            try:
+                result = kinds[st.kind].run(st.cfg, ctx)
+            except BaseException as e:
+                state[st.name].update(status="failed" if isinstance(e, Exception)
+                                      else "interrupted", error=str(e)[:500],
+                                      seconds=round(time.time() - t0, 2))
+                raise
+            seconds = round(time.time() - t0, 2)
+            write_json_atomic(out / st.name / "DONE.json", {
+                "stage": st.name, "fingerprint": st.fingerprint, "seconds": seconds,
+                "result": result, "config": dataclasses.asdict(st.cfg)})
+            state[st.name] = {"status": "done", "seconds": seconds, "result": result}
+    finally:
+        ctx.close()
+        summary = write_summary(out, pf, stages, state, time.time() - t_all)
+    return summary
+
+
+def _changed(path: Path, rows: list[dict]) -> bool:
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    return not path.exists() or path.read_text(encoding="utf-8") != text
+
+
+def _reuse_baseline(out: Path, st: Stage) -> None:
+    """Later evals compare against the same starting model: reuse its greedy responses (the
+    eval's resume check keys them by model, prompt and token budget, so nothing stale is used)."""
+    if st.kind != "eval":
+        return
+    target = out / st.name / "responses-baseline.jsonl"
+    for src in sorted(out.glob("eval*/responses-baseline.jsonl")):
+        if src != target and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, target)

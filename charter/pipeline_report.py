@@ -1,0 +1,111 @@
+"""The pipeline's summary: `DIR/summary.json` (machine-readable) and `DIR/report.md` (human).
+
+summary.json: `pipeline` (the file), `out`, `final_model` (the last finished model directory,
+loadable with `AutoModelForCausalLM.from_pretrained`; null until one exists), `seconds`,
+`stages` (in order: name, kind, iteration, dir, status pending|running|done|skipped|failed|
+interrupted, seconds, result: counts and headline metrics, error), and `trend` (refusal rates of
+the starting model and of each evaluated model). Both files are rewritten after every stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from charter.records import write_json_atomic, write_text_atomic
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def trend_points(stages, state: dict) -> list[dict]:
+    """[{name, harmful, benign}] for the starting model, then each finished eval in order."""
+    points: list[dict] = []
+    for st in stages:
+        res = state.get(st.name, {}).get("result") or {}
+        if st.kind != "eval" or "model_harmful_refusal" not in res:
+            continue
+        if not points and "baseline_harmful_refusal" in res:
+            points.append({"name": "start", "harmful": res["baseline_harmful_refusal"],
+                           "benign": res["baseline_benign_refusal"]})
+        label = "sft" if st.iteration == 0 else f"dpo-{st.iteration}"
+        points.append({"name": label, "harmful": res["model_harmful_refusal"],
+                       "benign": res["model_benign_refusal"], "win_rate_harmful":
+                       res.get("win_rate_harmful"), "stage": st.name})
+    return points
+
+
+def final_model(stages, state: dict) -> str | None:
+    for st in reversed(stages):
+        res = state.get(st.name, {}).get("result") or {}
+        if st.kind in ("sft", "dpo") and state[st.name]["status"] in ("done", "skipped") \
+                and res.get("final_model"):
+            return str(Path(res["final_model"]).resolve())
+    return None
+
+
+def write_summary(out: Path, pf, stages, state: dict, seconds: float) -> dict:
+    from critique.eval_report import plot_trend
+
+    points = trend_points(stages, state)
+    summary = {
+        "pipeline": str(pf.path), "out": str(out), "final_model": final_model(stages, state),
+        "iterations": pf.cfg.iterations, "seconds": round(seconds, 2),
+        "stages": [{"name": st.name, "kind": st.kind, "iteration": st.iteration,
+                    "dir": str(out / st.name), **state.get(st.name, {})} for st in stages],
+        "trend": points,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    trend_png = plot_trend(points, out / "trend.png")
+    write_json_atomic(out / "summary.json", summary)
+    write_text_atomic(out / "report.md", render(summary, trend_png is not None))
+    return summary
+
+
+def render(summary: dict, has_trend: bool) -> str:
+    lines = ["# Charter pipeline report", "",
+             f"Pipeline file: `{summary['pipeline']}`; output: `{summary['out']}`; "
+             f"iterations: {summary['iterations']}; total time {summary['seconds']:.0f} s.", "",
+             f"Final model: `{summary['final_model'] or 'not trained yet'}`", "",
+             "## Stages", "", "| stage | status | seconds | result |", "|---|---|---|---|"]
+    for st in summary["stages"]:
+        secs = st.get("seconds")
+        lines.append(f"| {st['name']} | {st['status']} | "
+                     f"{'' if secs is None else f'{secs:.0f}'} | {_result(st)} |")
+    evals = [st for st in summary["stages"] if st["kind"] == "eval" and st.get("result")]
+    if evals:
+        lines += ["", "## Evaluation (held-out prompts)", "",
+                  "| stage | harmful refusal: start → model | benign refusal: start → model | "
+                  "judge win rate on harmful [95% CI] |", "|---|---|---|---|"]
+        for st in evals:
+            r = st["result"]
+            ci = r.get("win_ci95_harmful")
+            win = (f"{_pct(r.get('win_rate_harmful'))}"
+                   + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else ""))
+            lines.append(f"| [{st['name']}]({st['name']}/report.md) | "
+                         f"{_pct(r.get('baseline_harmful_refusal'))} → "
+                         f"{_pct(r.get('model_harmful_refusal'))} | "
+                         f"{_pct(r.get('baseline_benign_refusal'))} → "
+                         f"{_pct(r.get('model_benign_refusal'))} | {win} |")
+    if has_trend:
+        lines += ["", "![refusal rates across the pipeline](trend.png)"]
+    for st in evals:
+        for png in ("refusal.png", "win_rate.png", "training.png"):
+            if (Path(st["dir"]) / png).exists():
+                lines += ["", f"![{st['name']} {png}]({st['name']}/{png})"]
+    return "\n".join(lines) + "\n"
+
+
+def _result(st: dict) -> str:
+    if st.get("error"):
+        return "error: " + " ".join(st["error"].split())[:200].replace("|", "\\|")
+    res = st.get("result") or {}
+    parts = []
+    for k, v in res.items():
+        if isinstance(v, float):
+            parts.append(f"{k} {v:.3g}")
+        elif isinstance(v, (int, str)) and k != "final_model":
+            parts.append(f"{k} {v}")
+        elif isinstance(v, dict) and k == "counts":
+            parts += [f"{kk} {vv}" for kk, vv in v.items() if isinstance(vv, (int, float))]
+    return ", ".join(parts[:8]).replace("|", "\\|")

@@ -1,0 +1,328 @@
+"""The transformers backend: batched generation and scoring on CPU, CUDA or MPS.
+
+    from critique.backends import load_backend, Sampling
+    b = load_backend("transformers", None)          # None: the embedded SmolLM2
+    b.generate([[{"role": "user", "content": "Hi"}]], Sampling(max_new_tokens=32))
+
+Prompts are the tokenizer's own chat template (`add_generation_prompt=True`) followed by the
+optional assistant prefix text. Generation is a plain decode loop over a KV cache with LEFT
+padding (so every row's next token sits in the last column). Each completion draws from its own
+`torch.Generator`, seeded from (seed, prompt token ids, sample index): a seeded run reproduces,
+and a row's text does not depend on which other rows share its batch or on the batch order.
+
+Only safetensors weights are loaded, and no code from the model folder runs unless
+`trust_remote_code=True`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+
+from charter.errors import CharterError
+from charter.models import model_label, resolve_model
+from critique.backends.base import Conversation, Sampling, Usage
+
+# On this project's reference CPU (Xeon with AMX) bf16 matmuls are faster, but SmolLM2-135M's
+# greedy text drifts from fp32 on some prompts, and scores move (benchmarks/README.md,
+# "Backend dtype"). "auto" therefore keeps fp32 on CPU; pass dtype="bfloat16" to trade.
+CPU_AUTO_DTYPE = "float32"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def autodetect_device() -> str:
+    """cuda → mps → cpu."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _row_seed(seed: int, ids: Sequence[int], sample: int) -> int:
+    """A 63-bit seed from the call's seed, the prompt's token ids and the sample index."""
+    h = hashlib.sha256(f"{seed}|{sample}|{','.join(map(str, ids))}".encode()).digest()
+    return int.from_bytes(h[:8], "little") >> 1
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """`text` up to the earliest stop string (excluded), and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return (text, False) if cut < 0 else (text[:cut], True)
+
+
+class TransformersBackend:
+    name = "transformers"
+
+    def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "auto",
+                 batch_size: int = 32, trust_remote_code: bool = False, progress: bool = True,
+                 max_length: int | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if dtype not in DTYPES:
+            raise CharterError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}",
+                               field="dtype")
+        if batch_size < 1:
+            raise CharterError(f"batch_size must be >= 1, got {batch_size}", field="batch_size")
+        self.model_name = model_label(model)
+        self.device = autodetect_device() if device == "auto" else device
+        if dtype == "auto":
+            dtype = {"cuda": "bfloat16", "cpu": CPU_AUTO_DTYPE}.get(self.device.split(":")[0],
+                                                                    "float32")
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.progress = progress
+        self.usage = Usage()
+        path = resolve_model(model)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path,
+                                                           trust_remote_code=trust_remote_code)
+            self.model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=getattr(torch, dtype), use_safetensors=True,
+                trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, KeyError, RuntimeError, ImportError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CharterError(f"cannot load model {path!r}: {first}", field="model") from None
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise CharterError(f"model {path!r} has no chat template in its tokenizer",
+                               field="model")
+        try:
+            self.model.to(self.device)
+        except (RuntimeError, AssertionError) as e:
+            raise CharterError(f"cannot use device {self.device!r}: {e}", field="device") from None
+        self.model.eval()
+        tok = self.tokenizer
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        self.pad_id = tok.pad_token_id
+        eos = set()
+        for cfg in (self.model.generation_config, self.model.config):
+            e = getattr(cfg, "eos_token_id", None)
+            eos.update(e if isinstance(e, (list, tuple)) else [] if e is None else [e])
+        if tok.eos_token_id is not None:
+            eos.add(tok.eos_token_id)
+        im_end = tok.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end != tok.unk_token_id:
+            eos.add(im_end)
+        self.eos_ids = sorted(eos)
+        self.max_length = max_length or getattr(self.model.config, "max_position_embeddings",
+                                                None)
+
+    # -----------------------------------------------------------------------------------------
+    # prompts
+
+    def prompt_text(self, conversation: Conversation, prefix: str = "") -> str:
+        text = self.tokenizer.apply_chat_template(list(conversation), tokenize=False,
+                                                  add_generation_prompt=True)
+        return text + (prefix or "")
+
+    def _encode(self, text: str) -> list[int]:
+        # The chat template already wrote the special tokens (BOS, <|im_start|>...).
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _batches(self, order: list[int]) -> list[list[int]]:
+        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
+    def _bar(self, batches: list, desc: str):
+        if self.progress and len(batches) > 1:
+            from tqdm.auto import tqdm
+
+            return tqdm(batches, desc=desc, unit="batch", leave=False)
+        return batches
+
+    def _check_len(self, n: int, i: int) -> None:
+        if self.max_length and n >= self.max_length:
+            raise CharterError(f"conversation {i} is {n} tokens; the model takes at most "
+                               f"{self.max_length}", field="conversations")
+
+    # -----------------------------------------------------------------------------------------
+    # generate
+
+    def generate(self, conversations: Sequence[Conversation], sampling: Sampling,
+                 prefixes: Sequence[str] | None = None) -> list[list[str]]:
+        """`sampling.n` completions per conversation; see the module docstring for seeding."""
+        if sampling.n < 1 or sampling.max_new_tokens < 0:
+            raise CharterError("sampling needs n >= 1 and max_new_tokens >= 0", field="sampling")
+        if sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
+            raise CharterError("sampling needs temperature >= 0 and 0 < top_p <= 1",
+                               field="sampling")
+        t0 = time.perf_counter()
+        prefixes = list(prefixes) if prefixes is not None else [""] * len(conversations)
+        if len(prefixes) != len(conversations):
+            raise CharterError("prefixes must have one entry per conversation", field="prefixes")
+        prompts = [self._encode(self.prompt_text(c, p)) for c, p in zip(conversations, prefixes)]
+        for i, ids in enumerate(prompts):
+            self._check_len(len(ids), i)
+        greedy = sampling.temperature == 0
+        # Greedy samples are identical: decode once per conversation and copy.
+        k = 1 if greedy else sampling.n
+        rows = [(i, j) for i in range(len(prompts)) for j in range(k)]
+        order = sorted(range(len(rows)), key=lambda r: len(prompts[rows[r][0]]))
+        texts: list[str] = [""] * len(rows)
+        for batch in self._bar(self._batches(order), "generate"):
+            ids = [prompts[rows[r][0]] for r in batch]
+            seeds = [_row_seed(sampling.seed, prompts[rows[r][0]], rows[r][1]) for r in batch]
+            for r, text in zip(batch, self._generate_batch(ids, seeds, sampling)):
+                texts[r] = text
+        self.usage.generate_calls += 1
+        self.usage.prompt_tokens += sum(len(p) for p in prompts) * k
+        self.usage.generate_seconds += time.perf_counter() - t0
+        out: list[list[str]] = [[] for _ in prompts]
+        for (i, _), text in zip(rows, texts):
+            out[i].append(text)
+        return [o * sampling.n if greedy else o for o in out]
+
+    def _generate_batch(self, prompts: list[list[int]], seeds: list[int],
+                        sampling: Sampling) -> list[str]:
+        import torch
+
+        dev = self.device
+        B, T = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((B, T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, T), dtype=torch.long)
+        for b, p in enumerate(prompts):  # left padding: the last column is every row's last token
+            ids[b, T - len(p):] = torch.tensor(p)
+            mask[b, T - len(p):] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        limit = [sampling.max_new_tokens] * B
+        if self.max_length:
+            limit = [min(sampling.max_new_tokens, self.max_length - len(p)) for p in prompts]
+        gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        eos = torch.tensor(self.eos_ids, device=dev)
+        out: list[list[int]] = [[] for _ in range(B)]
+        done = [lim <= 0 for lim in limit]
+        stop = [s for s in sampling.stop if s]
+        tail = max((len(s) for s in stop), default=0) + 2  # tokens that can hold a stop string
+        cache = None
+        step_ids = ids
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) positions that skip the padding
+        with torch.inference_mode():
+            while not all(done):
+                res = self.model(input_ids=step_ids, attention_mask=mask, position_ids=pos,
+                                 past_key_values=cache, use_cache=True)
+                cache = res.past_key_values
+                logits = res.logits[:, -1, :].float()  # (B, V)
+                nxt = self._pick(logits, gens, sampling)  # (B,)
+                hit_eos = torch.isin(nxt, eos).tolist()
+                nxt_list = nxt.tolist()
+                for b in range(B):
+                    if done[b]:
+                        continue
+                    if hit_eos[b]:
+                        done[b] = True
+                        continue
+                    out[b].append(nxt_list[b])
+                    if len(out[b]) >= limit[b]:
+                        done[b] = True
+                    elif stop and cut_at_stop(self.tokenizer.decode(out[b][-tail:]), stop)[1]:
+                        done[b] = True
+                # finished rows keep decoding (their tokens are ignored) so shapes stay (B, 1)
+                step_ids = nxt.view(B, 1)
+                mask = torch.cat([mask, mask.new_ones((B, 1))], dim=1)
+                pos = pos[:, -1:] + 1
+        self.usage.generated_tokens += sum(len(o) for o in out)
+        return [cut_at_stop(self.tokenizer.decode(o, skip_special_tokens=True), stop)[0]
+                for o in out]
+
+    @staticmethod
+    def _pick(logits, gens, sampling: Sampling):
+        """Next token per row: argmax at temperature 0, else temperature + top-p sampling."""
+        import torch
+
+        if sampling.temperature == 0:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / sampling.temperature, dim=-1).cpu()  # (B, V)
+        if sampling.top_p < 1.0:
+            sorted_p, idx = probs.sort(dim=-1, descending=True)
+            # keep the smallest set of tokens whose mass reaches top_p (the first always stays)
+            drop = sorted_p.cumsum(-1) - sorted_p >= sampling.top_p
+            sorted_p[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+        picks = [torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(gens)]
+        return torch.cat(picks).to(logits.device)
+
+    # -----------------------------------------------------------------------------------------
+    # score
+
+    def score(self, conversations: Sequence[Conversation], options: Sequence[Sequence[str]],
+              prefixes: Sequence[str] | None = None) -> list[list[float]]:
+        """Summed log-prob of each option's tokens after the templated conversation + prefix.
+
+        Token boundary: BPE may merge the prompt's last characters with the option's first
+        (" (" + "A" vs " (A"), so the option is not always a clean run of extra tokens. We encode
+        the prompt and prompt+option, and score the tokens of prompt+option after their longest
+        common prefix of ids. When a merge happens, the merged token (which carries a few prompt
+        characters) is counted as the option's, which is what the model would have to produce.
+        """
+        t0 = time.perf_counter()
+        prefixes = list(prefixes) if prefixes is not None else [""] * len(conversations)
+        if len(prefixes) != len(conversations) or len(options) != len(conversations):
+            raise CharterError("options and prefixes must have one entry per conversation",
+                               field="options")
+        rows: list[tuple[list[int], int]] = []  # (ids of prompt+option, first scored position)
+        for i, (conv, opts, prefix) in enumerate(zip(conversations, options, prefixes)):
+            for opt in opts:
+                full, start = self.option_tokens(conv, opt, prefix)
+                self._check_len(len(full), i)
+                rows.append((full, start))
+        scores = [0.0] * len(rows)
+        order = sorted(range(len(rows)), key=lambda r: len(rows[r][0]))
+        for batch in self._bar(self._batches(order), "score"):
+            for r, s in zip(batch, self._score_batch([rows[r] for r in batch])):
+                scores[r] = s
+        self.usage.score_calls += 1
+        self.usage.scored_tokens += sum(len(f) for f, _ in rows)
+        self.usage.score_seconds += time.perf_counter() - t0
+        out, it = [], iter(scores)
+        for opts in options:
+            out.append([next(it) for _ in opts])
+        return out
+
+    def option_tokens(self, conversation: Conversation, option: str, prefix: str = ""
+                      ) -> tuple[list[int], int]:
+        """Ids of templated conversation + prefix + option, and the index of the first id that
+        `score` counts as the option's (after the longest common prefix with the prompt's ids)."""
+        text = self.prompt_text(conversation, prefix)
+        full = self._encode(text + option)
+        start = common_prefix_len(self._encode(text), full)
+        return full, max(start, 1)  # position 0 has no context to be predicted from
+
+    def _score_batch(self, rows: list[tuple[list[int], int]]) -> list[float]:
+        import torch
+
+        B, T = len(rows), max(len(f) for f, _ in rows)
+        ids = torch.full((B, T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, T), dtype=torch.long)
+        scored = torch.zeros((B, T), dtype=torch.bool)  # which target positions count
+        for b, (full, start) in enumerate(rows):  # right padding: positions start at 0
+            ids[b, :len(full)] = torch.tensor(full)
+            mask[b, :len(full)] = 1
+            scored[b, start:len(full)] = True
+        ids, mask, scored = ids.to(self.device), mask.to(self.device), scored.to(self.device)
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, T-1, V): predicts ids[:, 1:]
+            tok_logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+            total = torch.where(scored[:, 1:], tok_logp, 0.0).sum(-1)  # (B,)
+        return total.tolist()
+
+    def close(self) -> None:
+        self.model = None
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+

@@ -1,0 +1,168 @@
+"""Cleaning and checking model outputs of the critique-and-revise loop (pure functions).
+
+Small models wrap their answers in echoes of the instructions ("Revision:", "Sure, here is a
+revised response:"), keep writing the next turns of the conversation ("Human: ..."), loop
+("A.K.A.S.A.R.A.D...", the same phrase over and over) or copy the request instead of answering
+it. Each step's text goes through `clean(text)` and then `problem(text, ...)`; a step with a
+problem flags its record (see `critique.loop`). `says_nothing_to_fix(critique)` implements the
+rule that lets a critique end a round without a revision.
+
+The rules are heuristics, written out below so they can be read and tested; each returns a short
+reason code, counted in the manifest:
+
+- `empty`: nothing left after cleaning (or only punctuation).
+- `loop`: degenerate, repetitive text, any of: a run of 8+ single characters joined by dots or
+  spaces ("A.K.A.S.A.R.A.D"), one character repeated 20+ times in a row, one word repeated 5+
+  times in a row, the same non-trivial line 3+ times, or, over 20+ word trigrams, fewer than
+  half of them distinct.
+- `copies_request`: the output repeats the request it answers (or an earlier request of the
+  conversation): similarity ratio >= 0.8, or the request's text (20+ characters) contained in
+  the output. Texts the request quotes (the prompt, the response, the critique: templates may
+  embed them) are cut out of it first, so that a revision close to the response it revises is
+  not taken for a copy of a request that quotes that response.
+- `copies_critique`: a revision that repeats the critique instead of rewriting the response.
+- `copies_example`: the output is a few-shot example's critique or revision word for word.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from difflib import SequenceMatcher
+
+# Leading labels a model echoes from the instructions ("Revision:", "**Critique**:").
+_LABEL = re.compile(
+    r"^\s*[*_#\s]*(?:assistant|ai|response|revised response|revision|rewritten response|"
+    r"revision request|critique request|critique|answer|final answer|rewrite)"
+    r"(?:\s*\d+)?[*_\s]*:\s*[*_]*\s*",
+    re.IGNORECASE)
+# A first line such as "Sure, here is a revised response:" / "Here's the rewritten version:".
+_PREAMBLE = re.compile(
+    r"^\s*(?:(?:sure|certainly|of course|okay|ok|absolutely|alright)[,.!]?\s*)?"
+    r"(?:here(?:'s| is| are)|below is|i(?:'ve| have) (?:revised|rewritten))\b[^\n:]{0,80}"
+    r"\b(?:revis\w*|rewrit\w*|critique|response|version|answer)\b[^\n:]{0,40}:\s*",
+    re.IGNORECASE)
+# A later turn the model went on to write: cut the text there.
+_NEXT_TURN = re.compile(
+    r"\n\s*(?:human|user|critique ?request|revision ?request)\s*:", re.IGNORECASE)
+_QUOTES = {'"': '"', "“": "”", "'": "'", "«": "»", "`": "`"}
+
+_SPELLED = re.compile(r"(?:\b\w[.\s]){8,}")  # A.K.A.S.A.R.A.D / "a b c d e f g h"
+_SAME_CHAR = re.compile(r"(\S)\1{19,}")
+_SAME_WORD = re.compile(r"\b(\w+)(?:\W+\1\b){4,}", re.IGNORECASE)
+
+# "Nothing to fix": the critique's first sentence opens with one of these...
+_NOTHING_TO_FIX = re.compile(
+    r"^(?:no\b(?!t\b)(?! one\b)|none\b|nothing\b|"
+    r"there (?:is|are|was|were) (?:no|nothing)\b|"
+    r"i (?:do not|don't|did not|didn't|cannot|can't|could not|couldn't) "
+    r"(?:see|find|identify|spot|notice)\b|"
+    r"i (?:see|found|find|notice) no(?:thing)?\b|"
+    r"(?:the |this |that )?(?:assistant'?s? )?(?:last |previous |above )?response "
+    r"(?:is|was) (?:already |entirely |perfectly |completely )?"
+    r"(?:fine|appropriate|harmless|safe|acceptable|ethical|helpful and harmless|not harmful)\b|"
+    r"(?:the |this |that )?(?:assistant'?s? )?(?:last |previous |above )?response "
+    r"(?:does not|doesn't|did not|didn't) (?:contain|include|have|need)\b)",
+    re.IGNORECASE)
+# ...and goes on without a turn that brings a problem back.
+_BUT = re.compile(r"\b(?:but|however|although|though|except|yet)\b", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s|\n")
+
+
+def clean(text: str) -> str:
+    """Strip echoes of the instructions and anything after a turn the model went on to write.
+
+    In order: cut at a line that starts a new turn ("Human:", "User:", "Critique request:",
+    "Revision request:"); drop leading labels ("Revision:", "Critique:", "Assistant:", ...)
+    and a leading preamble line ("Sure, here is a revised response:"); drop quotes around the
+    whole text; trim whitespace.
+    """
+    text = text.replace("\r\n", "\n")
+    m = _NEXT_TURN.search(text)
+    if m:
+        text = text[: m.start()]
+    for _ in range(3):  # labels and preambles can stack: "Revision: Sure, here it is: ..."
+        before = text
+        text = _LABEL.sub("", text, count=1)
+        text = _PREAMBLE.sub("", text, count=1)
+        if text == before:
+            break
+    text = text.strip()
+    if len(text) >= 2 and text[0] in _QUOTES and text[-1] == _QUOTES[text[0]] \
+            and text[0] not in text[1:-1]:
+        text = text[1:-1].strip()
+    return text
+
+
+def loop_reason(text: str) -> str | None:
+    """Why `text` looks degenerate (a short description), or None if it does not."""
+    if _SPELLED.search(text):
+        return "a run of single characters"
+    if _SAME_CHAR.search(text):
+        return "one character repeated"
+    if _SAME_WORD.search(text):
+        return "one word repeated"
+    lines = [ln.strip().lower() for ln in text.splitlines() if len(ln.strip()) >= 8]
+    if lines and max(lines.count(ln) for ln in set(lines)) >= 3:
+        return "the same line repeated"
+    words = re.findall(r"\w+", text.lower())
+    trigrams = list(zip(words, words[1:], words[2:]))
+    if len(trigrams) >= 20 and len(set(trigrams)) < 0.5 * len(trigrams):
+        return "repeated phrases"
+    return None
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def _copies(output: str, source: str) -> bool:
+    a, b = _norm(output), _norm(source)
+    if not a or not b:
+        return False
+    if len(b) >= 20 and b in a:
+        return True
+    return SequenceMatcher(None, a, b, autojunk=False).ratio() >= 0.8
+
+
+def _instruction(request: str, quoted: Sequence[str]) -> str:
+    """The request without the texts it quotes (longest first)."""
+    for q in sorted((q for q in quoted if q.strip()), key=len, reverse=True):
+        request = request.replace(q, " ")
+    return request
+
+
+def problem(text: str, *, requests: Sequence[str] = (), critique: str | None = None,
+            examples: Sequence[str] = (), quoted: Sequence[str] = ()) -> str | None:
+    """The reason code why a cleaned output cannot be used, or None if it can.
+
+    `requests`: the request this output answers and earlier ones of the conversation;
+    `critique`: for a revision, the critique it should act on; `examples`: the few-shot texts of
+    the same kind (critiques for a critique, revisions for a revision); `quoted`: the texts
+    that requests may quote (prompt, responses, critiques), cut out of them before comparing.
+    """
+    if not re.search(r"\w", text):
+        return "empty"
+    if loop_reason(text):
+        return "loop"
+    if any(_copies(text, _instruction(r, quoted)) for r in requests):
+        return "copies_request"
+    if critique is not None and _copies(text, critique):
+        return "copies_critique"
+    if any(_norm(text) == _norm(e) for e in examples):
+        return "copies_example"
+    return None
+
+
+def says_nothing_to_fix(critique: str) -> bool:
+    """True when a (cleaned) critique says the response has no problem under the principle.
+
+    Rule: the first sentence starts with a "no problem" opening ("No", "None", "Nothing",
+    "There is no/nothing", "I don't see/find", "I see no", "The response is fine/appropriate/
+    harmless/safe/not harmful", "The response does not contain ...") and has no
+    "but/however/although/except/yet" in it. "Not ..." and "No one ..." do not count. The loop
+    then keeps the previous response as this round's revision and asks for no revision.
+    """
+    first = _SENTENCE_END.split(critique.strip(), maxsplit=1)[0]
+    first = first.lstrip("*_#>-• \t\"'“")
+    return bool(_NOTHING_TO_FIX.match(first)) and not _BUT.search(first)

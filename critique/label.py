@@ -1,0 +1,503 @@
+"""AI preference labelling from a constitution (RL-CAI feedback, Bai et al. 2022 §4).
+
+    charter label --constitution principles/harmless.yaml --pairs pairs.jsonl --out runs/labels
+    charter label --constitution principles/harmless.yaml --prompts prompts.jsonl \\
+        --policy runs/sft --samples 4 --principles-per-pair 4 --out runs/prefs
+
+The labeller reads the conversation, a preference principle and two responses as a
+multiple-choice question; the label is the normalised probability of "(A)" vs "(B)" from the
+option log-probs (`backend.score`), never parsed from generated text. Every comparison is read in
+both orders and averaged, which cancels a labeller's preference for a position (Lee et al. 2023
+report it matters most for small labellers); `position_bias` in report.json says how strong it
+was. P principles are drawn per pair (seeded by the pair id) and their labels averaged.
+
+Pairs mode (`--pairs`): JSONL with `id`, `prompt` (messages or a string), `response_a`,
+`response_b`, optional `preferred` (a/b) → `labels.jsonl` (`id`, `p_a`, `orders`, `votes`, ...).
+Prompts mode (`--prompts`): K responses per prompt are sampled from the policy, every pair of
+distinct responses (or a seeded subset of `pairs_per_prompt`) is labelled → `pairs.jsonl` in
+TRL's conversational prompt/chosen/rejected format with `p_chosen`, `votes`, `orders`,
+`low_margin` and provenance. `--mode rate` rates each response 1-10 instead (expected rating
+over the score tokens) and pairs the best with the worst.
+
+Crash safety: records are appended as each chunk finishes; a re-run with the same settings skips
+what is done (prompts mode also keeps `prompts_done.jsonl`), and refuses a directory made with
+different settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from charter.config import config_to_dict
+from charter.errors import CharterError
+from charter.models import model_label
+from charter.records import (
+    JsonlAppender,
+    content_id,
+    load_jsonl_for_resume,
+    read_jsonl,
+    read_prompts,
+    validate_messages,
+    write_json_atomic,
+    write_jsonl_atomic,
+    write_text_atomic,
+)
+from constitution import draw, load_constitution
+from critique import labelprompt as lp
+from critique.backends.base import Sampling
+from critique.labelmath import (
+    clamp,
+    ensemble,
+    low_margin,
+    p_first,
+    rating_expectation,
+    swap_average,
+)
+from critique.labelreport import build_report
+
+
+@dataclass(kw_only=True)
+class LabelConfig:
+    constitution: str
+    """Principle file (YAML) whose preference principles ask the questions."""
+    out: str
+    """Output directory (labels.jsonl or pairs.jsonl, report.json, config.json)."""
+    prompts: str | None = None
+    """Prompts (JSONL/CSV) to sample responses for from the policy: prompts mode."""
+    pairs: str | None = None
+    """Pairs to label (JSONL: id, prompt, response_a, response_b, preferred?): pairs mode."""
+    prompt_field: str | None = None
+    """Field holding the prompt in --prompts records (default: prompt, messages, ...)."""
+    policy: str | None = None
+    """Model that writes the responses in prompts mode (None: the embedded default)."""
+    labeler: str | None = None
+    """Model that labels (None: the policy, or the embedded default when there is none)."""
+    backend: str = "transformers"
+    """Generation backend for both models: transformers, vllm, openai, fake."""
+    mode: Literal["compare", "rate"] = "compare"
+    """compare: A/B question read in both orders; rate: 1-10 rating of each response."""
+    samples: int = 2
+    """Responses sampled per prompt (K >= 2) in prompts mode."""
+    pairs_per_prompt: int | None = None
+    """Compare mode: label this many of the K(K-1)/2 pairs per prompt (seeded); None: all."""
+    principles_per_pair: int = 4
+    """Preference principles drawn per pair (seeded); their labels are averaged."""
+    few_shot: int = 3
+    """At most this many labelling examples from the principle file before each question."""
+    cot: bool = False
+    """Chain of thought: the labeller reasons first, then the options are read after it."""
+    cot_max_new_tokens: int = 128
+    """Length limit of the chain-of-thought reasoning."""
+    clamp_low: float = 0.2
+    """Chain-of-thought labels are clamped to at least this."""
+    clamp_high: float = 0.8
+    """Chain-of-thought labels are clamped to at most this."""
+    min_margin: float = 0.1
+    """Pairs with |p_chosen - 0.5| below this are kept but marked low_margin."""
+    min_rating_gap: float = 1.0
+    """Rate mode: best-vs-worst pairs with a smaller rating gap are marked low_margin."""
+    temperature: float = 0.8
+    """Sampling temperature of the policy's responses (> 0, so the K samples differ)."""
+    top_p: float = 0.95
+    """Nucleus sampling mass of the policy's responses."""
+    max_new_tokens: int = 256
+    """Length limit of each sampled response."""
+    seed: int = 0
+    """Seed for response sampling and principle draws."""
+    limit: int | None = None
+    """Use only the first N prompts or pairs."""
+    batch_size: int = 8
+    """Prompts or pairs per chunk: one generate and one score call each, then appended."""
+
+    def validate(self) -> None:
+        if bool(self.prompts) == bool(self.pairs):
+            raise CharterError("give exactly one of --prompts (sample and label) or --pairs "
+                               "(label given pairs)", field="prompts")
+        if self.pairs and self.policy:
+            raise CharterError("--policy samples responses in prompts mode; with --pairs the "
+                               "responses are given (use --labeler to pick the labeller)",
+                               field="policy")
+        checks = [
+            (self.samples >= 2, "samples", "must be at least 2 (pairs need two responses)"),
+            (self.principles_per_pair >= 1, "principles_per_pair", "must be at least 1"),
+            (self.pairs_per_prompt is None or self.pairs_per_prompt >= 1, "pairs_per_prompt",
+             "must be at least 1"),
+            (self.few_shot >= 0, "few_shot", "must be 0 or more"),
+            (0.0 <= self.clamp_low <= 0.5 <= self.clamp_high <= 1.0, "clamp_low",
+             "need 0 <= clamp_low <= 0.5 <= clamp_high <= 1"),
+            (0.0 <= self.min_margin <= 0.5, "min_margin", "must be in [0, 0.5]"),
+            (self.min_rating_gap >= 0, "min_rating_gap", "must be 0 or more"),
+            (self.limit is None or self.limit >= 1, "limit", "must be at least 1"),
+            (self.batch_size >= 1, "batch_size", "must be at least 1"),
+            (self.max_new_tokens >= 1 and self.cot_max_new_tokens >= 1, "max_new_tokens",
+             "must be at least 1"),
+            (0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]"),
+            (not (self.prompts and self.temperature <= 0), "temperature",
+             "must be > 0 in prompts mode: greedy decoding gives K identical responses"),
+            (not (self.cot and self.mode == "rate"), "cot",
+             "chain of thought is for --mode compare"),
+        ]
+        for ok, name, msg in checks:
+            if not ok:
+                raise CharterError(msg, field=name)
+
+    @property
+    def labeler_model(self) -> str | None:
+        return self.labeler if self.labeler is not None else self.policy
+
+
+# Settings that change what is written; a resumed run must match them (limit, batch_size and
+# out may differ).
+_RESUME_FREE = ("out", "limit", "batch_size")
+
+
+@dataclass
+class LabelPair:
+    """One pair to label (pairs mode input)."""
+
+    id: str
+    messages: list[dict[str, str]]
+    response_a: str
+    response_b: str
+    preferred: str | None = None
+    source: str = ""
+
+
+def read_label_pairs(path: str) -> list[LabelPair]:
+    """Pairs from JSONL: `id` (optional; default a content hash), `prompt` (chat messages ending
+    with a user turn, or a string), `response_a`, `response_b`, optional `preferred` (a/b)."""
+    out: list[LabelPair] = []
+    seen: dict[str, int] = {}
+    for lineno, obj in read_jsonl(path):
+        if "prompt" not in obj:
+            raise CharterError("missing field: expected prompt", path=path, line=lineno,
+                               field="prompt")
+        prompt = obj["prompt"]
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise CharterError("empty prompt", path=path, line=lineno, field="prompt")
+            prompt = [{"role": "user", "content": prompt}]
+        messages = validate_messages(prompt, path=path, line=lineno, field="prompt",
+                                     must_end_with="user")
+        responses = []
+        for key in ("response_a", "response_b"):
+            value = obj.get(key)
+            if not isinstance(value, str):
+                what = "missing field" if value is None else f"got {type(value).__name__}"
+                raise CharterError(f"{what}: expected a response string", path=path,
+                                   line=lineno, field=key)
+            responses.append(value)
+        pref = obj.get("preferred")
+        if pref is not None:
+            if not isinstance(pref, str) or pref.strip().lower() not in ("a", "b"):
+                raise CharterError(f"expected a or b, got {pref!r}", path=path, line=lineno,
+                                   field="preferred")
+            pref = pref.strip().lower()
+        pid = obj.get("id")
+        pid = str(pid) if pid is not None else content_id(messages, *responses)
+        if pid in seen:
+            raise CharterError(f"duplicate id {pid!r} (first on line {seen[pid]})", path=path,
+                               line=lineno, field="id")
+        seen[pid] = lineno
+        out.append(LabelPair(pid, messages, *responses, pref, f"{path}:{lineno}"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the labelling calls (one score call per chunk, both orders of every pair in it)
+
+
+def compare_pairs(backend, constitution, jobs: list[tuple], cfg: LabelConfig) -> list[dict]:
+    """Label `jobs` = [(messages, response_a, response_b, [principles])] in both orders.
+
+    Returns per job: p_a, orders, votes (principle id → p_a), vote_orders, and with CoT the
+    reasoning (principle id → [given order, swapped order]).
+    """
+    convs, keys = [], []
+    for j, (messages, ra, rb, principles) in enumerate(jobs):
+        for pr in principles:
+            for order, (first, second) in enumerate(((ra, rb), (rb, ra))):
+                convs.append(lp.comparison(constitution, pr, messages, first, second,
+                                           0 if cfg.cot else cfg.few_shot))
+                keys.append((j, pr.id, order))
+    if cfg.cot:
+        # Few-shot answers carry no reasoning, so under CoT they would teach skipping it.
+        greedy = Sampling(temperature=0.0, max_new_tokens=cfg.cot_max_new_tokens,
+                          seed=cfg.seed, stop=list(lp.COT_STOP))
+        texts = backend.generate(convs, greedy, prefixes=[lp.COT_PREFIX] * len(convs))
+        reasoning = [t[0] for t in texts]
+        prefixes = [lp.cot_answer_prefix(r) for r in reasoning]
+    else:
+        reasoning, prefixes = [], [lp.ANSWER_PREFIX] * len(convs)
+    scores = backend.score(convs, [list(lp.OPTIONS)] * len(convs), prefixes)
+    firsts: dict[tuple, float] = {}
+    for key, (la, lb) in zip(keys, scores):
+        p = p_first(la, lb)
+        firsts[key] = clamp(p, cfg.clamp_low, cfg.clamp_high) if cfg.cot else p
+    results = []
+    for j, (_, _, _, principles) in enumerate(jobs):
+        votes, vote_orders = {}, {}
+        for pr in principles:
+            votes[pr.id], vote_orders[pr.id] = swap_average(firsts[(j, pr.id, 0)],
+                                                            firsts[(j, pr.id, 1)])
+        n = len(principles)
+        res = {"p_a": ensemble(votes),
+               "orders": [sum(o[k] for o in vote_orders.values()) / n for k in (0, 1)],
+               "votes": votes, "vote_orders": vote_orders}
+        if cfg.cot:
+            res["reasoning"] = {pr.id: [reasoning[i] for i, k in enumerate(keys)
+                                        if k[0] == j and k[1] == pr.id] for pr in principles}
+        results.append(res)
+    return results
+
+
+def rate_responses(backend, constitution, jobs: list[tuple]) -> list[dict]:
+    """Rate `jobs` = [(messages, response, [principles])]: per job the mean expected rating
+    and each principle's rating."""
+    convs, keys = [], []
+    for j, (messages, response, principles) in enumerate(jobs):
+        for pr in principles:
+            convs.append(lp.rating(constitution, pr, messages, response))
+            keys.append((j, pr.id))
+    scores = backend.score(convs, [list(lp.RATING_OPTIONS)] * len(convs), None)
+    per: dict[int, dict[str, float]] = {}
+    for (j, pid), logps in zip(keys, scores):
+        per.setdefault(j, {})[pid] = rating_expectation(logps, lp.RATING_LOW)
+    return [{"rating": sum(per[j].values()) / len(per[j]), "votes": per[j]}
+            for j in range(len(jobs))]
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def _chunks(items: list, n: int):
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+def _check_resume(out: Path, cfg: LabelConfig, constitution_sha: str) -> None:
+    """Refuse to resume into a directory made with different settings; else record them."""
+    settings = {k: v for k, v in config_to_dict(cfg).items() if k not in _RESUME_FREE}
+    settings["constitution_sha256"] = constitution_sha
+    path = out / "config.json"
+    if path.exists():
+        import json
+
+        try:
+            old = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
+        except ValueError:
+            raise CharterError("unreadable run settings; move the directory away", path=path,
+                               ) from None
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if diff:
+            raise CharterError(
+                "this directory holds labels made with different settings ("
+                + ", ".join(f"{k}: {old.get(k)!r} → {settings.get(k)!r}" for k in diff)
+                + "); use another --out or remove it", path=out, field="out")
+    write_json_atomic(path, {"settings": settings, "config": config_to_dict(cfg)})
+
+
+def run_label(cfg: LabelConfig, backend=None, policy_backend=None) -> dict:
+    """Label pairs or sampled responses per `cfg`; returns report.json's content."""
+    cfg.validate()
+    constitution = load_constitution(cfg.constitution)
+    pool = constitution.preference_principles
+    if not pool:
+        raise CharterError("no principle has a `preference` template; labelling needs at "
+                           "least one", path=constitution.path, field="principles")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_resume(out, cfg, constitution.sha256)
+    write_text_atomic(out / "constitution.yaml", constitution.source_text)
+    owned = []
+    if backend is None:
+        from critique.backends import load_backend
+
+        backend = load_backend(cfg.backend, cfg.labeler_model)
+        owned.append(backend)
+    if cfg.prompts and policy_backend is None:
+        if cfg.labeler is None or cfg.labeler == cfg.policy:
+            policy_backend = backend  # the same model: load it once
+        else:
+            from critique.backends import load_backend
+
+            policy_backend = load_backend(cfg.backend, cfg.policy)
+            owned.append(policy_backend)
+    provenance = {"labeler": model_label(cfg.labeler_model), "backend": cfg.backend,
+                  "constitution": constitution.name,
+                  "constitution_sha256": constitution.sha256, "mode": cfg.mode,
+                  "cot": cfg.cot, "seed": cfg.seed}
+    start = time.monotonic()
+    try:
+        if cfg.pairs:
+            records, done_now, extra = _run_pairs(cfg, out, constitution, pool, backend)
+        else:
+            provenance.update(policy=model_label(cfg.policy), temperature=cfg.temperature,
+                              top_p=cfg.top_p, samples=cfg.samples)
+            records, done_now, extra = _run_prompts(cfg, out, constitution, pool, backend,
+                                                    policy_backend, provenance)
+    finally:
+        for b in owned:
+            b.close()
+    seconds = time.monotonic() - start
+    usage = {"labeler": dataclasses.asdict(backend.usage)}
+    if policy_backend is not None and policy_backend is not backend:
+        usage["policy"] = dataclasses.asdict(policy_backend.usage)
+    report = build_report(records, cfg, seconds=seconds, done_now=done_now, usage=usage,
+                          provenance=provenance, extra=extra)
+    write_json_atomic(out / "report.json", report)
+    return report
+
+
+def _run_pairs(cfg, out, constitution, pool, backend) -> tuple[list[dict], int, dict]:
+    items = read_label_pairs(cfg.pairs)[: cfg.limit]
+    path = out / "labels.jsonl"
+    records = load_jsonl_for_resume(path)
+    done = {r.get("id") for r in records}
+    todo = [it for it in items if it.id not in done]
+    from tqdm.auto import tqdm
+
+    with JsonlAppender(path) as sink, tqdm(total=len(todo), desc="label pairs",
+                                           unit="pair") as bar:
+        for chunk in _chunks(todo, cfg.batch_size):
+            drawn = [draw(pool, cfg.principles_per_pair, cfg.seed, it.id) for it in chunk]
+            if cfg.mode == "compare":
+                jobs = [(it.messages, it.response_a, it.response_b, d)
+                        for it, d in zip(chunk, drawn)]
+                results = compare_pairs(backend, constitution, jobs, cfg)
+            else:
+                jobs = [(it.messages, r, d) for it, d in zip(chunk, drawn)
+                        for r in (it.response_a, it.response_b)]
+                rated = rate_responses(backend, constitution, jobs)
+                results = [_rated_pair(rated[2 * k], rated[2 * k + 1]) for k in range(len(chunk))]
+            for it, res in zip(chunk, results):
+                rec = {"id": it.id, **res}
+                if it.preferred is not None:
+                    rec["preferred"] = it.preferred
+                sink.append(rec)
+                records.append(rec)
+            bar.update(len(chunk))
+    return records, len(todo), {}
+
+
+def _rated_pair(ra: dict, rb: dict) -> dict:
+    """Pairs mode, rate mode: both ratings, their gap, and each principle's [r_a, r_b]."""
+    return {"ratings": [ra["rating"], rb["rating"]], "rating_gap": ra["rating"] - rb["rating"],
+            "rating_votes": {pid: [ra["votes"][pid], rb["votes"][pid]] for pid in ra["votes"]}}
+
+
+def _run_prompts(cfg, out, constitution, pool, backend, policy, provenance
+                 ) -> tuple[list[dict], int, dict]:
+    prompts = read_prompts(cfg.prompts, cfg.prompt_field)[: cfg.limit]
+    pairs_path, done_path = out / "pairs.jsonl", out / "prompts_done.jsonl"
+    finished = load_jsonl_for_resume(done_path)
+    done = {r["key"] for r in finished}
+    records = load_jsonl_for_resume(pairs_path)
+    kept = [r for r in records if r.get("prompt_key") in done]
+    if len(kept) != len(records):  # pairs of a prompt cut off before its done marker
+        write_jsonl_atomic(pairs_path, kept)
+        records = kept
+    keyed = [(content_id(p.id, p.messages), p) for p in prompts]
+    todo = [(k, p) for k, p in keyed if k not in done]
+    sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, n=cfg.samples,
+                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    from tqdm.auto import tqdm
+
+    with JsonlAppender(pairs_path) as sink, JsonlAppender(done_path) as marks, \
+            tqdm(total=len(todo), desc="sample and label", unit="prompt") as bar:
+        for chunk in _chunks(todo, cfg.batch_size):
+            samples = policy.generate([p.messages for _, p in chunk], sampling)
+            per_prompt = []
+            for (key, p), texts in zip(chunk, samples):
+                unique = list(dict.fromkeys(t for t in texts if t.strip()))
+                per_prompt.append((key, p, unique, len(texts) - len(unique)))
+            made = (_compare_prompts if cfg.mode == "compare" else _rate_prompts)(
+                cfg, constitution, pool, backend, per_prompt)
+            for (key, p, unique, skipped), pairs in zip(per_prompt, made):
+                for rec in pairs:
+                    rec["provenance"] = {**provenance, "prompt_id": p.id}
+                    rec["prompt_key"] = key
+                    sink.append(rec)
+                    records.append(rec)
+                mark = {"key": key, "prompt_id": p.id, "pairs": len(pairs),
+                        "responses": len(unique), "skipped_identical": skipped}
+                marks.append(mark)
+                finished.append(mark)
+            bar.update(len(chunk))
+    extra = {"prompts": len(finished),
+             "skipped_identical": sum(m["skipped_identical"] for m in finished),
+             "prompts_without_pairs": sum(m["pairs"] == 0 for m in finished)}
+    return records, len(todo), extra
+
+
+def _pair_record(messages, chosen: str, rejected: str) -> dict:
+    return {"id": content_id(messages, chosen, rejected), "prompt": messages,
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+def _compare_prompts(cfg, constitution, pool, backend, per_prompt) -> list[list[dict]]:
+    """All (or a seeded subset of) pairs of each prompt's distinct responses, labelled."""
+    jobs, owner = [], []
+    for idx, (key, p, unique, _) in enumerate(per_prompt):
+        combos = list(itertools.combinations(range(len(unique)), 2))
+        if cfg.pairs_per_prompt is not None and len(combos) > cfg.pairs_per_prompt:
+            combos = sorted(draw(combos, cfg.pairs_per_prompt, cfg.seed, key, "pairs"))
+        for i, j in combos:
+            pid = content_id(key, unique[i], unique[j])
+            jobs.append((p.messages, unique[i], unique[j],
+                         draw(pool, cfg.principles_per_pair, cfg.seed, pid)))
+            owner.append(idx)
+    results = compare_pairs(backend, constitution, jobs, cfg) if jobs else []
+    made: list[list[dict]] = [[] for _ in per_prompt]
+    for (messages, ra, rb, _), res, idx in zip(jobs, results, owner):
+        a_wins = res["p_a"] >= 0.5
+        flip = (lambda x: x) if a_wins else (lambda x: 1.0 - x)  # to chosen's terms
+        rec = _pair_record(messages, ra if a_wins else rb, rb if a_wins else ra)
+        p = flip(res["p_a"])
+        rec.update(p_chosen=p, votes={k: flip(v) for k, v in res["votes"].items()},
+                   orders=[flip(o) for o in res["orders"]],
+                   vote_orders={k: [flip(o) for o in v] for k, v in res["vote_orders"].items()},
+                   low_margin=low_margin(p, cfg.min_margin))
+        if "reasoning" in res:
+            rec["reasoning"] = res["reasoning"]
+        made[idx].append(rec)
+    return made
+
+
+def _rate_prompts(cfg, constitution, pool, backend, per_prompt) -> list[list[dict]]:
+    """Rate every distinct response under the prompt's principles; pair best with worst."""
+    jobs, owner = [], []
+    drawn = {}
+    for idx, (key, p, unique, _) in enumerate(per_prompt):
+        if len(unique) < 2:
+            continue
+        drawn[idx] = draw(pool, cfg.principles_per_pair, cfg.seed, key)
+        for r in unique:
+            jobs.append((p.messages, r, drawn[idx]))
+            owner.append(idx)
+    rated = rate_responses(backend, constitution, jobs) if jobs else []
+    made: list[list[dict]] = [[] for _ in per_prompt]
+    for idx, (_, p, unique, _) in enumerate(per_prompt):
+        mine = [res for res, o in zip(rated, owner) if o == idx]
+        if not mine:
+            continue
+        ratings = [m["rating"] for m in mine]
+        best = max(range(len(mine)), key=lambda k: ratings[k])
+        worst = min(range(len(mine)), key=lambda k: ratings[k])
+        if best == worst:  # all ratings equal: pick distinct slots, the gap is 0
+            best, worst = 0, 1
+        gap = ratings[best] - ratings[worst]
+        rec = _pair_record(p.messages, unique[best], unique[worst])
+        rec.update(rating_gap=gap, ratings=ratings,
+                   rating_votes={pid: [mine[best]["votes"][pid], mine[worst]["votes"][pid]]
+                                 for pid in mine[best]["votes"]},
+                   low_margin=gap < cfg.min_rating_gap)
+        made[idx].append(rec)
+    return made

@@ -1,0 +1,344 @@
+"""The critique-and-revise loop: SL-CAI data from a constitution (Bai et al. 2022, §3).
+
+    charter critique --constitution principles/harmless.yaml \\
+        --prompts ../shared/data/hh-rlhf-harmless-base-test.jsonl.gz --limit 64 --out runs/crit
+
+For each prompt the model answers; then, for `rounds` rounds, a principle is drawn (seeded by
+seed, record id and round, `constitution.draw`), the model critiques its latest response under
+it and revises the response (the conversation grows as in `critique.conversation`). Work is
+batched across prompts per step: a chunk of `batch_size` prompts goes through one `generate`
+call for all initial responses, then one for all round-1 critiques, one for the round-1
+revisions, and so on; then the chunk's records are appended to `OUT/records.jsonl` (flushed and
+fsynced), so a killed run loses at most the chunk in flight.
+
+Rules applied to every output (`critique.cleaning`):
+- echoes ("Revision:", "Sure, here is a revised response:", quotes, later turns) are stripped;
+- an empty, looping or copied output flags the record (`step:reason`, e.g. `revision:loop`):
+  the record keeps the raw text, does no further rounds, is counted in the manifest and is left
+  out of the exports. Never fatal;
+- a critique that says there is nothing to fix keeps the response as that round's revision and
+  asks for no revision (saves compute; asking a small model to revise a harmless answer teaches
+  it to refuse).
+
+Record ids are `content_id(prompt messages, input response, provenance)`; the provenance holds
+every setting that changes outputs (model, backend, sampling, seed, rounds, few-shot count,
+constitution name and sha256). Re-running the same command skips finished ids; a different
+constitution or setting in the same `--out` is refused (`critique.outputs.check_resumable`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from charter.errors import CharterError
+from charter.models import model_label
+from charter.records import (
+    JsonlAppender,
+    PromptItem,
+    RevisionRecord,
+    content_id,
+    load_jsonl_for_resume,
+    read_prompts,
+)
+from constitution import Constitution, draw, load_constitution
+from critique import outputs
+from critique.backends.base import Backend, Conversation, Sampling
+from critique.cleaning import clean, problem, says_nothing_to_fix
+from critique.conversation import Dialogue
+
+
+@dataclass(kw_only=True)
+class CritiqueConfig:
+    """Settings of `charter critique` (flags, or keys of a `--config` YAML file)."""
+
+    constitution: str
+    """Principle file (YAML) whose critique/revision templates drive the loop."""
+    prompts: str
+    """Red-team prompts: JSONL (prompt / messages / HH-RLHF chosen / instruction), .gz or CSV."""
+    out: str
+    """Output directory: records.jsonl, sft.jsonl, pairs.jsonl, manifest.json."""
+    model: str | None = None
+    """Model directory, run directory or hub id; None = the embedded SmolLM2-135M-Instruct."""
+    backend: str = "transformers"
+    """Generation backend: transformers, vllm, openai or fake."""
+    backend_options: dict = field(default_factory=dict)
+    """Extra keyword options for the backend (YAML only), e.g. {dtype: bfloat16}."""
+    rounds: int = 1
+    """Critique-and-revise rounds per prompt (the paper uses up to 4)."""
+    limit: int | None = None
+    """Use only the first N prompts of the file."""
+    seed: int = 0
+    """Seed for principle draws, few-shot draws and sampling."""
+    batch_size: int = 32
+    """Prompts per chunk: each step sends one generate call for the whole chunk."""
+    max_new_tokens: int = 256
+    """Token limit of initial responses and revisions."""
+    critique_max_new_tokens: int | None = None
+    """Token limit of critiques; None = max_new_tokens."""
+    temperature: float = 0.0
+    """Sampling temperature; 0 = greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    few_shot: int = 3
+    """Few-shot examples from the principle file prepended to critiques and revisions (up to)."""
+    helpful_prompts: str | None = None
+    """Benign prompts answered plainly and mixed into sft.jsonl (so SFT does not teach refusal)."""
+    helpful_limit: int | None = None
+    """Use only the first N helpful prompts."""
+    prompt_field: str | None = None
+    """Field of the prompts file that holds the prompt (default: detected)."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """Bad prompt records: raise, or skip them (counted in the manifest)."""
+    progress: bool = True
+    """Show tqdm progress bars."""
+
+    def validate(self) -> None:
+        positive = {"rounds": self.rounds, "batch_size": self.batch_size,
+                    "max_new_tokens": self.max_new_tokens,
+                    "critique_max_new_tokens": self.critique_max_new_tokens,
+                    "limit": self.limit, "helpful_limit": self.helpful_limit}
+        for name, value in positive.items():
+            if value is not None and value < 1:
+                raise CharterError(f"must be at least 1, got {value}", field=name)
+        if self.few_shot < 0:
+            raise CharterError(f"must be 0 or more, got {self.few_shot}", field="few_shot")
+        if self.temperature < 0:
+            raise CharterError(f"must be 0 or more, got {self.temperature}",
+                               field="temperature")
+        if not 0 < self.top_p <= 1:
+            raise CharterError(f"must be in (0, 1], got {self.top_p}", field="top_p")
+
+
+def provenance(cfg: CritiqueConfig, constitution: Constitution, backend: Backend | None) -> dict:
+    """Every setting that changes outputs (part of each record id; checked on resume)."""
+    return {
+        "model": backend.model_name if backend is not None else model_label(cfg.model),
+        "backend": backend.name if backend is not None else cfg.backend,
+        "backend_options": dict(cfg.backend_options),
+        "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p,
+                     "max_new_tokens": cfg.max_new_tokens,
+                     "critique_max_new_tokens": cfg.critique_max_new_tokens
+                     or cfg.max_new_tokens},
+        "seed": cfg.seed,
+        "rounds": cfg.rounds,
+        "few_shot": cfg.few_shot,
+        "constitution": {"name": constitution.name, "sha256": constitution.sha256},
+    }
+
+
+class _Steps:
+    """Sends one batched generate call per step and keeps per-step counters."""
+
+    def __init__(self, backend: Backend, cfg: CritiqueConfig):
+        self.backend = backend
+        self.response = Sampling(temperature=cfg.temperature, top_p=cfg.top_p,
+                                 max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        self.critique = dataclasses.replace(
+            self.response, max_new_tokens=cfg.critique_max_new_tokens or cfg.max_new_tokens)
+        self.stats: dict[str, Counter] = {}
+
+    def __call__(self, step: str, conversations: list[Conversation],
+                 sampling: Sampling) -> list[str]:
+        if not conversations:
+            return []
+        before = self.backend.usage.generated_tokens
+        t0 = time.perf_counter()
+        out = self.backend.generate(conversations, sampling)
+        s = self.stats.setdefault(step, Counter())
+        s["calls"] += 1
+        s["conversations"] += len(conversations)
+        s["seconds"] += time.perf_counter() - t0
+        s["generated_tokens"] += self.backend.usage.generated_tokens - before
+        if len(out) != len(conversations):
+            raise RuntimeError(f"backend returned {len(out)} results for "
+                               f"{len(conversations)} conversations")
+        return [texts[0] if texts else "" for texts in out]
+
+
+def _initial(dialogues: list[Dialogue], items: dict[str, PromptItem], steps: _Steps) -> None:
+    """Initial responses: from the input's `response` field where given, else one batch."""
+    todo = []
+    for d in dialogues:
+        given = items[d.id].response
+        if given is not None and given.strip():
+            d.set_initial(given.strip())
+        else:
+            todo.append(d)
+    texts = steps("initial", [d.prompt for d in todo], steps.response)
+    for d, raw in zip(todo, texts):
+        text = clean(raw)
+        why = problem(text)
+        if why:
+            d.fail("initial", why, raw)
+        else:
+            d.set_initial(text)
+
+
+def _round(dialogues: list[Dialogue], r: int, constitution: Constitution, seed: int,
+           steps: _Steps) -> None:
+    """One critique step and one revision step for every active dialogue of the chunk."""
+    active = [d for d in dialogues if d.active]
+    pool = constitution.critique_principles
+    convs = []
+    for d in active:
+        principle = draw(pool, 1, seed, d.id, r)[0]  # seeded by (seed, record, round)
+        convs.append(d.critique_conversation(constitution, principle))
+    texts = steps("critique", convs, steps.critique)
+    revise = []
+    for d, raw in zip(active, texts):
+        text = clean(raw)
+        why = problem(text, requests=d.requests() + [d.request], quoted=d.quoted(),
+                      examples=[e.critique for e in d.examples])
+        if why:
+            d.fail("critique", why, raw)
+            continue
+        d.add_critique(text)
+        if says_nothing_to_fix(text):
+            d.keep_response()
+        else:
+            revise.append(d)
+    convs = [d.revision_conversation(constitution) for d in revise]
+    texts = steps("revision", convs, steps.response)
+    for d, raw in zip(revise, texts):
+        text = clean(raw)
+        why = problem(text, requests=d.requests() + [d.request], critique=d.critique,
+                      quoted=d.quoted(), examples=[e.revision for e in d.examples])
+        if why:
+            d.fail("revision", why, raw)
+        else:
+            d.add_revision(text)
+
+
+def _examples(constitution: Constitution, cfg: CritiqueConfig, rid: str) -> list:
+    """Up to `few_shot` examples, drawn per record (seeded by seed and record id, so a model
+    does not copy one example everywhere), kept in the principle file's order."""
+    pool = constitution.few_shot
+    if not cfg.few_shot or not pool:
+        return []
+    drawn = draw(range(len(pool)), cfg.few_shot, cfg.seed, rid, "few_shot")
+    return [pool[i] for i in sorted(drawn)]
+
+
+def _record(d: Dialogue, prov: dict) -> RevisionRecord:
+    final = d.rounds[-1].revision if d.rounds else d.initial
+    return RevisionRecord(id=d.id, prompt=d.prompt, initial_response=d.initial,
+                          rounds=d.rounds, final_response=final, provenance=prov,
+                          flagged=d.flagged)
+
+
+def _progress(cfg: CritiqueConfig, total: int, done: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, desc=desc, unit="prompt",
+                disable=not cfg.progress, file=sys.stderr)
+
+
+def _selection(path: str, cfg: CritiqueConfig, limit: int | None, errors: list[str],
+               prov: dict, kind: str) -> tuple[list[PromptItem], int]:
+    """The prompts to process, deduplicated by record id (id = content hash), and the number
+    of duplicates dropped."""
+    items = read_prompts(path, cfg.prompt_field if kind == "critique" else None,
+                         cfg.on_error, errors)
+    items = items[:limit] if limit else items
+    seen: dict[str, PromptItem] = {}
+    for it in items:
+        rid = content_id(kind, it.messages, it.response if kind == "critique" else None, prov)
+        seen.setdefault(rid, dataclasses.replace(it, id=rid))
+    return list(seen.values()), len(items) - len(seen)
+
+
+def run_critique(cfg: CritiqueConfig, backend: Backend | None = None) -> dict:
+    """Run (or resume) the loop; write records, exports and the manifest; return the manifest."""
+    t_start = time.perf_counter()
+    out = Path(cfg.out)
+    constitution = load_constitution(cfg.constitution)
+    if not constitution.critique_principles:
+        raise CharterError("no principle has critique and revision templates",
+                           path=constitution.path, field="principles")
+    prov = provenance(cfg, constitution, backend)
+    outputs.check_resumable(out, prov, constitution)
+    errors: list[str] = []
+    items, duplicates = _selection(cfg.prompts, cfg, cfg.limit, errors, prov, "critique")
+    helpful: list[PromptItem] = []
+    helpful_dups = 0
+    if cfg.helpful_prompts:
+        helpful, helpful_dups = _selection(cfg.helpful_prompts, cfg, cfg.helpful_limit, errors,
+                                           prov, "helpful")
+    warnings = []
+    if cfg.few_shot > len(constitution.few_shot):
+        warnings.append(f"--few-shot {cfg.few_shot} but the principle file has "
+                        f"{len(constitution.few_shot)} few-shot example(s); using those")
+    for w in warnings:
+        print(f"charter critique: warning: {w}", file=sys.stderr)
+
+    out.mkdir(parents=True, exist_ok=True)
+    outputs.save_constitution(out, constitution)
+    base = outputs.manifest_base(cfg, prov, constitution)
+    outputs.write_manifest(out, {**base, "status": "running"})
+    records_path, helpful_path = out / outputs.RECORDS, out / outputs.HELPFUL
+    done_ids = {r["id"] for r in load_jsonl_for_resume(records_path)}
+    done_helpful = {r["id"] for r in load_jsonl_for_resume(helpful_path)}
+    todo = [it for it in items if it.id not in done_ids]
+    todo_helpful = [it for it in helpful if it.id not in done_helpful]
+
+    built = backend is None
+    if built and (todo or todo_helpful):
+        from critique.backends import load_backend
+
+        backend = load_backend(cfg.backend, cfg.model, **cfg.backend_options)
+    steps = _Steps(backend, cfg) if backend is not None else None
+    try:
+        if todo:
+            _critique_chunks(cfg, constitution, todo, len(items), steps, prov, records_path)
+        if todo_helpful:
+            _helpful_chunks(cfg, todo_helpful, len(helpful), steps, prov, helpful_path)
+    finally:
+        if built and backend is not None:
+            backend.close()
+
+    manifest = outputs.finish(
+        out, base, items=items, helpful=helpful, steps=steps.stats if steps else {},
+        backend=backend, new=len(todo), new_helpful=len(todo_helpful), duplicates=duplicates,
+        helpful_duplicates=helpful_dups, input_errors=errors, warnings=warnings,
+        seconds=time.perf_counter() - t_start)
+    return manifest
+
+
+def _critique_chunks(cfg: CritiqueConfig, constitution: Constitution, todo: list[PromptItem],
+                     total: int, steps: _Steps, prov: dict, records_path: Path) -> None:
+    by_id = {it.id: it for it in todo}
+    bar = _progress(cfg, total, total - len(todo), "critique")
+    with JsonlAppender(records_path) as sink, bar:
+        for start in range(0, len(todo), cfg.batch_size):
+            chunk = todo[start:start + cfg.batch_size]
+            dialogues = [Dialogue(it.id, it.messages, _examples(constitution, cfg, it.id))
+                         for it in chunk]
+            _initial(dialogues, by_id, steps)
+            for r in range(cfg.rounds):
+                _round(dialogues, r, constitution, cfg.seed, steps)
+            for d in dialogues:
+                sink.append(_record(d, prov).to_dict())
+            bar.update(len(chunk))
+
+
+def _helpful_chunks(cfg: CritiqueConfig, todo: list[PromptItem], total: int, steps: _Steps,
+                    prov: dict, helpful_path: Path) -> None:
+    """Plain answers to benign prompts, appended to helpful.jsonl (same resume path)."""
+    bar = _progress(cfg, total, total - len(todo), "helpful")
+    with JsonlAppender(helpful_path) as sink, bar:
+        for start in range(0, len(todo), cfg.batch_size):
+            chunk = todo[start:start + cfg.batch_size]
+            texts = steps("helpful", [it.messages for it in chunk], steps.response)
+            for it, raw in zip(chunk, texts):
+                text = clean(raw)
+                why = problem(text)
+                sink.append({"id": it.id, "prompt": it.messages,
+                             "response": raw if why else text, "provenance": prov,
+                             "flagged": f"helpful:{why}" if why else None})
+            bar.update(len(chunk))

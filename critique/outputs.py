@@ -1,0 +1,190 @@
+"""What the critique loop leaves in its output directory, and the guard against mixing runs.
+
+    OUT/records.jsonl      one revision record a line (append-only, never rewritten)
+    OUT/helpful.jsonl      plain answers to the helpful prompts (append-only)
+    OUT/sft.jsonl          `messages`: prompt + assistant final revision, plus helpful answers
+    OUT/pairs.jsonl        `prompt`, `chosen` (final revision), `rejected` (initial response)
+    OUT/manifest.json      resolved config, provenance, counts, principle usage, timings
+    OUT/constitution.yaml  the principle file that was used, byte for byte
+
+Exports and the manifest are rewritten atomically from the append-only files at the end of each
+run, for the prompts of that run's selection, in input order. Flagged records and helpful
+answers are left out of the exports; pairs whose chosen and rejected are identical are skipped
+(no preference signal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from pathlib import Path
+
+from charter.errors import CharterError
+from charter.records import (
+    PromptItem,
+    load_jsonl_for_resume,
+    write_json_atomic,
+    write_jsonl_atomic,
+    write_text_atomic,
+)
+from constitution import Constitution
+
+RECORDS, HELPFUL = "records.jsonl", "helpful.jsonl"
+SFT, PAIRS, MANIFEST, CONSTITUTION = "sft.jsonl", "pairs.jsonl", "manifest.json", \
+    "constitution.yaml"
+
+
+def _differences(old: dict, new: dict, at: str = "") -> list[str]:
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        name = f"{at}.{key}" if at else key
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _differences(a, b, name)
+        elif a != b:
+            diffs.append(f"{name}: {a!r} before, {b!r} now")
+    return diffs
+
+
+def check_resumable(out: Path, prov: dict, constitution: Constitution) -> None:
+    """Refuse to add to a directory made with another constitution or other settings.
+
+    The earlier settings come from `manifest.json` (written before the first record), else from
+    the first record's provenance; the constitution copy must match byte for byte.
+    """
+    if out.exists() and not out.is_dir():
+        raise CharterError("--out must be a directory, found a file", path=out, field="out")
+    old = None
+    manifest = out / MANIFEST
+    if manifest.exists():
+        try:
+            old = json.loads(manifest.read_text(encoding="utf-8")).get("provenance")
+        except (ValueError, AttributeError):
+            raise CharterError("unreadable manifest; use a new --out", path=manifest) from None
+    if old is None:
+        records = load_jsonl_for_resume(out / RECORDS)
+        old = records[0].get("provenance") if records else None
+    if old is not None and old != prov:
+        diffs = "; ".join(_differences(old, prov))
+        raise CharterError(f"this directory holds a run made with other settings ({diffs}); "
+                           "use a new --out to run with these settings", path=out, field="out")
+    copy = out / CONSTITUTION
+    if copy.exists() and copy.read_text(encoding="utf-8") != constitution.source_text:
+        raise CharterError(f"this directory was made with another principle file "
+                           f"({copy.name} differs from {constitution.path}); use a new --out",
+                           path=out, field="out")
+
+
+def save_constitution(out: Path, constitution: Constitution) -> None:
+    """Ship the data with the principle file that made it."""
+    if not (out / CONSTITUTION).exists():
+        write_text_atomic(out / CONSTITUTION, constitution.source_text)
+
+
+def manifest_base(cfg, prov: dict, constitution: Constitution) -> dict:
+    return {
+        "stage": "critique",
+        "config": dataclasses.asdict(cfg),
+        "provenance": prov,
+        "constitution": {"name": constitution.name, "sha256": constitution.sha256,
+                         "path": str(constitution.path), "copy": CONSTITUTION},
+    }
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    write_json_atomic(out / MANIFEST, manifest)
+
+
+def _round_counts(rec: dict) -> tuple[int, int]:
+    """(revised, unchanged) rounds of a finished record: unchanged = nothing to fix."""
+    revised = unchanged = 0
+    prev = rec["initial_response"]
+    for r in rec["rounds"]:
+        if r["revision"] == prev:
+            unchanged += 1
+        else:
+            revised += 1
+        prev = r["revision"]
+    return revised, unchanged
+
+
+def finish(out: Path, base: dict, *, items: list[PromptItem], helpful: list[PromptItem],
+           steps: dict, backend, new: int, new_helpful: int, duplicates: int,
+           helpful_duplicates: int, input_errors: list[str], warnings: list[str],
+           seconds: float) -> dict:
+    """Write sft.jsonl, pairs.jsonl and manifest.json from the append-only files."""
+    records = {r["id"]: r for r in load_jsonl_for_resume(out / RECORDS)}
+    answers = {r["id"]: r for r in load_jsonl_for_resume(out / HELPFUL)}
+    sft, pairs = [], []
+    reasons: Counter = Counter()
+    usage: Counter = Counter()
+    revised = unchanged = identical = 0
+    for it in items:
+        rec = records[it.id]
+        for r in rec["rounds"]:
+            usage[r["principle_id"]] += 1
+        if rec.get("flagged"):
+            reasons[rec["flagged"]] += 1
+            continue
+        rv, un = _round_counts(rec)
+        revised, unchanged = revised + rv, unchanged + un
+        final = {"role": "assistant", "content": rec["final_response"]}
+        sft.append({"id": rec["id"], "source": "critique", "messages": [*rec["prompt"], final]})
+        if rec["final_response"] == rec["initial_response"]:
+            identical += 1
+            continue
+        pairs.append({"id": rec["id"], "prompt": rec["prompt"], "chosen": [final],
+                      "rejected": [{"role": "assistant", "content": rec["initial_response"]}]})
+    helpful_done = 0
+    for it in helpful:
+        ans = answers[it.id]
+        if ans.get("flagged"):
+            reasons[ans["flagged"]] += 1
+            continue
+        helpful_done += 1
+        sft.append({"id": ans["id"], "source": "helpful", "messages": [
+            *ans["prompt"], {"role": "assistant", "content": ans["response"]}]})
+    write_jsonl_atomic(out / SFT, sft)
+    write_jsonl_atomic(out / PAIRS, pairs)
+
+    gen_tokens = sum(s["generated_tokens"] for s in steps.values())
+    gen_seconds = sum(s["seconds"] for s in steps.values())
+    manifest = {
+        **base,
+        "status": "complete",
+        "counts": {
+            "prompts": len(items),
+            "done": len(items) - sum(v for k, v in reasons.items() if not k.startswith("helpful")),
+            "flagged": sum(v for k, v in reasons.items() if not k.startswith("helpful")),
+            "flagged_by_reason": dict(sorted(reasons.items())),
+            "new_this_run": new,
+            "resumed": len(items) - new,
+            "duplicate_prompts": duplicates,
+            "input_errors": len(input_errors),
+            "revised_rounds": revised,
+            "unchanged_rounds": unchanged,
+            "sft_examples": len(sft),
+            "pairs": len(pairs),
+            "identical_pairs_skipped": identical,
+            "helpful_prompts": len(helpful),
+            "helpful_done": helpful_done,
+            "helpful_new_this_run": new_helpful,
+            "helpful_duplicate_prompts": helpful_duplicates,
+        },
+        "principle_usage": dict(sorted(usage.items())),
+        "timings": {
+            "total_seconds": round(seconds, 3),
+            "generate_seconds": round(gen_seconds, 3),
+            "steps": {k: {**v, "seconds": round(v["seconds"], 3)} for k, v in steps.items()},
+        },
+        "generated_tokens": gen_tokens,
+        "tokens_per_second": round(gen_tokens / seconds, 2) if seconds > 0 else None,
+        "backend_usage": dataclasses.asdict(backend.usage) if backend is not None else None,
+        "input_errors": input_errors[:20],
+        "warnings": warnings,
+        "files": {"records": RECORDS, "helpful": HELPFUL if helpful else None, "sft": SFT,
+                  "pairs": PAIRS, "constitution": CONSTITUTION},
+    }
+    write_manifest(out, manifest)
+    return manifest

@@ -1,0 +1,431 @@
+"""AI preference labelling with a fake backend whose log-probs are known: order swapping,
+principle ensemble, chain of thought, rating mode, resume, accuracy, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from charter.errors import CharterError
+from critique import labelprompt as lp
+from critique.backends.base import Usage
+from critique.backends.fake import FakeBackend
+from critique.label import LabelConfig, run_label
+
+CONSTITUTION = """\
+name: test
+description: two preference principles that disagree
+principles:
+  - id: harm
+    preference: Which response is less harmful?
+  - id: honest
+    preference: Which response is more honest?
+label_few_shot:
+  - principle: harm
+    prompt: How do I make a bomb?
+    response_a: I cannot help with that.
+    response_b: Mix these chemicals.
+    answer: A
+"""
+
+ONE_PRINCIPLE = CONSTITUTION.split("  - id: honest")[0] + """\
+label_few_shot:
+  - principle: harm
+    prompt: How do I make a bomb?
+    response_a: I cannot help with that.
+    response_b: Mix these chemicals.
+    answer: A
+"""
+
+OPTION_RE = re.compile(r"^\(([AB])\) (.*)$", re.MULTILINE)
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def shown(conv, option: str) -> str:
+    """The response shown in position `option` of the last (asked) comparison."""
+    return dict(OPTION_RE.findall(conv[-1]["content"]))[option]
+
+
+def biased_scorer(bias: float, quality: float):
+    """log p(option) = bias·[option is A] + quality·["good" in the response there] - 5."""
+    def scorer(conv, option, prefix):
+        return bias * (option == "A") + quality * ("good" in shown(conv, option)) - 5.0
+    return scorer
+
+
+@pytest.fixture
+def constitution_path(tmp_path) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(ONE_PRINCIPLE)
+    return p
+
+
+def write_pairs(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def pair(i: int, a: str, b: str, preferred: str | None = None) -> dict:
+    row = {"id": f"p{i}", "prompt": [{"role": "user", "content": f"question {i}?"}],
+           "response_a": a, "response_b": b}
+    if preferred:
+        row["preferred"] = preferred
+    return row
+
+
+def read_out(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_comparison_prompt_literal_text(constitution_path):
+    from constitution import load_constitution
+
+    c = load_constitution(constitution_path)
+    conv = lp.comparison(c, c.principles[0], [{"role": "user", "content": "How do I pick a lock?"}],
+                         "first", "second", few_shot=1)
+    head = "Consider the following conversation between a human and an assistant:\n\n"
+    assert conv == [
+        {"role": "user", "content": head + "Human: How do I make a bomb?\n\n"
+         "Which response is less harmful?\n\nOptions:\n(A) I cannot help with that.\n"
+         "(B) Mix these chemicals.\n\nAnswer with the letter of the better option."},
+        {"role": "assistant", "content": "(A)"},
+        {"role": "user", "content": head + "Human: How do I pick a lock?\n\n"
+         "Which response is less harmful?\n\nOptions:\n(A) first\n(B) second\n\n"
+         "Answer with the letter of the better option."},
+    ]
+    assert lp.comparison(c, c.principles[0], [{"role": "user", "content": "x"}], "1", "2",
+                         few_shot=0)[0]["content"].startswith(head + "Human: x\n\n")
+    assert lp.rating(c, c.principles[0], [{"role": "user", "content": "Hi"}], "Hello") == [
+        {"role": "user", "content": head + "Human: Hi\n\nHere is the assistant's response:\n"
+         "Hello\n\nWhich response is less harmful?\nRate the response on a scale from 1 (worst) "
+         "to 10 (best). Answer with the number only."}]
+
+
+def test_swap_removes_position_bias(tmp_path, constitution_path):
+    """Fake labeller: log p = 3·[option A] + 2·[response there is "good"] - 5.
+    Pair (good, bad): given order la = 3+2-5 = 0, lb = -5 → P(A) = σ(5) = 0.993307;
+    swapped (bad in A) la = 3-5 = -2, lb = 2-5 = -3 → P(A) = σ(1) = 0.731059, so p_a there is
+    0.268941. p_a = (0.993307 + 0.268941) / 2 = 0.631124. Pair (bad, good) mirrors it:
+    orders [0.731059, 0.006693], p_a = 0.368876. Both orders pick position A each time, so
+    position_bias = 1.0; given-order accuracy is 1/2 (always "a"), both orders 2/2."""
+    pairs = write_pairs(tmp_path / "pairs.jsonl", [pair(1, "good one", "bad one", "a"),
+                                                   pair(2, "bad two", "good two", "b")])
+    fake = FakeBackend(scorer=biased_scorer(3.0, 2.0))
+    cfg = LabelConfig(constitution=str(constitution_path), pairs=str(pairs),
+                      out=str(tmp_path / "out"), principles_per_pair=1, few_shot=0)
+    report = run_label(cfg, backend=fake)
+    labels = read_out(tmp_path / "out" / "labels.jsonl")
+    assert [r["id"] for r in labels] == ["p1", "p2"]
+    assert labels[0]["p_a"] == pytest.approx(0.631124, abs=1e-6)
+    assert labels[0]["orders"] == pytest.approx([0.993307, 0.268941], abs=1e-6)
+    assert labels[1]["p_a"] == pytest.approx(0.368876, abs=1e-6)
+    assert labels[1]["orders"] == pytest.approx([0.731059, 0.006693], abs=1e-6)
+    assert labels[0]["votes"] == {"harm": pytest.approx(0.631124, abs=1e-6)}
+    assert report["position_bias"] == 1.0
+    assert report["accuracy"]["given_order"] == 0.5
+    assert report["accuracy"]["both_orders"] == 1.0
+    assert report["accuracy"]["per_principle"] == {"harm": {"n": 2, "accuracy": 1.0}}
+    # one score call for the chunk, both orders of both pairs in it, prefix "(" and A/B
+    score_calls = [c for c in fake.calls if c[0] == "score"]
+    assert len(score_calls) == 1 and len(score_calls[0][1]) == 4
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["n"] == 2
+
+
+def test_position_bias_weaker_than_content(tmp_path, constitution_path):
+    """Bias 1, quality 2: given order (good in A) picks A; swapped (bad in A: la = 1-5 = -4,
+    lb = 2-5 = -3) picks B → winning position changed. A pair of two equal responses picks A
+    both times (only the bias). Bias statistic = 1 of 2 pairs = 0.5; the equal pair's
+    p_a = (σ(1) + 1 - σ(1)) / 2 = 0.5 exactly."""
+    pairs = write_pairs(tmp_path / "pairs.jsonl", [pair(1, "good", "bad"),
+                                                   pair(2, "same", "same too")])
+    cfg = LabelConfig(constitution=str(constitution_path), pairs=str(pairs),
+                      out=str(tmp_path / "out"), principles_per_pair=1)
+    report = run_label(cfg, backend=FakeBackend(scorer=biased_scorer(1.0, 2.0)))
+    labels = read_out(tmp_path / "out" / "labels.jsonl")
+    assert report["position_bias"] == 0.5
+    assert labels[1]["p_a"] == pytest.approx(0.5)
+    assert labels[1]["orders"] == pytest.approx([sigmoid(1), 1 - sigmoid(1)])
+    assert "accuracy" not in report
+
+
+def test_principle_ensemble_keeps_votes(tmp_path):
+    """Two principles, no position bias. "harm" prefers the "good" response by 2 nats:
+    vote σ(2) = 0.880797 in both orders. "honest" prefers the other by 1 nat: σ(-1) = 0.268941.
+    p_a = (0.880797 + 0.268941) / 2 = 0.574869; the principles disagree: agreement 0.0."""
+    c = tmp_path / "c.yaml"
+    c.write_text(CONSTITUTION)
+
+    def scorer(conv, option, prefix):
+        good = "good" in shown(conv, option)
+        if "less harmful" in conv[-1]["content"]:
+            return 2.0 * good - 5.0
+        return 1.0 * (not good) - 5.0
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", [pair(1, "good", "bad")])
+    cfg = LabelConfig(constitution=str(c), pairs=str(pairs), out=str(tmp_path / "out"),
+                      principles_per_pair=2)
+    report = run_label(cfg, backend=FakeBackend(scorer=scorer))
+    (rec,) = read_out(tmp_path / "out" / "labels.jsonl")
+    assert rec["votes"] == {"harm": pytest.approx(0.880797, abs=1e-6),
+                            "honest": pytest.approx(0.268941, abs=1e-6)}
+    assert rec["p_a"] == pytest.approx(0.574869, abs=1e-6)
+    assert report["principle_agreement"] == 0.0
+    assert report["principle_usage"] == {"harm": 1, "honest": 1}
+
+
+def test_cot_reads_options_after_reasoning_and_clamps(tmp_path, constitution_path):
+    """The labeller writes "B is safer." after "Let's think step by step:"; the options are read
+    after that + "\\nSo the better response is (". The fake gives the "good" response 6 nats:
+    P = σ(6) = 0.9975 in each order → clamped to 0.8 → orders [0.8, 0.8], p_a = 0.8."""
+    seen_prefixes = []
+
+    def scorer(conv, option, prefix):
+        seen_prefixes.append(prefix)
+        return 6.0 * ("good" in shown(conv, option)) - 5.0
+
+    def responder(conv, prefix):
+        assert prefix == "Let's think step by step:"
+        return " B is safer."
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", [pair(1, "good", "bad", "a")])
+    cfg = LabelConfig(constitution=str(constitution_path), pairs=str(pairs),
+                      out=str(tmp_path / "out"), principles_per_pair=1, cot=True)
+    report = run_label(cfg, backend=FakeBackend(responder=responder, scorer=scorer))
+    (rec,) = read_out(tmp_path / "out" / "labels.jsonl")
+    assert rec["p_a"] == pytest.approx(0.8)
+    assert rec["orders"] == pytest.approx([0.8, 0.8])
+    assert rec["reasoning"] == {"harm": [" B is safer.", " B is safer."]}
+    assert set(seen_prefixes) == {"Let's think step by step: B is safer.\n"
+                                  "So the better response is ("}
+    assert report["accuracy"]["cot"] is True
+
+
+class StubPolicy:
+    """A policy that returns fixed samples (to get identical responses)."""
+
+    name, model_name = "stub", "stub"
+
+    def __init__(self, texts):
+        self.texts, self.usage, self.sampling = texts, Usage(), None
+
+    def generate(self, conversations, sampling, prefixes=None):
+        self.sampling = sampling
+        return [list(self.texts) for _ in conversations]
+
+    def close(self):
+        pass
+
+
+def write_prompts(path: Path, n: int) -> Path:
+    path.write_text("".join(json.dumps({"prompt": f"prompt {i}?"}) + "\n" for i in range(n)))
+    return path
+
+
+def test_prompts_mode_pairs_skip_identical_and_mark_margin(tmp_path, constitution_path):
+    """K = 3 samples "good a", "good a", "bad c": the duplicate is skipped, one pair remains.
+    No bias, quality 0.2 nats: p_chosen = σ(0.2) = 0.549834 → |p - 0.5| < 0.1: low_margin."""
+    policy = StubPolicy(["good a", "good a", "bad c"])
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 2)
+    cfg = LabelConfig(constitution=str(constitution_path), prompts=str(prompts),
+                      out=str(tmp_path / "out"), samples=3, principles_per_pair=1, seed=7)
+    report = run_label(cfg, backend=FakeBackend(scorer=biased_scorer(0.0, 0.2)),
+                       policy_backend=policy)
+    assert policy.sampling.n == 3 and policy.sampling.temperature > 0
+    assert policy.sampling.seed == 7
+    rows = read_out(tmp_path / "out" / "pairs.jsonl")
+    assert len(rows) == 2
+    r = rows[0]
+    assert r["prompt"] == [{"role": "user", "content": "prompt 0?"}]
+    assert r["chosen"] == [{"role": "assistant", "content": "good a"}]
+    assert r["rejected"] == [{"role": "assistant", "content": "bad c"}]
+    assert r["p_chosen"] == pytest.approx(sigmoid(0.2))
+    assert r["orders"] == pytest.approx([sigmoid(0.2)] * 2)
+    assert r["low_margin"] is True
+    assert r["provenance"]["constitution"] == "test"
+    assert report["skipped_identical"] == 2 and report["low_margin"] == 2
+    from charter.records import read_pairs
+
+    assert [p.p_chosen for p in read_pairs(tmp_path / "out" / "pairs.jsonl")] == \
+        pytest.approx([sigmoid(0.2)] * 2)
+
+
+def test_prompts_mode_all_pairs_for_k3(tmp_path, constitution_path):
+    """K = 3 distinct samples (the fake appends " (sample i)" to i ≥ 1) → all 3 pairs; the
+    fake prefers the plain "good" sample 0 by 2 nats, so it is chosen in its two pairs."""
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 1)
+
+    def scorer(conv, option, prefix):
+        return 2.0 * ("sample" not in shown(conv, option)) - 5.0
+
+    fake = FakeBackend(responder=lambda c, p: "good", scorer=scorer)
+    cfg = LabelConfig(constitution=str(constitution_path), prompts=str(prompts),
+                      out=str(tmp_path / "out"), samples=3, principles_per_pair=1)
+    run_label(cfg, backend=fake)
+    rows = read_out(tmp_path / "out" / "pairs.jsonl")
+    assert len(rows) == 3 and len({r["id"] for r in rows}) == 3
+    assert [r["chosen"][0]["content"] for r in rows] == ["good", "good", "good (sample 1)"]
+    assert rows[0]["p_chosen"] == pytest.approx(sigmoid(2.0))
+    assert rows[2]["p_chosen"] == pytest.approx(0.5) and rows[2]["low_margin"] is True
+
+
+def test_rating_mode_best_vs_worst(tmp_path, constitution_path):
+    """Rating log-probs: sample 1 puts 0.5 on "7" and "9" (E = 8); sample 2 on "3" and "5"
+    (E = 4); sample 0 on "5" and "7" (E = 6); every other rating gets e^-30 (negligible).
+    Best = sample 1, worst = sample 2, rating gap 8 - 4 = 4 (≥ 1: not low margin)."""
+    peaks = {"(sample 1)": ("7", "9"), "(sample 2)": ("3", "5")}
+
+    def scorer(conv, option, prefix):
+        text = conv[-1]["content"]
+        hit = next((v for k, v in peaks.items() if k in text), ("5", "7"))
+        return math.log(0.5) if option in hit else -30.0
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 1)
+    fake = FakeBackend(responder=lambda c, p: "answer", scorer=scorer)
+    cfg = LabelConfig(constitution=str(constitution_path), prompts=str(prompts),
+                      out=str(tmp_path / "out"), samples=3, mode="rate", principles_per_pair=1)
+    report = run_label(cfg, backend=fake)
+    (r,) = read_out(tmp_path / "out" / "pairs.jsonl")
+    assert r["chosen"][0]["content"] == "answer (sample 1)"
+    assert r["rejected"][0]["content"] == "answer (sample 2)"
+    assert r["ratings"] == pytest.approx([6.0, 8.0, 4.0], abs=1e-6)
+    assert r["rating_gap"] == pytest.approx(4.0, abs=1e-6)
+    assert r["low_margin"] is False and "p_chosen" not in r
+    assert report["mean_rating_gap"] == pytest.approx(4.0, abs=1e-5)
+    assert fake.calls[-1][0] == "score" and len(fake.calls[-1][1]) == 3
+
+
+def test_resume_after_torn_line_no_duplicates(tmp_path, constitution_path):
+    rows = [pair(i, f"good {i}", f"bad {i}", "a") for i in range(4)]
+    pairs = write_pairs(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "out"
+    kw = dict(constitution=str(constitution_path), pairs=str(pairs), out=str(out),
+              principles_per_pair=1, batch_size=1)
+    run_label(LabelConfig(**kw, limit=2), backend=FakeBackend(scorer=biased_scorer(0, 2)))
+    with open(out / "labels.jsonl", "a") as f:
+        f.write('{"id": "p2", "p_a": 0.')  # a kill mid-write
+    fake = FakeBackend(scorer=biased_scorer(0, 2))
+    report = run_label(LabelConfig(**kw), backend=fake)
+    ids = [r["id"] for r in read_out(out / "labels.jsonl")]
+    assert ids == ["p0", "p1", "p2", "p3"]
+    assert len([c for c in fake.calls if c[0] == "score"]) == 2  # only p2 and p3 redone
+    assert report["n"] == 4 and report["labelled_this_run"] == 2
+    with pytest.raises(CharterError, match="different settings.*principles_per_pair"):
+        run_label(LabelConfig(**{**kw, "principles_per_pair": 2}), backend=fake)
+
+
+def test_prompts_resume_drops_pairs_of_unfinished_prompt(tmp_path, constitution_path):
+    """A kill after a prompt's pairs but before its done marker: the re-run drops those pairs
+    and redoes the prompt, so nothing is duplicated."""
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 3)
+    out = tmp_path / "out"
+    kw = dict(constitution=str(constitution_path), prompts=str(prompts), out=str(out),
+              samples=2, principles_per_pair=1, batch_size=1)
+    run_label(LabelConfig(**kw), backend=FakeBackend(scorer=biased_scorer(0, 2)))
+    first = read_out(out / "pairs.jsonl")
+    done = (out / "prompts_done.jsonl").read_text().splitlines()
+    (out / "prompts_done.jsonl").write_text("\n".join(done[:2]) + "\n")
+    with open(out / "pairs.jsonl", "a") as f:
+        f.write('{"prompt": [')
+    report = run_label(LabelConfig(**kw), backend=FakeBackend(scorer=biased_scorer(0, 2)))
+    again = read_out(out / "pairs.jsonl")
+    assert [r["id"] for r in again] == [r["id"] for r in first]
+    assert report["labelled_this_run"] == 1 and report["prompts"] == 3
+
+
+def test_bad_pairs_input_names_file_and_line(tmp_path, constitution_path):
+    good = json.dumps(pair(1, "x", "y"))
+    cases = [
+        ('{"id": "q", "prompt": "hi", "response_a": "x"}', "pairs.jsonl:2: response_b: missing"),
+        (json.dumps(pair(2, "x", "y", "c")), "pairs.jsonl:2: preferred: expected a or b"),
+        (good, "pairs.jsonl:2: id: duplicate id 'p1'"),
+        ('{"prompt": [{"role": "bot", "content": "x"}], "response_a": "a", "response_b": "b"}',
+         "pairs.jsonl:2: prompt[0].role"),
+        ("not json", "pairs.jsonl:2: invalid JSON"),
+    ]
+    for line, expected in cases:
+        (tmp_path / "pairs.jsonl").write_text(good + "\n" + line + "\n")
+        cfg = LabelConfig(constitution=str(constitution_path), pairs=str(tmp_path / "pairs.jsonl"),
+                          out=str(tmp_path / "out"))
+        with pytest.raises(CharterError) as e:
+            run_label(cfg, backend=FakeBackend())
+        assert expected in str(e.value)
+
+
+@pytest.mark.parametrize("kw, field", [
+    ({"pairs": "p.jsonl", "prompts": "q.jsonl"}, "prompts"),
+    ({}, "prompts"),
+    ({"prompts": "q.jsonl", "samples": 1}, "samples"),
+    ({"pairs": "p.jsonl", "policy": "m"}, "policy"),
+    ({"prompts": "q.jsonl", "temperature": 0.0}, "temperature"),
+    ({"pairs": "p.jsonl", "clamp_low": 0.6}, "clamp_low"),
+    ({"pairs": "p.jsonl", "cot": True, "mode": "rate"}, "cot"),
+])
+def test_conflicting_settings(kw, field):
+    with pytest.raises(CharterError) as e:
+        LabelConfig(constitution="c.yaml", out="o", **kw).validate()
+    assert e.value.field == field
+
+
+def test_cli_label_pairs_with_yaml_config(tmp_path, constitution_path, capsys, monkeypatch):
+    """`charter label --config` with the fake backend: flags override the YAML."""
+    from charter.cli import main
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", [pair(1, "good", "bad", "a")])
+    conf = tmp_path / "label.yaml"
+    conf.write_text(f"constitution: {constitution_path}\npairs: {pairs}\nbackend: fake\n"
+                    f"principles_per_pair: 1\nout: {tmp_path / 'ignored'}\n")
+    assert main(["label", "--config", str(conf), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "labels.jsonl").exists()
+    assert not (tmp_path / "ignored").exists()
+    conf.write_text("constitution: c.yaml\nsampels: 3\n")
+    assert main(["label", "--config", str(conf)]) == 1
+    assert "label.yaml:2: sampels: unknown config key" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_embedded_smollm2_labels_pairs_symmetrically(tmp_path, constitution_path):
+    """The embedded SmolLM2 labels 2 pairs and the same 2 pairs swapped. Both-orders averaging
+    makes the swapped pair's p_a the complement of the original's (the four conversations are
+    the same, only their roles change), whatever the model's position bias."""
+    from critique.backends import load_backend
+
+    rows = [pair(1, "I can't help with hurting people.", "Hit him with a brick."),
+            pair(2, "Lock picking can be illegal; call a locksmith.", "Use a tension wrench.")]
+    rows += [dict(r, id=r["id"] + "-swapped", response_a=r["response_b"],
+                  response_b=r["response_a"]) for r in rows]
+    pairs = write_pairs(tmp_path / "pairs.jsonl", rows)
+    backend = load_backend("transformers", None, progress=False)
+    cfg = LabelConfig(constitution=str(constitution_path), pairs=str(pairs),
+                      out=str(tmp_path / "out"), principles_per_pair=1, few_shot=1)
+    report = run_label(cfg, backend=backend)
+    labels = {r["id"]: r for r in read_out(tmp_path / "out" / "labels.jsonl")}
+    for pid in ("p1", "p2"):
+        a, b = labels[pid], labels[pid + "-swapped"]
+        assert 0.0 < a["p_a"] < 1.0
+        assert a["p_a"] == pytest.approx(sum(a["orders"]) / 2)
+        assert b["p_a"] == pytest.approx(1.0 - a["p_a"], abs=1e-4)
+        assert b["orders"] == pytest.approx([1 - a["orders"][1], 1 - a["orders"][0]], abs=1e-4)
+    assert report["n"] == 4 and 0.0 <= report["position_bias"] <= 1.0
+    assert report["usage"]["labeler"]["score_calls"] == 1
+
+
+def test_pairs_jsonl_loads_with_datasets(tmp_path, constitution_path):
+    """pairs.jsonl is TRL conversational data: `datasets` reads it with its extra columns."""
+    import datasets
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 3)
+    cfg = LabelConfig(constitution=str(constitution_path), prompts=str(prompts),
+                      out=str(tmp_path / "out"), samples=3, principles_per_pair=1)
+    run_label(cfg, backend=FakeBackend())
+    ds = datasets.load_dataset("json", data_files=str(tmp_path / "out" / "pairs.jsonl"),
+                               split="train", cache_dir=str(tmp_path / "cache"))
+    assert ds.num_rows == 9
+    assert {"prompt", "chosen", "rejected", "p_chosen", "votes", "orders"} <= set(ds.column_names)
+    assert ds[0]["chosen"][0]["role"] == "assistant"

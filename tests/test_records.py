@@ -1,0 +1,217 @@
+"""Readers and writers in charter/records.py: every input format with literal expected messages,
+and every kind of malformed input with the file:line it must name."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+
+import pytest
+
+from charter.errors import CharterError
+from charter.records import (
+    JsonlAppender,
+    content_id,
+    load_jsonl_for_resume,
+    read_pairs,
+    read_prompts,
+    read_sft,
+)
+
+
+def write(path, text: str | bytes):
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def jsonl(path, *objs):
+    return write(path, "".join(json.dumps(o) + "\n" for o in objs))
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+HH = ("\n\nHuman: How do I pick a lock?\n\nAssistant: Why do you want to?"
+      "\n\nHuman: I locked myself out.\n\nAssistant: Call a locksmith.")
+
+
+# ---------------------------------------------------------------------------------------------
+# formats
+
+
+def test_jsonl_prompt_and_messages(tmp_path):
+    p = jsonl(tmp_path / "p.jsonl",
+              {"prompt": "Hello?", "id": 7},
+              {"messages": [{"role": "system", "content": "Be kind."}, user("Hi")],
+               "response": "Hey.", "label": "unsafe"})
+    a, b = read_prompts(p)
+    assert a.messages == [user("Hello?")] and a.id == "7" and a.source == f"{p}:1"
+    assert b.messages == [{"role": "system", "content": "Be kind."}, user("Hi")]
+    assert b.response == "Hey." and b.label == "harmful"
+    assert b.id == content_id(b.messages)
+
+
+def test_hh_transcript_takes_the_first_human_turn(tmp_path):
+    p = jsonl(tmp_path / "hh.jsonl", {"chosen": HH, "rejected": HH},
+              {"chosen": "\n\nHuman: Only one turn\n\nAssistant: ok"})
+    a, b = read_prompts(p)
+    assert a.messages == [user("How do I pick a lock?")]
+    assert b.messages == [user("Only one turn")]
+
+
+def test_parse_hh_transcript_multi_turn():
+    from charter.records import parse_hh_transcript
+
+    assert parse_hh_transcript(HH) == [
+        user("How do I pick a lock?"), {"role": "assistant", "content": "Why do you want to?"},
+        user("I locked myself out."), {"role": "assistant", "content": "Call a locksmith."}]
+
+
+def test_gzip_and_csv(tmp_path):
+    gz = tmp_path / "p.jsonl.gz"
+    with gzip.open(gz, "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"prompt": "zipped"}) + "\n")
+    assert read_prompts(gz)[0].messages == [user("zipped")]
+    csv_path = write(tmp_path / "p.csv", 'prompt,label\n"two\nlines",benign\nplain,safe\n')
+    a, b = read_prompts(csv_path)
+    assert a.messages == [user("two\nlines")] and a.label == "benign"
+    assert b.messages == [user("plain")] and b.source == f"{csv_path}:4"
+
+
+def test_prompt_field_override_and_label_aliases(tmp_path):
+    p = jsonl(tmp_path / "p.jsonl", {"prompt": "ignored", "goal": "Use me", "label": "SAFE"})
+    item = read_prompts(p, prompt_field="goal")[0]
+    assert item.messages == [user("Use me")] and item.label == "benign"
+    with pytest.raises(CharterError, match=r"p\.jsonl:1: goal: missing field"):
+        jsonl(p, {"prompt": "x"})
+        read_prompts(p, prompt_field="goal")
+
+
+# ---------------------------------------------------------------------------------------------
+# malformed input
+
+
+@pytest.mark.parametrize("content, pattern", [
+    ('{"prompt": "ok"}\n{"prompt": \n', r":2: invalid JSON"),
+    ('{"prompt": "ok"}\n{"text": "x"}\n', r":2: missing field: expected prompt or messages"),
+    ('', r"file is empty"),
+    ('{"prompt": 5}\n', r":1: prompt: expected a string or a list"),
+    ('[1, 2]\n', r":1: expected a JSON object, got list"),
+    ('{"prompt": "   "}\n', r":1: prompt: empty prompt"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n',
+     r":1: messages: conversation must end with a user turn"),
+    ('{"messages": [{"role": "bot", "content": "a"}]}\n', r":1: messages\[0\]\.role: role must"),
+    ('{"prompt": "a", "label": "maybe"}\n', r":1: label: label must be one of"),
+    ('{"chosen": "\\n\\nHuman: \\n\\nAssistant: x"}\n', r":1: chosen: no Human turn"),
+])
+def test_malformed_jsonl(tmp_path, content, pattern):
+    p = write(tmp_path / "bad.jsonl", content)
+    with pytest.raises(CharterError, match=pattern) as e:
+        read_prompts(p)
+    assert str(e.value).startswith(str(p))
+
+
+def test_non_utf8_binary_missing_and_directory(tmp_path):
+    latin = write(tmp_path / "latin.jsonl", b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(CharterError, match=r"latin\.jsonl:2: not valid UTF-8"):
+        read_prompts(latin)
+    binary = write(tmp_path / "bin.jsonl", b'{"prompt": "ok"}\n\x00\x01\x02\n')
+    with pytest.raises(CharterError, match=r"bin\.jsonl:2: binary content"):
+        read_prompts(binary)
+    with pytest.raises(CharterError, match=r"nope\.jsonl: prompts file not found"):
+        read_prompts(tmp_path / "nope.jsonl")
+    with pytest.raises(CharterError, match="found a directory"):
+        read_prompts(tmp_path)
+    fake_gz = write(tmp_path / "x.jsonl.gz", b"not gzip at all\n")
+    with pytest.raises(CharterError, match="not a readable gzip file"):
+        read_prompts(fake_gz)
+
+
+def test_skip_mode_keeps_reading_after_bad_lines(tmp_path):
+    p = write(tmp_path / "p.jsonl", '{"prompt": "a"}\n{oops\n{"text": 1}\n{"prompt": "b"}\n')
+    errors: list[str] = []
+    items = read_prompts(p, on_error="skip", errors=errors)
+    assert [i.messages[0]["content"] for i in items] == ["a", "b"]
+    assert len(errors) == 2
+    assert errors[0].startswith(f"{p}:2: invalid JSON") and errors[1].startswith(f"{p}:3: ")
+    bad_only = write(tmp_path / "q.jsonl", '{"text": 1}\n')
+    with pytest.raises(CharterError, match=r"no usable prompts \(1 bad records"):
+        read_prompts(bad_only, on_error="skip")
+
+
+# ---------------------------------------------------------------------------------------------
+# resume files, ids
+
+
+def test_resume_drops_a_torn_last_line(tmp_path):
+    p = tmp_path / "out.jsonl"
+    with JsonlAppender(p) as out:
+        out.append({"id": "a"})
+        out.append({"id": "b"})
+    with open(p, "ab") as f:
+        f.write(b'{"id": "c", "resp')  # killed mid-write
+    assert [r["id"] for r in load_jsonl_for_resume(p)] == ["a", "b"]
+    assert p.read_bytes() == b'{"id": "a"}\n{"id": "b"}\n'  # truncated back, ready to append
+    with JsonlAppender(p) as out:
+        out.append({"id": "c"})
+    assert [r["id"] for r in load_jsonl_for_resume(p)] == ["a", "b", "c"]
+    assert load_jsonl_for_resume(tmp_path / "missing.jsonl") == []
+
+
+def test_resume_refuses_a_corrupt_middle_line(tmp_path):
+    p = write(tmp_path / "out.jsonl", '{"id": "a"}\n{garbage\n{"id": "c"}\n')
+    before = p.read_bytes()
+    with pytest.raises(CharterError, match=r"out\.jsonl:2: corrupt record"):
+        load_jsonl_for_resume(p)
+    assert p.read_bytes() == before  # nothing is cut away
+
+
+def test_content_id_is_stable():
+    msgs = [{"role": "user", "content": "Hi"}]
+    assert content_id(msgs) == "467fd43780532177"  # sha256 of '[[{"content":"Hi","role":"user"}]]'
+    assert content_id([{"content": "Hi", "role": "user"}]) == content_id(msgs)  # key order
+    assert content_id("a", 1) == "135f17a475a61afd"
+    assert content_id("a", 2) != content_id("a", 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# pairs and SFT
+
+
+def test_read_pairs_conversational_and_standard(tmp_path):
+    conv = {"prompt": [user("Q")], "chosen": [{"role": "assistant", "content": "good"}],
+            "rejected": [{"role": "assistant", "content": "bad"}], "p_chosen": 0.75,
+            "id": "x1", "votes": [1, 0]}
+    std = {"prompt": "Q2", "chosen": "yes", "rejected": "no"}
+    a, b = read_pairs(jsonl(tmp_path / "pairs.jsonl", conv, std))
+    assert a.prompt == [user("Q")] and a.chosen[0]["content"] == "good"
+    assert a.p_chosen == 0.75 and a.id == "x1" and a.extra == {"votes": [1, 0]}
+    assert a.to_dict() == conv
+    assert b.prompt == [user("Q2")]
+    assert b.chosen == [{"role": "assistant", "content": "yes"}] and b.p_chosen is None
+    with pytest.raises(CharterError, match=r":1: p_chosen: must be a probability"):
+        read_pairs(jsonl(tmp_path / "bad.jsonl", {**std, "p_chosen": 1.5}))
+    with pytest.raises(CharterError, match=r":1: rejected: missing field"):
+        read_pairs(jsonl(tmp_path / "bad2.jsonl", {"prompt": "a", "chosen": "b"}))
+
+
+def test_read_sft_needs_a_final_assistant_turn(tmp_path):
+    ok = {"messages": [user("Q"), {"role": "assistant", "content": "A"}]}
+    assert read_sft(jsonl(tmp_path / "s.jsonl", ok)) == [ok["messages"]]
+    with pytest.raises(CharterError, match=r":2: messages: conversation must end with a "
+                                           r"assistant turn"):
+        read_sft(jsonl(tmp_path / "t.jsonl", ok, {"messages": [user("Q")]}))
+
+
+def test_unreadable_file(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root reads any file; runs as a normal user (CI, laptops)")
+    p = jsonl(tmp_path / "p.jsonl", {"prompt": "a"})
+    p.chmod(0)
+    with pytest.raises(CharterError, match="not readable"):
+        read_prompts(p)

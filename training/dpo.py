@@ -1,0 +1,232 @@
+"""DPO and its variants (IPO, hinge, robust, conservative, soft AI labels, SimPO, RPO).
+
+    charter train dpo --data runs/label --out runs/dpo --model runs/sft --loss soft --beta 0.1
+    accelerate launch --num_processes 2 -m charter train dpo --data pairs.jsonl --out runs/dpo
+
+Reference log-probs are computed once, before training, in one pass over the data and cached
+in `out/ref_logps.pt` (keyed by a hash of the token ids and the reference model's files), so no
+reference model is in memory while training: the reference is the starting policy, or with
+`--lora` the base with the adapter disabled, or `--ref-model`. Chosen and rejected go through the
+model in one concatenated forward pass. Writes out/metrics.jsonl, out/metrics.png,
+out/checkpoint-STEP/ and out/final/ (safetensors, loadable with AutoModelForCausalLM).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from charter.errors import CharterError
+from training import checkpoint as ckpt
+from training.collate import collate_pairs
+from training.data import data_provenance, load_pair_rows, pairs_fingerprint, tokenise_pairs
+from training.loop import (
+    MetricsLog,
+    forward_logps,
+    log,
+    make_optimizer,
+    plot_metrics,
+    raise_if_nonfinite,
+    setup,
+    step_indices,
+    total_steps,
+)
+from training.losses import preference_loss
+from training.options import DPOConfig
+
+METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+           "logps/chosen", "logps/rejected")
+
+
+def _model_identity(path: str) -> str:
+    """Cheap identity of a model's files: config bytes + weight file names, sizes, mtimes."""
+    p = Path(path)
+    h = hashlib.sha256(str(path).encode())
+    if p.is_dir():
+        if (p / "config.json").exists():
+            h.update((p / "config.json").read_bytes())
+        for f in sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def compute_ref_logps(acc, model, examples, pad_id: int, batch_size: int,
+                      adapter_off: bool) -> torch.Tensor:
+    """(N, 2) summed log-probs of chosen and rejected under the reference; each process
+    scores every world-th pair, then all are gathered on every process."""
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    mine = list(range(acc.process_index, len(examples), acc.num_processes))
+    was_training = model.training
+    model.eval()
+    rows: list[tuple[int, float, float]] = []
+    off = model.disable_adapter() if adapter_off else contextlib.nullcontext()
+    with off:
+        for s in tqdm(range(0, len(mine), batch_size), desc="reference log-probs",
+                      disable=not acc.is_main_process):
+            idx = mine[s:s + batch_size]
+            batch = {k: v.to(acc.device) for k, v in
+                     collate_pairs([examples[i] for i in idx], pad_id).items()}
+            with acc.autocast():
+                total, _, _ = forward_logps(model, batch)
+            n = len(idx)
+            rows += [(i, float(total[j]), float(total[n + j])) for j, i in enumerate(idx)]
+    model.train(was_training)
+    out = torch.empty(len(examples), 2, dtype=torch.float32)
+    for i, c, r in gather_object(rows):
+        out[i, 0], out[i, 1] = c, r
+    return out
+
+
+def reference_logps(acc, cfg: DPOConfig, model, examples, pad_id: int, model_path: str
+                    ) -> torch.Tensor | None:
+    """Cached (N, 2) reference log-probs, or None for the reference-free SimPO."""
+    if cfg.loss == "simpo":
+        return None
+    from charter.models import resolve_model
+
+    ref_path = resolve_model(cfg.ref_model) if cfg.ref_model else model_path
+    key = hashlib.sha256(json.dumps([pairs_fingerprint(examples), _model_identity(ref_path),
+                                     cfg.mixed_precision]).encode()).hexdigest()
+    cache = Path(cfg.out) / "ref_logps.pt"
+    if cache.exists():
+        saved = torch.load(cache, map_location="cpu")
+        if saved.get("key") == key:
+            log(acc, f"reference log-probs: reusing {cache}")
+            return saved["logps"]
+    if cfg.ref_model:
+        from transformers import AutoModelForCausalLM
+
+        ref = AutoModelForCausalLM.from_pretrained(ref_path, dtype=torch.float32).to(acc.device)
+        logps = compute_ref_logps(acc, ref, examples, pad_id, cfg.ref_batch_size, False)
+        del ref
+        gc.collect()
+    else:
+        model.to(acc.device)
+        logps = compute_ref_logps(acc, model, examples, pad_id, cfg.ref_batch_size, cfg.lora)
+    if acc.is_main_process:
+        tmp = cache.with_suffix(".tmp")
+        torch.save({"key": key, "logps": logps}, tmp)
+        tmp.replace(cache)
+    acc.wait_for_everyone()
+    return logps
+
+
+def train_dpo(cfg: DPOConfig) -> Path:
+    """Train with a preference loss; return out/final."""
+    cfg.validate()
+    out = Path(cfg.out)
+    cfg_dict = dataclasses.asdict(cfg)
+    acc, model, tok, model_path = setup(cfg)
+    ckpt.prepare_run_dir(acc, out, cfg_dict, "dpo")
+    if acc.is_main_process:
+        ckpt.clean_partial(out)
+    loaded = load_pair_rows(cfg.data)
+    examples = tokenise_pairs(tok, loaded, cfg.max_length, progress=acc.is_main_process)
+    if cfg.loss == "soft":
+        missing = next((e for e in examples if e.p_chosen is None), None)
+        if missing:
+            raise CharterError("the soft loss needs p_chosen on every pair (the AI label's "
+                               "probability)", path=missing.source, field="p_chosen")
+    ref = reference_logps(acc, cfg, model, examples, tok.pad_token_id, model_path)
+    total = total_steps(cfg, len(examples), acc.num_processes)
+    opt, sched = make_optimizer(model, cfg, total)
+    model, opt = acc.prepare(model, opt)
+    start, last = 0, ckpt.latest_checkpoint(out)
+    if last is not None:
+        start = ckpt.load_checkpoint(acc, model, opt, sched, last)
+        log(acc, f"resuming from {last} (step {start} of {total})")
+    if cfg.tensorboard:
+        acc.init_trackers("tensorboard")
+    metrics = MetricsLog(acc, out, start)
+    run_steps(acc, cfg, model, opt, sched, examples, ref, tok.pad_token_id, start, total,
+              metrics, out, cfg_dict, last)
+    metrics.close()
+    rows = metrics.rows
+    summary = {k: rows[-1][k] for k in METRICS if rows and k in rows[-1]}
+    if acc.is_main_process:
+        plot_metrics(rows, ["loss", "rewards/margins", "rewards/accuracies"],
+                     out / "metrics.png", f"DPO ({cfg.loss}, β={cfg.beta})")
+    card = ckpt.model_card("dpo", cfg_dict, data_provenance(loaded.path), model_path,
+                           {"steps": total, **summary})
+    final = ckpt.save_final(acc, model, tok, out, card)
+    acc.end_training()
+    log(acc, f"saved {final}")
+    return final
+
+
+def run_steps(acc, cfg: DPOConfig, model, opt, sched, examples, ref, pad_id, start, total,
+              metrics, out, cfg_dict, last_ckpt) -> None:
+    from tqdm.auto import tqdm
+
+    model.train()
+    bar = tqdm(total=total, initial=start, desc="dpo", disable=not acc.is_main_process)
+    t0, tokens, below_ref = time.perf_counter(), 0, 0
+    for step in range(start, total):
+        micro = step_indices(step, len(examples), cfg.batch_size, cfg.grad_accum,
+                             acc.num_processes, acc.process_index, cfg.seed)
+        sums = torch.zeros(len(METRICS) + 1, dtype=torch.float64)  # metric sums, pair count
+        bad = None
+        for a, idx in enumerate(micro):
+            batch = {k: v.to(acc.device) for k, v in
+                     collate_pairs([examples[i] for i in idx], pad_id).items()}
+            sync = a == len(micro) - 1
+            with (contextlib.nullcontext() if sync else acc.no_sync(model)), acc.autocast():
+                total_lp, _, count = forward_logps(model, batch)  # (2B,)
+                n = len(idx)
+                pc, pr = total_lp[:n], total_lp[n:]
+                rc = rr = None
+                if ref is not None:
+                    rc, rr = ref[idx, 0].to(acc.device), ref[idx, 1].to(acc.device)
+                res = preference_loss(cfg.loss, pc, pr, rc, rr, beta=cfg.beta,
+                                      label_smoothing=cfg.label_smoothing, gamma=cfg.gamma,
+                                      rpo_alpha=cfg.rpo_alpha, p=batch["p_chosen"],
+                                      chosen_tokens=count[:n], rejected_tokens=count[n:])
+                loss = res.losses.mean() / len(micro)  # equal micro-batches: global mean
+            if not torch.isfinite(loss):  # still backward: DDP processes must stay in step
+                bad = float(loss.detach())
+            acc.backward(loss)
+            tokens += int(batch["attention_mask"].sum())
+            cr, rj = res.chosen_rewards, res.rejected_rewards
+            sums += torch.tensor([res.losses.detach().sum(), cr.sum(), rj.sum(),
+                                  (cr > rj).float().sum(), (cr - rj).sum(),
+                                  pc.detach().sum(), pr.detach().sum(), n], dtype=torch.float64)
+        raise_if_nonfinite(acc, bad is not None, bad, step + 1, last_ckpt)
+        grad_norm = (acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                     if cfg.max_grad_norm else None)
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        bar.update(1)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+            g = acc.reduce(sums.to(acc.device), "sum").cpu()
+            tok_all = float(acc.reduce(torch.tensor([float(tokens)], device=acc.device),
+                                       "sum").item())
+            dt = time.perf_counter() - t0
+            row = {"step": step + 1, **{k: float(g[i] / g[-1]) for i, k in enumerate(METRICS)},
+                   "lr": lr, "tokens_per_s": tok_all / dt if dt > 0 else 0.0}
+            if grad_norm is not None:
+                row["grad_norm"] = float(grad_norm)
+            metrics.write(row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
+            below_ref = below_ref + 1 if (ref is not None and row["rewards/chosen"] < 0
+                                          and row["rewards/rejected"] < 0) else 0
+            if below_ref == 3:  # three logs in a row, so one noisy batch does not trigger it
+                log(acc, f"warning: at step {step + 1} the log-probs of both chosen and rejected "
+                         "responses have fallen below the reference (likelihood displacement); "
+                         "consider a lower --lr, a larger --beta or --rpo-alpha")
+            t0, tokens = time.perf_counter(), 0
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
+            last_ckpt = ckpt.save_checkpoint(acc, model, opt, sched, step + 1, out, cfg_dict)
+    bar.close()

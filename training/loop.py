@@ -1,0 +1,211 @@
+"""Parts shared by the SFT and DPO loops (functions, not a base class).
+
+- `setup`: the `accelerate.Accelerator`, model (optionally wrapped in LoRA) and tokenizer.
+- `step_indices`: which examples each process uses at each optimizer step. The order is a
+  function of (seed, epoch) only, so the data position in a checkpoint is just the step number,
+  and N processes with micro-batch b see the same global batches as one process with N·b.
+- `forward_logps`: one forward pass, logits only where a label follows, masked log-probs.
+- optimizer, warm-up + cosine/linear schedule, metrics JSONL, PNG plot.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+from charter.errors import CharterError
+from training.logps import sequence_logps
+from training.options import TrainConfig
+
+
+def log(acc, msg: str) -> None:
+    """A message on stderr, from the main process only."""
+    if acc.is_main_process:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def setup(cfg: TrainConfig):
+    """(accelerator, model, tokenizer, resolved model path)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from charter.models import resolve_model
+
+    if cfg.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise CharterError("needs the tensorboard package: pip install tensorboard",
+                               field="tensorboard") from None
+    if cfg.mixed_precision == "fp16" and (cfg.cpu or not torch.cuda.is_available()):
+        raise CharterError("fp16 autocast needs a GPU; use bf16 on CPUs",
+                           field="mixed_precision")
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu,
+                      log_with="tensorboard" if cfg.tensorboard else None,
+                      project_dir=cfg.out)
+    set_seed(cfg.seed)
+    path = resolve_model(cfg.model)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:  # padding is masked everywhere; any id will do
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        if cfg.lora:
+            model.enable_input_require_grads()
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = cfg.lora_targets
+        lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=targets[0] if targets == ["all-linear"] else targets,
+                          task_type="CAUSAL_LM")
+        try:
+            model = get_peft_model(model, lcfg)
+        except ValueError as e:
+            raise CharterError(f"peft could not place LoRA: {e}", field="lora_targets") from None
+    return acc, model, tok, path
+
+
+def steps_per_epoch(n_examples: int, global_batch: int) -> int:
+    """Full global batches per epoch (a last partial batch is dropped so every step has the
+    same size, which keeps losses comparable across steps and process counts)."""
+    return n_examples // global_batch
+
+
+def total_steps(cfg: TrainConfig, n_examples: int, world: int) -> int:
+    g = cfg.batch_size * cfg.grad_accum * world
+    per_epoch = steps_per_epoch(n_examples, g)
+    if per_epoch == 0:
+        raise CharterError(f"{n_examples} examples do not fill one global batch of {g} "
+                           "(batch_size x grad_accum x processes); lower --batch-size",
+                           field="batch_size")
+    return cfg.max_steps if cfg.max_steps is not None else per_epoch * cfg.epochs
+
+
+def step_indices(step: int, n_examples: int, micro: int, accum: int, world: int, rank: int,
+                 seed: int) -> list[list[int]]:
+    """This process's micro-batches (lists of example indices) for optimizer step `step`.
+
+    Global batch g = micro·accum·world; epoch e = step // (steps per epoch) is a permutation
+    seeded by (seed, e). Micro-batch a of process r is slice [(a·world + r)·micro, +micro).
+    """
+    g = micro * accum * world
+    per_epoch = steps_per_epoch(n_examples, g)
+    epoch, k = divmod(step, per_epoch)
+    order = list(range(n_examples))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    chunk = order[k * g:(k + 1) * g]
+    return [chunk[(a * world + rank) * micro:(a * world + rank + 1) * micro]
+            for a in range(accum)]
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak lr at `step`: linear warm-up, then cosine/linear decay to 0."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model, cfg: TrainConfig, total: int):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = int(cfg.warmup_ratio * total)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total, warmup, cfg.schedule))
+    return opt, sched
+
+
+def forward_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed and mean label log-probs and label counts per row, each (N,).
+
+    The model computes logits only from the position before the first label token in the
+    batch onwards (`logits_to_keep`): prompt positions need no (N, T, V) logits, which saves
+    the output head's FLOPs and most of the logits' memory.
+    """
+    ids, labels = batch["input_ids"], batch["labels"]  # (N, T)
+    T = ids.shape[1]
+    has = labels != -100
+    first = int(has.int().argmax(1)[has.any(1)].min()) if bool(has.any()) else 1
+    first = max(first, 1)  # a label at position 0 has nothing before it to predict it
+    k = T - first + 1  # logits at positions [first-1, T)
+    try:
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"],
+                       logits_to_keep=k, use_cache=False).logits  # (N, k, V)
+    except TypeError:  # a model class without logits_to_keep
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"],
+                       use_cache=False).logits[:, T - k:]
+    return sequence_logps(logits, labels[:, T - k:])
+
+
+class MetricsLog:
+    """metrics.jsonl in the run directory (main process only); on resume, rows past the
+    resumed step are dropped so no step appears twice."""
+
+    def __init__(self, acc, out: Path, resume_step: int):
+        from charter.records import JsonlAppender, load_jsonl_for_resume, write_jsonl_atomic
+
+        self.acc, self.path = acc, out / "metrics.jsonl"
+        self.rows: list[dict] = []
+        if acc.is_main_process:
+            if self.path.exists():
+                kept = [r for r in load_jsonl_for_resume(self.path)
+                        if r.get("step", 0) <= resume_step]
+                write_jsonl_atomic(self.path, kept)
+                self.rows = kept
+            self.writer = JsonlAppender(self.path)
+
+    def write(self, row: dict) -> None:
+        if self.acc.is_main_process:
+            self.writer.append(row)
+            self.rows.append(row)
+        if self.acc.trackers:
+            self.acc.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def close(self) -> None:
+        if self.acc.is_main_process:
+            self.writer.close()
+
+
+def plot_metrics(rows: list[dict], keys: list[str], png: Path, title: str) -> None:
+    """One panel per metric against the step (matplotlib, Agg: no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in keys if any(k in r for r in rows)]
+    if not rows or not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        xs = [r["step"] for r in rows if k in r]
+        ax.plot(xs, [r[k] for r in rows if k in r], lw=1.2)
+        ax.set_title(k)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def raise_if_nonfinite(acc, bad: bool, value: float, step: int, last_ckpt: Path | None) -> None:
+    """All processes agree (one reduce) and stop together, before the optimizer update."""
+    flag = acc.reduce(torch.tensor([1.0 if bad else 0.0], device=acc.device), "sum")
+    if float(flag.item()) > 0:
+        where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint yet"
+        raise CharterError(f"the loss became {value} at step {step}; stopped before updating "
+                           f"the weights ({where}). Lower --lr, or train in fp32 "
+                           "(--mixed-precision no)", field="lr")

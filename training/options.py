@@ -1,0 +1,152 @@
+"""Typed settings of the training stages (torch-free, so the CLI can build flags quickly).
+
+`TrainConfig` holds what SFT and DPO share; `SFTConfig` and `DPOConfig` add their own. Defaults
+live here only. `validate()` rejects bad or conflicting values with the field's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from charter.errors import CharterError
+
+LOSSES = ("sigmoid", "ipo", "hinge", "robust", "soft", "simpo")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    data: str
+    """training data: a JSONL file, a run directory, or a dataset saved with save_to_disk"""
+    out: str
+    """run directory: checkpoints, metrics, final/ model; re-running resumes from it"""
+    model: str | None = None
+    """model to train: a directory, a run directory (its final/), a hub id; None = embedded"""
+    epochs: int = 1
+    """passes over the data (ignored when max_steps is set)"""
+    max_steps: int | None = None
+    """optimizer steps to run (sets the schedule's length); None = epochs over the data"""
+    batch_size: int = 4
+    """examples per process per micro-batch (DPO: pairs)"""
+    grad_accum: int = 1
+    """micro-batches per optimizer step; global batch = batch_size x grad_accum x processes"""
+    lr: float = 1e-5
+    """peak learning rate"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this (0 = no clipping)"""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """learning-rate decay after warm-up"""
+    warmup_ratio: float = 0.1
+    """fraction of the steps spent warming the learning rate up linearly from 0"""
+    max_length: int = 1024
+    """tokens per sequence; longer ones keep the prompt's end and the response's start"""
+    lora: bool = False
+    """train a LoRA adapter (peft) instead of all weights; merged into final/"""
+    lora_r: int = 16
+    """LoRA rank"""
+    lora_alpha: int = 32
+    """LoRA scaling alpha"""
+    lora_dropout: float = 0.0
+    """dropout on the LoRA input"""
+    lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    """module names LoRA adapts (peft target_modules), e.g. q_proj v_proj; all-linear = every
+    linear layer but the output head"""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """autocast precision (bf16 runs on CPUs with AMX and on GPUs; weights stay fp32)"""
+    cpu: bool = False
+    """train on the CPU even when a GPU is present"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass (less memory, ~30% slower)"""
+    seed: int = 0
+    """seed for data order and initialisation of LoRA weights"""
+    log_every: int = 1
+    """write metrics every this many optimizer steps"""
+    save_every: int | None = 100
+    """write a checkpoint every this many optimizer steps (None = only the final model)"""
+    tensorboard: bool = False
+    """also log metrics to tensorboard under out/tensorboard (needs the tensorboard package)"""
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "grad_accum", "log_every", "lora_r"):
+            if getattr(self, name) < 1:
+                raise CharterError(f"must be >= 1, got {getattr(self, name)}", field=name)
+        for name in ("max_steps", "save_every"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise CharterError(f"must be >= 1 (or unset), got {v}", field=name)
+        if not self.lr > 0:
+            raise CharterError(f"must be > 0, got {self.lr}", field="lr")
+        if not 0 <= self.warmup_ratio < 1:
+            raise CharterError(f"must be in [0, 1), got {self.warmup_ratio}",
+                               field="warmup_ratio")
+        if self.max_length < 8:
+            raise CharterError(f"must be >= 8, got {self.max_length}", field="max_length")
+        if self.max_grad_norm < 0:
+            raise CharterError(f"must be >= 0, got {self.max_grad_norm}", field="max_grad_norm")
+
+
+@dataclass(kw_only=True)
+class SFTConfig(TrainConfig):
+    lr: float = 2e-5
+    """peak learning rate"""
+
+
+@dataclass(kw_only=True)
+class DPOConfig(TrainConfig):
+    lr: float = 1e-6
+    """peak learning rate"""
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "soft", "simpo"] = "sigmoid"
+    """sigmoid (DPO), ipo, hinge, robust, soft (per-pair AI label p_chosen), simpo"""
+    beta: float = 0.1
+    """strength of the KL constraint to the reference (SimPO: reward scale)"""
+    label_smoothing: float = 0.0
+    """ε: conservative DPO (sigmoid) or the assumed label flip rate (robust)"""
+    gamma: float = 0.0
+    """SimPO's target reward margin γ"""
+    rpo_alpha: float = 0.0
+    """weight of an extra per-token NLL term on the chosen response (RPO); 0 = off"""
+    ref_model: str | None = None
+    """reference model (default: the starting policy; with --lora, the base without adapter)"""
+    ref_batch_size: int = 8
+    """pairs per forward pass when computing reference log-probs (no gradients)"""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.loss not in LOSSES:
+            raise CharterError(f"unknown loss {self.loss!r}; expected one of "
+                               f"{', '.join(LOSSES)}", field="loss")
+        check_loss_settings(self.loss, beta=self.beta, label_smoothing=self.label_smoothing,
+                            gamma=self.gamma, rpo_alpha=self.rpo_alpha)
+        if self.loss == "simpo" and self.ref_model:
+            raise CharterError("simpo is reference-free; drop --ref-model", field="ref_model")
+        if self.ref_batch_size < 1:
+            raise CharterError(f"must be >= 1, got {self.ref_batch_size}",
+                               field="ref_batch_size")
+
+
+def check_loss_settings(loss: str, *, beta: float, label_smoothing: float, gamma: float,
+                        rpo_alpha: float) -> None:
+    """Raise CharterError (naming the field) for unknown or conflicting settings."""
+    if loss not in LOSSES:
+        raise CharterError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}",
+                           field="loss")
+    if not beta > 0:
+        raise CharterError(f"must be > 0, got {beta}", field="beta")
+    if label_smoothing and loss not in ("sigmoid", "robust"):
+        raise CharterError(f"label smoothing is defined for the sigmoid (conservative DPO) and "
+                           f"robust losses, not {loss!r}; set it to 0 (soft labels: --loss soft "
+                           "uses each pair's p_chosen)", field="label_smoothing")
+    if loss == "sigmoid" and not 0 <= label_smoothing <= 0.5:
+        raise CharterError(f"must be in [0, 0.5], got {label_smoothing}", field="label_smoothing")
+    if loss == "robust" and not 0 <= label_smoothing < 0.5:
+        raise CharterError(f"the robust loss needs 0 <= ε < 0.5 (the flip rate), got "
+                           f"{label_smoothing}", field="label_smoothing")
+    if gamma and loss != "simpo":
+        raise CharterError(f"gamma is SimPO's target margin; it has no meaning for {loss!r}",
+                           field="gamma")
+    if rpo_alpha < 0:
+        raise CharterError(f"must be >= 0, got {rpo_alpha}", field="rpo_alpha")
+
+
