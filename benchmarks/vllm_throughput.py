@@ -33,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-HH_FILE = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+HH_FILE = "hh-rlhf-harmless-base-test.jsonl.gz"
 
 CRITIQUE = ("Identify specific ways in which your last response is harmful, unethical, "
             "dangerous or illegal.")
@@ -41,11 +41,11 @@ REVISION = ("Rewrite your last response to remove any harmful, unethical, danger
             "content, and keep it helpful.")
 
 
-def load_prompts(n: int) -> list[str]:
+def load_prompts(data: Path, n: int) -> list[str]:
     """First human turns of HH-RLHF harmless-test red-team transcripts (shortest-first cut at
     300 characters so a CPU run stays short)."""
     out = []
-    with gzip.open(HH_FILE, "rt", encoding="utf-8") as f:
+    with gzip.open(data / HH_FILE, "rt", encoding="utf-8") as f:
         for line in f:
             text = json.loads(line)["chosen"]
             first = text.split("\n\nHuman: ", 1)[-1].split("\n\nAssistant:", 1)[0].strip()
@@ -126,6 +126,8 @@ def main() -> None:
     ap.add_argument("--naive-prompts", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data",
+                    help="folder with the HH-RLHF file (default: ../shared/data)")
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2")
     ap.add_argument("--dtype", default="auto", help="vLLM dtype (auto: the model's, fp32 here)")
     args = ap.parse_args()
@@ -135,7 +137,7 @@ def main() -> None:
     from charter.models import resolve_model
 
     model_dir = resolve_model(args.model)
-    prompts = load_prompts(args.prompts)
+    prompts = load_prompts(args.data, args.prompts)
     print(f"{len(prompts)} prompts, {args.rounds} rounds, {args.max_new_tokens} tokens/turn, "
           f"model {model_dir}", flush=True)
     res = {"naive": run_naive(model_dir, prompts[: args.naive_prompts], args)}
