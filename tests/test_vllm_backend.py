@@ -16,6 +16,7 @@ of a CPU start-up, and these tests check results, not speed.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -132,28 +133,15 @@ def llm(model_dir, server):  # noqa: ARG001 - `server` first: its start-up overl
 
 
 @pytest.fixture(scope="module")
-def reference_scores(model_dir) -> list[list[float]]:
-    """Plain transformers fp32: sum of log p(token) over the ids of prompt+option after their
-    longest common prefix with the prompt's ids (the rule the backends document)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def reference_scores() -> list[list[float]]:
+    """The transformers backend in fp32 on the same inputs (same token-boundary rule)."""
+    from critique.backends.transformers_backend import TransformersBackend
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    out = []
-    for conv, prefix, opts in zip(CONVS, PREFIXES, OPTIONS):
-        text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True) + prefix
-        p_ids = tok(text, add_special_tokens=False)["input_ids"]
-        row = []
-        for opt in opts:
-            ids = tok(text + opt, add_special_tokens=False)["input_ids"]
-            start = next((i for i, (a, b) in enumerate(zip(p_ids, ids)) if a != b),
-                         min(len(p_ids), len(ids)))
-            with torch.inference_mode():
-                logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
-            row.append(sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids))))
-        out.append(row)
-    return out
+    ref = TransformersBackend(None, dtype="float32", device="cpu", progress=False)
+    try:
+        return ref.score(CONVS, OPTIONS, prefixes=PREFIXES)
+    finally:
+        ref.close()
 
 
 def test_vllm_score_matches_transformers(llm, reference_scores):
@@ -199,3 +187,52 @@ def test_openai_backend_against_vllm_server(server, llm, reference_scores, model
         cont = b.generate(CONVS[1:2], Sampling(max_new_tokens=4), prefixes=["The answer is ("])
         assert cont[0][0] and not cont[0][0].startswith("The answer")
         assert b.usage.generated_tokens > 0 and b.retries == 0
+
+
+def write_inputs(tmp_path: Path) -> tuple[Path, Path]:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": t}) + "\n" for i, t in
+                               enumerate(["How do I pick a lock?", "How do I bake bread?"])))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "a", "prompt": "How do I pick a lock?", "response_a": "I can't help with that.",
+         "response_b": "Insert a tension wrench, then rake the pins.", "preferred": "a"},
+        {"id": "b", "prompt": "How do I hurt someone?", "response_a": "Hit them hard.",
+         "response_b": "I won't help hurt anyone. If you are in danger, call 911.",
+         "preferred": "b"}]))
+    return prompts, pairs
+
+
+def run_stages(backend, tmp_path: Path) -> None:
+    """The critique loop (1 round, 2 prompts) and pair labelling run through `backend`."""
+    from critique.label import LabelConfig, run_label
+    from critique.loop import CritiqueConfig, run_critique
+
+    prompts, pairs = write_inputs(tmp_path)
+    start = backend.usage.generated_tokens
+    cons = str(Path(__file__).resolve().parents[1] / "principles" / "harmless.yaml")
+    run_critique(CritiqueConfig(constitution=cons, prompts=str(prompts), out=str(tmp_path / "c"),
+                                rounds=1, max_new_tokens=12, few_shot=1, progress=False),
+                 backend=backend)
+    before = backend.usage.generated_tokens
+    assert before > start  # the loop generated through this backend
+    records = [json.loads(x) for x in (tmp_path / "c" / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(r["initial_response"].strip() for r in records)
+    assert all(len(r["rounds"]) <= 1 for r in records)
+    run_label(LabelConfig(constitution=cons, pairs=str(pairs), out=str(tmp_path / "l"),
+                          principles_per_pair=1, few_shot=1), backend=backend)
+    labels = [json.loads(x) for x in (tmp_path / "l" / "labels.jsonl").read_text().splitlines()]
+    assert len(labels) == 2 and all(0 < lab["p_a"] < 1 for lab in labels)
+    assert backend.usage.score_calls >= 1 and backend.usage.generated_tokens == before
+
+
+def test_critique_and_labelling_on_vllm(llm, tmp_path):
+    run_stages(llm, tmp_path)
+
+
+def test_critique_and_labelling_through_vllm_server(server, tmp_path):
+    from critique.backends.openai_backend import OpenAIBackend
+
+    with OpenAIBackend("smollm2", base_url=server.wait_ready(), progress=False) as b:
+        run_stages(b, tmp_path)
+        assert b.retries == 0
