@@ -32,6 +32,7 @@ from typing import Any
 
 import jinja2
 from jinja2 import nodes
+from jinja2.filters import make_attrgetter
 from jinja2.runtime import LoopContext
 from jinja2.sandbox import SandboxedEnvironment, SecurityError
 
@@ -110,6 +111,8 @@ def _check_size(n: int, what: str) -> None:
 
 
 def _safe_join(env: Any, value: Iterable[Any], d: str = "", attribute: Any = None) -> str:
+    if attribute is not None:  # through the sandbox's getattr, like jinja2's own join
+        value = map(make_attrgetter(env, attribute), value)
     items = [str(v) for v in value]
     _check_size(sum(map(len, items)) + len(str(d)) * max(len(items) - 1, 0), "join result")
     return str(d).join(items)

@@ -287,3 +287,11 @@ def test_render_label_needs_a_label_per_option(tmp_path):
     c = load_constitution(write(tmp_path, GOOD))
     with pytest.raises(ValueError, match="3 options but only 2 labels"):
         c.render_label(c.principle("harm"), MESSAGES, ["x", "y", "z"])
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shared_label_examples_balance_positions(path):
+    """Untagged labelling examples are shown for every principle: as many A as B answers,
+    so few-shot labelling does not teach a favourite position."""
+    answers = [ex.answer for ex in load_constitution(path).label_few_shot if ex.principle is None]
+    assert answers and answers.count("A") == answers.count("B")

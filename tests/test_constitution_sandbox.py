@@ -218,3 +218,10 @@ def test_many_slow_templates_hit_the_load_budget(monkeypatch):
     with pytest.raises(ConstitutionError, match="checking the templates took over 0.1s"):
         parse_constitution("name: x\ndescription: d\nprinciples:\n" + body, "slow.yaml")
     assert time.monotonic() - start < 5
+
+
+def test_join_attribute_goes_through_the_sandbox():
+    rows = {"rows": [{"name": "a"}, {"name": "b"}]}
+    assert render("{{ rows|join(', ', attribute='name') }}", rows) == "a, b"
+    with pytest.raises(TemplateProblem, match="__class__"):
+        render("{{ options|join(',', attribute='__class__') }}", VARS)

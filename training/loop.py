@@ -45,6 +45,12 @@ def setup(cfg: TrainConfig):
     if cfg.mixed_precision == "fp16" and (cfg.cpu or not torch.cuda.is_available()):
         raise CharterError("fp16 autocast needs a GPU; use bf16 on CPUs",
                            field="mixed_precision")
+    # Accelerator state is a process-wide singleton; the pipeline runs SFT then DPO in one
+    # process, possibly with other precision settings, so start each run from a clean state
+    # (the process-group part, PartialState, is kept: under `accelerate launch` it is shared).
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu,
                       log_with="tensorboard" if cfg.tensorboard else None,
                       project_dir=cfg.out)
