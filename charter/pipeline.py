@@ -115,8 +115,8 @@ def _train(fn: str) -> Callable[[Any, Context], dict]:
 def _run_label(cfg, ctx: Context) -> dict:
     from critique.label import run_label
 
-    policy = ctx.backend(cfg.backend, cfg.policy)
-    labeler = ctx.backend(cfg.backend, cfg.labeler_model)
+    policy = ctx.backend(cfg.backend, cfg.policy, cfg.backend_options)
+    labeler = ctx.backend(cfg.backend, cfg.labeler_model, cfg.backend_options)
     report = run_label(cfg, backend=labeler, policy_backend=policy)
     if not report.get("n"):
         raise CharterError("labelling made no preference pairs (every prompt's samples were "
