@@ -90,7 +90,13 @@ def _run_critique(cfg, ctx: Context) -> dict:
 
     manifest = run_critique(cfg, backend=ctx.backend(cfg.backend, cfg.model,
                                                      cfg.backend_options))
-    return {"counts": manifest.get("counts")}
+    counts = manifest.get("counts") or {}
+    if not counts.get("sft_examples"):
+        raise CharterError(f"critique wrote no SFT examples ({counts.get('flagged', 0)} records "
+                           f"flagged: {counts.get('flagged_by_reason')}); see the records: "
+                           "larger max_new_tokens, other few-shot examples or another model",
+                           path=Path(cfg.out) / "records.jsonl")
+    return {"counts": counts}
 
 
 def _train(fn: str) -> Callable[[Any, Context], dict]:
@@ -112,6 +118,10 @@ def _run_label(cfg, ctx: Context) -> dict:
     policy = ctx.backend(cfg.backend, cfg.policy, cfg.backend_options)
     labeler = ctx.backend(cfg.backend, cfg.labeler_model, cfg.backend_options)
     report = run_label(cfg, backend=labeler, policy_backend=policy)
+    if not report.get("n"):
+        raise CharterError("labelling made no preference pairs (every prompt's samples were "
+                           "identical or failed); raise temperature or samples",
+                           path=Path(cfg.out) / "pairs.jsonl")
     return {k: v for k, v in report.items() if isinstance(v, (int, float)) or k == "counts"}
 
 
@@ -143,11 +153,11 @@ def eval_headline(report: dict) -> dict:
 STAGE_KINDS: dict[str, StageKind] = {
     "critique": StageKind("critique.loop:CritiqueConfig", _run_critique,
                           ("constitution", "prompts", "helpful_prompts", "out", "model")),
-    "sft": StageKind("training.sft:SFTConfig", _train("training.sft:train_sft"),
+    "sft": StageKind("training.options:SFTConfig", _train("training.sft:train_sft"),
                      ("data", "out", "model")),
     "label": StageKind("critique.label:LabelConfig", _run_label,
                        ("constitution", "prompts", "pairs", "policy", "labeler", "out")),
-    "dpo": StageKind("training.dpo:DPOConfig", _train("training.dpo:train_dpo"),
+    "dpo": StageKind("training.options:DPOConfig", _train("training.dpo:train_dpo"),
                      ("data", "out", "model")),
     "eval": StageKind("critique.evaluate:EvalConfig", _run_eval,
                       ("model", "baseline", "prompts", "harmful", "benign", "out", "judge",
@@ -241,6 +251,31 @@ def fingerprint(stage: Stage, data_sha: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def config_json(cfg: Any) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def settings_diff(stored: dict, cfg: Any) -> list[str]:
+    """`key: old → new` for each setting that differs from a finished stage's. A key the stored
+    config lacks is ignored while the current value is the field's default (a setting added to
+    the stage in a later version of Charter changes nothing that was done)."""
+    now = config_json(cfg)
+    defaults = {}
+    for f in dataclasses.fields(cfg):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+    defaults = json.loads(json.dumps(defaults, default=str))
+    diffs = []
+    for key in sorted(set(stored) | set(now)):
+        if key not in stored and key in defaults and now.get(key) == defaults[key]:
+            continue
+        if stored.get(key) != now.get(key):
+            diffs.append(f"{key}: {stored.get(key)!r} → {now.get(key)!r}")
+    return diffs
+
+
 def read_done(out: Path, stage: Stage) -> dict | None:
     path = out / stage.name / "DONE.json"
     if not path.exists():
@@ -251,15 +286,20 @@ def read_done(out: Path, stage: Stage) -> dict | None:
         return None  # torn: the stage runs again (its own resume keeps finished work)
 
 
-def check_resumable(out: Path, stages: list[Stage]) -> list[bool]:
+def check_resumable(out: Path, stages: list[Stage], data_sha: str) -> list[bool]:
     """Which stages are done; errors for stale results (see the module docstring)."""
     done = []
     for st in stages:
         d = read_done(out, st)
         if d is not None and d.get("fingerprint") != st.fingerprint:
-            raise CharterError(f"{out / st.name} finished with other settings or data; delete "
-                               "it (and the stages after it) to run it again",
-                               path=out / st.name / "DONE.json")
+            diffs = settings_diff(d.get("config") or {}, st.cfg)
+            if d.get("data") != data_sha:
+                diffs.append("the prompt data split")
+            if diffs:
+                raise CharterError(
+                    f"{out / st.name} finished with other settings ({'; '.join(diffs[:5])}); "
+                    "delete it (and the stages after it) to run it again, or restore them",
+                    path=out / st.name / "DONE.json")
         done.append(d is not None)
     for i, st in enumerate(stages):
         if not done[i]:
@@ -280,8 +320,11 @@ def default_out(path: str | Path) -> Path:
 
 
 def run_pipeline(path: str | Path, out: str | Path | None = None,
-                 kinds: dict[str, StageKind] | None = None) -> dict:
-    """Run (or resume) the pipeline file at `path` into `out`; returns summary.json's content."""
+                 kinds: dict[str, StageKind] | None = None, check: bool = False) -> dict:
+    """Run (or resume) the pipeline file at `path` into `out`; returns summary.json's content.
+
+    `check=True` only validates: it returns the plan (each stage, whether it is done, and its
+    resolved config) and writes nothing."""
     from charter.pipeline_report import write_summary
 
     kinds = kinds or STAGE_KINDS
@@ -292,7 +335,12 @@ def run_pipeline(path: str | Path, out: str | Path | None = None,
     stages = plan(pf, out, kinds)
     for st in stages:
         st.fingerprint = fingerprint(st, data_sha)
-    done = check_resumable(out, stages)
+    done = check_resumable(out, stages, data_sha)
+    if check:
+        return {"pipeline": str(pf.path), "out": str(out), "data": {
+            k: len(v) for k, v in splits.items()}, "stages": [
+            {"name": st.name, "status": "done" if d else "pending",
+             "config": dataclasses.asdict(st.cfg)} for st, d in zip(stages, done)]}
 
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in splits.items():
@@ -317,7 +365,7 @@ def run_pipeline(path: str | Path, out: str | Path | None = None,
             if st.kind in ("sft", "dpo"):
                 ctx.drop(str(out / st.name))  # a stale backend of this (re)trained model
             state[st.name]["status"] = "running"
-            write_summary(out, pf, stages, state, time.time() - t_all)
+            write_summary(out, pf, stages, state, time.time() - t_all, plot=False)
             t0 = time.time()
             try:
                 result = kinds[st.kind].run(st.cfg, ctx)
@@ -328,8 +376,8 @@ def run_pipeline(path: str | Path, out: str | Path | None = None,
                 raise
             seconds = round(time.time() - t0, 2)
             write_json_atomic(out / st.name / "DONE.json", {
-                "stage": st.name, "fingerprint": st.fingerprint, "seconds": seconds,
-                "result": result, "config": dataclasses.asdict(st.cfg)})
+                "stage": st.name, "fingerprint": st.fingerprint, "data": data_sha,
+                "seconds": seconds, "result": result, "config": config_json(st.cfg)})
             state[st.name] = {"status": "done", "seconds": seconds, "result": result}
     finally:
         ctx.close()
