@@ -136,6 +136,9 @@ def main() -> None:
                     help="only the log-prob labeller (for accuracy runs); no ratio")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data",
                     help="folder with the HH-RLHF file (default: ../shared/data)")
+    ap.add_argument("--no-share-prefix", action="store_true",
+                    help="transformers backend: run every row's full prompt (the baseline of "
+                         "shared-prefix scoring)")
     ap.add_argument("--max-chars", type=int, default=900, help="skip longer transcripts")
     args = ap.parse_args()
     n = 16 if args.quick else args.pairs
@@ -149,7 +152,8 @@ def main() -> None:
     pairs = load_pairs(args.data / HH_FILE, n, args.max_chars)
     cfg = LabelConfig(constitution="-", pairs="-", out="-", principles_per_pair=1,
                       few_shot=args.few_shot, batch_size=args.batch_size)
-    backend = load_backend(args.backend, args.model)
+    options = {"share_prefix": False} if args.no_share_prefix else {}
+    backend = load_backend(args.backend, args.model, **options)
     # warm-up (first-call allocations) on one pair, both methods
     by_score(backend, constitution, pairs[:1], cfg)
     if not args.skip_generate:

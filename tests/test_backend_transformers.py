@@ -192,3 +192,115 @@ def test_embedded_smollm2_answers():
     assert "Paris" in text
     words = text.split()
     assert len(words) >= 3 and sum(w.isascii() for w in words) == len(words)
+
+
+# ---------------------------------------------------------------------------------------------
+# shared-prefix scoring (critique/backends/prefix_cache.py)
+
+JUDGE = {"role": "system", "content": "You judge which of two assistant answers is better. " * 3}
+
+
+def label_rows():
+    """Labelling-shaped conversations: a shared system prompt, both orders of three pairs (the
+    orders share everything up to the options), single- and multi-token options, suffixes of
+    different lengths, and one conversation that shares nothing with the others."""
+    convs, options, prefixes = [], [], []
+    questions = ["How do I bake bread at home with a small oven?", "Tell me about dragons.",
+                 "x"]
+    answers = [("Use flour, water, salt and yeast; knead, rest, bake.", "Buy it."),
+               ("They are myths.", "Dragons breathe fire in many old stories from Europe."),
+               ("a", "b")]
+    for k, (q, (r1, r2)) in enumerate(zip(questions, answers)):
+        for first, second in ((r1, r2), (r2, r1)):
+            convs.append([JUDGE, {"role": "user", "content": f"{q}\nOptions:\n(A) {first}\n"
+                                  f"(B) {second}\nAnswer with the letter."}])
+            options.append(["A", "B"] if k != 1 else ["A) they are", "B"])
+            prefixes.append("(")
+    convs.append([{"role": "user", "content": "Nothing in common here."}])
+    options.append(["Yes", "No, not at all."])
+    prefixes.append("")
+    return convs, options, prefixes
+
+
+@pytest.fixture(scope="module")
+def unshared(tiny_model_dir):
+    from critique.backends.transformers_backend import TransformersBackend
+
+    return TransformersBackend(str(tiny_model_dir), batch_size=4, progress=False, device="cpu",
+                               share_prefix=False)
+
+
+def max_diff(a, b) -> float:
+    assert [len(x) for x in a] == [len(x) for x in b]
+    return max(abs(u - v) for x, y in zip(a, b) for u, v in zip(x, y))
+
+
+def test_prefix_plan_groups_by_hand():
+    """Rows (ids, start), sorted: r0, r1 share 20 tokens then differ; r2 shares 18 with r1 and
+    nothing more; r3 shares only the first 2 tokens with all. min_shared=4.
+    Global prefix g = min(adjacent lcps 20, 18, 2; caps) = 2 < 4, so g = 0.
+    Grouping {r0, r1} saves 20 * 1; {r0, r1, r2} saves 18 * 2 = 36 > 20; so one group of three
+    with extension 18, and r3 alone with its shareable tokens start - 1 = 29."""
+    from critique.backends.prefix_cache import plan
+
+    base = list(range(100, 140))
+    r0 = base[:20] + [1] * 10
+    r1 = base[:20] + [2] * 10
+    r2 = base[:18] + [3] * 12
+    r3 = base[:2] + [4] * 28
+    p = plan([(r0, 25), (r1, 25), (r2, 25), (r3, 30)], min_shared=4)
+    assert p.g == 0 and p.groups == [[0, 1, 2], [3]] and p.ext == [18, 29]
+    assert p.saved() == 36
+    # the scored tokens cap what may be shared: r1's first scored token is its 11th, so
+    # g = min(20, 18, caps 24, 10, 24) = 10 and no group can extend it (r1 shares 0 more);
+    # single rows run their shareable tokens in stage 2: 24 - 10, 10 - 10, 24 - 10
+    p = plan([(r0, 25), (r1, 11), (r2, 25)], min_shared=4)
+    assert p.g == 10 and p.groups == [[0], [1], [2]] and p.ext == [14, 0, 14]
+    assert p.saved() == 20
+    # r0, r1 share 20 > r2's 18: with r2 far apart they group alone
+    r2b = base[:5] + [3] * 25
+    p = plan([(r0, 30), (r1, 30), (r2b, 30)], min_shared=4)
+    assert p.g == 5 and p.groups == [[0, 1], [2]] and p.ext == [15, 24]
+
+
+def test_shared_prefix_scores_equal_unshared(backend, unshared, monkeypatch):
+    from critique.backends import prefix_cache
+
+    calls = []
+    real = prefix_cache.score_shared
+    monkeypatch.setattr(prefix_cache, "score_shared",
+                        lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    convs, options, prefixes = label_rows()
+    shared = backend.score(convs, options, prefixes)
+    assert calls and any(p.saved() > 0 for p in calls)  # sharing ran, with a saving
+    assert any(p.g for p in calls) and any(len(m) > 1 for p in calls for m in p.groups)
+    assert max_diff(shared, unshared.score(convs, options, prefixes)) <= 1e-4
+    for conv, opts, prefix, got in zip(convs, options, prefixes, shared):
+        for opt, value in zip(opts, got):
+            ids, start = backend.option_tokens(conv, opt, prefix)
+            assert value == pytest.approx(manual_logprob(backend, ids, start), abs=1e-4)
+
+
+def test_shared_prefix_single_batch_and_no_common_prefix(tiny_model_dir, unshared):
+    from critique.backends.transformers_backend import TransformersBackend
+
+    big = TransformersBackend(str(tiny_model_dir), batch_size=32, progress=False, device="cpu")
+    convs, options, prefixes = label_rows()
+    assert max_diff(big.score(convs, options, prefixes),
+                    unshared.score(convs, options, prefixes)) <= 1e-4
+    # CONVS share only the template's first tokens: the plan shares nothing, the old path runs
+    opts = [["A", "B c d"]] * len(CONVS)
+    assert max_diff(big.score(CONVS, opts), unshared.score(CONVS, opts)) <= 1e-4
+    assert big.share_prefix
+
+
+def test_unshareable_cache_falls_back(tiny_model_dir, unshared, monkeypatch):
+    from critique.backends import prefix_cache
+    from critique.backends.transformers_backend import TransformersBackend
+
+    b = TransformersBackend(str(tiny_model_dir), batch_size=4, progress=False, device="cpu")
+    monkeypatch.setattr(prefix_cache, "_shareable", lambda cache: False)
+    convs, options, prefixes = label_rows()
+    assert max_diff(b.score(convs, options, prefixes),
+                    unshared.score(convs, options, prefixes)) <= 1e-4
+    assert b.share_prefix is False  # remembered: later calls skip the attempt

@@ -69,7 +69,7 @@ class TransformersBackend:
 
     def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "auto",
                  batch_size: int = 32, trust_remote_code: bool = False, progress: bool = True,
-                 max_length: int | None = None):
+                 max_length: int | None = None, share_prefix: bool = True):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -86,6 +86,8 @@ class TransformersBackend:
         self.dtype = dtype
         self.batch_size = batch_size
         self.progress = progress
+        # score(): run each batch's shared token prefixes once (critique/backends/prefix_cache.py)
+        self.share_prefix = share_prefix
         self.usage = Usage()
         path = resolve_model(model)
         from transformers.utils import logging as hf_logging
@@ -308,9 +310,12 @@ class TransformersBackend:
                 want.setdefault(r, set()).add(tok)
         totals = [0.0] * len(rows)
         next_logp: dict[tuple[int, int], float] = {}  # (row, token id) -> log-prob
-        order = sorted(range(len(rows)), key=lambda r: len(rows[r][0]))
+        # Sharing prefixes: sorted by ids, rows with a common prefix share a batch and sit
+        # side by side (prefix_cache.plan groups neighbours); else by length, to pad least.
+        order = sorted(range(len(rows)), key=(lambda r: rows[r][0]) if self.share_prefix
+                       else (lambda r: len(rows[r][0])))
         for batch in self._bar(self._batches(order), "score"):
-            sums, last = self._score_batch([rows[r] for r in batch])  # last: (B, V)
+            sums, last = self._score_rows([rows[r] for r in batch])  # last: (B, V)
             for k, r in enumerate(batch):
                 totals[r] = sums[k]
                 for tok in want.get(r, ()):
@@ -332,6 +337,20 @@ class TransformersBackend:
         full = self._encode(text + option)
         start = common_prefix_len(self._encode(text), full)
         return full, max(start, 1)  # position 0 has no context to be predicted from
+
+    def _score_rows(self, rows: list[tuple[list[int], int]]) -> tuple[list[float], Any]:
+        """`_score_batch`, with shared prefixes run once where that saves work."""
+        if self.share_prefix:
+            from critique.backends import prefix_cache
+
+            p = prefix_cache.plan(rows)
+            # a stage-2 row with neither global prefix nor extension would attend to nothing
+            if p.saved() >= prefix_cache.MIN_SHARED and (p.g or all(p.ext)):
+                res = prefix_cache.score_shared(self.model, rows, p, self.pad_id, self.device)
+                if res is not None:
+                    return res
+                self.share_prefix = False  # this model's cache cannot be expanded
+        return self._score_batch(rows)
 
     def _score_batch(self, rows: list[tuple[list[int], int]]) -> tuple[list[float], Any]:
         """Left-padded rows, so every row's option tokens sit in the last columns: the LM head
