@@ -263,6 +263,21 @@ def test_prefix_plan_groups_by_hand():
     assert p.g == 5 and p.groups == [[0, 1], [2]] and p.ext == [15, 24]
 
 
+def test_prefix_chunks_by_hand():
+    """Groups run together while padding stays within 20% of real tokens. Group 0: extension
+    10, two suffixes of 30 - 10 = 20; group 1: extension 5, one suffix 10 - 5 = 5; group 2:
+    extension 10, two suffixes 21. Sorted by extension + longest suffix: 1 (10), 0 (30), 2 (31).
+    {1, 0}: padded 2 * 10 + 3 * 20 = 80 > 1.2 * (15 + 45) = 72, so 0 starts a new chunk;
+    {0, 2}: padded 2 * 10 + 4 * 21 = 104 <= 1.2 * (20 + 82) = 122.4, so 2 joins it."""
+    from critique.backends.prefix_cache import Plan, chunks
+
+    rows = [([0] * n, n) for n in (30, 30, 10, 31, 31)]
+    p = Plan(g=0, groups=[[0, 1], [2], [3, 4]], ext=[10, 5, 10])
+    assert chunks(p, rows) == [[1], [0, 2]]
+    # slack 0.5: {1, 0}: 80 <= 90; {1, 0, 2}: 3 * 10 + 5 * 21 = 135 <= 1.5 * 112 = 168
+    assert chunks(p, rows, slack=0.5) == [[1, 0, 2]]
+
+
 def test_shared_prefix_scores_equal_unshared(backend, unshared, monkeypatch):
     from critique.backends import prefix_cache
 

@@ -464,8 +464,8 @@ def test_transformers_score_reads_single_token_options_from_one_row(tiny_model_d
     convs = [lp.comparison(c, c.principles[0], msgs, x, y, 1) for x, y in
              (("Call a locksmith.", "Use a pick."), ("Use a pick.", "Call a locksmith."))]
     rows_seen = []
-    real = b._score_batch
-    b._score_batch = lambda rows: rows_seen.append(len(rows)) or real(rows)
+    real = b._score_rows
+    b._score_rows = lambda rows: rows_seen.append(len(rows)) or real(rows)
     got = b.score(convs, [list(lp.OPTIONS)] * 2, [lp.ANSWER_PREFIX] * 2)
     assert rows_seen == [2]
     for conv, values in zip(convs, got):

@@ -104,64 +104,103 @@ def _left_padded(seqs: list[Sequence[int]], pad_id: int):
     return ids, mask
 
 
+def chunks(p: Plan, rows: Sequence[tuple[Sequence[int], int]], slack: float = 0.2
+           ) -> list[list[int]]:
+    """Groups (indices into p.groups) to run together in stages 2 and 3. Each stage pads to its
+    longest row, so groups of similar lengths go together: sorted by extension + longest
+    suffix, a chunk grows while its padded tokens stay within (1 + slack) of its real ones."""
+    def lens(k):
+        done = p.g + p.ext[k]
+        return p.ext[k], [len(rows[r][0]) - done for r in p.groups[k]]
+
+    order = sorted(range(len(p.groups)), key=lambda k: (lens(k)[0] + max(lens(k)[1])))
+    out: list[list[int]] = []
+    cur: list[int] = []
+    for k in order:
+        trial = cur + [k]
+        es = [lens(j)[0] for j in trial]
+        ss = [x for j in trial for x in lens(j)[1]]
+        padded, real = len(es) * max(es) + len(ss) * max(ss), sum(es) + sum(ss)
+        if cur and padded > (1 + slack) * real:
+            out.append(cur)
+            trial = [k]
+        cur = trial
+    return out + [cur] if cur else out
+
+
 def score_shared(model, rows: list[tuple[list[int], int]], p: Plan, pad_id: int, device: str
                  ) -> tuple[list[float], Any] | None:
     """Run `rows` by plan `p`; same return as the backend's `_score_batch` ((B,) summed
     log-probs of the scored tokens, (B, V) next-token log-probs), or None when the model's
     cache cannot be shared."""
     import torch
+    from transformers.cache_utils import DynamicCache
 
-    B = len(rows)
-    group_of = [0] * B
-    for k, members in enumerate(p.groups):
-        for r in members:
-            group_of[r] = k
-    first = [rows[m[0]][0] for m in p.groups]
-    cache, mask, pos_end = None, torch.zeros((1, 0), dtype=torch.long, device=device), \
-        torch.zeros((1,), dtype=torch.long, device=device)
-
-    def run(ids, new_mask, past_mask, past_pos, keep):
-        """One stage: (N, T) left-padded ids after a cache whose mask is past_mask (N, P) and
-        whose rows hold past_pos (N,) real tokens. Returns logits, the cache, the full mask."""
-        full = torch.cat([past_mask, new_mask], dim=1)  # (N, P+T)
-        pos = past_pos[:, None] + (new_mask.cumsum(-1) - 1).clamp(min=0)  # (N, T)
-        out = model(input_ids=ids, attention_mask=full, position_ids=pos, past_key_values=cache,
-                    use_cache=True, logits_to_keep=keep)
-        return out.logits, out.past_key_values, full
-
+    sums: list[float] = [0.0] * len(rows)
+    last: list[Any] = [None] * len(rows)
+    prefix_kv: list[tuple[Any, Any]] = []  # per layer: G's (1, H, g, D) keys and values
     with torch.inference_mode():
         if p.g:  # stage 1: the global prefix, batch 1
-            ids = torch.tensor([first[0][:p.g]], device=device)
-            _, cache, mask = run(ids, torch.ones_like(ids), mask, pos_end, 1)
+            ids = torch.tensor([rows[p.groups[0][0]][0][:p.g]], device=device)
+            cache = model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
             if not _shareable(cache):
                 return None
-            pos_end = pos_end + p.g
-        if cache is not None:  # G's cache row, once per group
-            cache.batch_select_indices(torch.zeros(len(first), dtype=torch.long, device=device))
-        if any(p.ext):  # stage 2: one row per group, after the global prefix
-            ids, m = _left_padded([f[p.g:p.g + e] for f, e in zip(first, p.ext)], pad_id)
-            _, cache, mask = run(ids.to(device), m.to(device), mask.expand(len(first), -1),
-                                 pos_end.expand(len(first)), 1)
-            if not _shareable(cache):
-                return None
-            pos_end = pos_end + torch.tensor(p.ext, device=device)
-        else:
-            mask, pos_end = mask.expand(len(first), -1), pos_end.expand(len(first))
-        # stage 3: each row's suffix after its group's cache row
-        idx = torch.tensor(group_of, device=device)
-        if cache is not None:
+            prefix_kv = [(la.keys, la.values) for la in cache.layers]
+        for chunk in chunks(p, rows):
+            m = len(chunk)
+            # G's cache row once per group of the chunk (an empty cache when there is no G)
+            cache = DynamicCache([(k.expand(m, -1, -1, -1), v.expand(m, -1, -1, -1))
+                                  for k, v in prefix_kv] or None)
+            mask = torch.ones((m, p.g), dtype=torch.long, device=device)
+            pos_end = torch.full((m,), p.g, dtype=torch.long, device=device)
+            ext = [p.ext[k] for k in chunk]
+            if any(ext):  # stage 2: one row per group, after the global prefix
+                firsts = [rows[p.groups[k][0]][0] for k in chunk]
+                ids, new = _left_padded([f[p.g:p.g + e] for f, e in zip(firsts, ext)], pad_id)
+                _, cache, mask = _run(model, cache, ids.to(device), new.to(device), mask,
+                                      pos_end, 1)
+                if not _shareable(cache):
+                    return None
+                pos_end = pos_end + torch.tensor(ext, device=device)
+            # stage 3: each row's suffix after its group's cache row
+            members = [(j, r) for j, k in enumerate(chunk) for r in p.groups[k]]
+            idx = torch.tensor([j for j, _ in members], device=device)
             cache.batch_select_indices(idx)
-        done = [p.g + p.ext[group_of[b]] for b in range(B)]
-        ids, m = _left_padded([rows[b][0][done[b]:] for b in range(B)], pad_id)
-        ids = ids.to(device)
-        K = max(len(f) - start for f, start in rows)
-        T = ids.shape[1]
-        logits, _, _ = run(ids, m.to(device), mask[idx], pos_end[idx], K + 1)
-        logp = torch.log_softmax(logits.float(), dim=-1)  # (B, K+1, V): [:, :K] predict ids[:, T-K:]
-        scored = torch.zeros((B, K), dtype=torch.bool, device=device)
-        for b, (full, start) in enumerate(rows):
-            if len(full) > start:
-                scored[b, K - (len(full) - start):] = True
-        tok_logp = logp[:, :K].gather(-1, ids[:, T - K:, None]).squeeze(-1)  # (B, K)
-        total = torch.where(scored, tok_logp, 0.0).sum(-1)  # (B,)
+            sub = [rows[r] for _, r in members]
+            suffixes = [rows[r][0][p.g + ext[j]:] for j, r in members]
+            ids, new = _left_padded(suffixes, pad_id)
+            K = max(len(f) - start for f, start in sub)
+            logits, _, _ = _run(model, cache, ids.to(device), new.to(device), mask[idx],
+                                pos_end[idx], K + 1)
+            total, nxt = _read(logits, ids.to(device), sub, K)
+            for b, (_, r) in enumerate(members):
+                sums[r], last[r] = total[b], nxt[b]
+    return sums, torch.stack(last)
+
+
+def _run(model, cache, ids, new_mask, past_mask, past_pos, keep):
+    """One forward over (N, T) left-padded ids after a cache whose rows hold past_pos (N,) real
+    tokens under past_mask (N, P). Returns the (N, keep, V) logits, the cache, the full mask."""
+    import torch
+
+    full = torch.cat([past_mask, new_mask], dim=1)  # (N, P+T): holes are the padding
+    pos = past_pos[:, None] + (new_mask.cumsum(-1) - 1).clamp(min=0)  # (N, T) real positions
+    out = model(input_ids=ids, attention_mask=full, position_ids=pos, past_key_values=cache,
+                use_cache=True, logits_to_keep=keep)
+    return out.logits, out.past_key_values, full
+
+
+def _read(logits, ids, rows, K: int) -> tuple[list[float], Any]:
+    """Summed log-prob of each row's scored tokens (its last len - start ids) and the (N, V)
+    next-token log-probs, from the (N, K+1, V) logits of the last K+1 positions."""
+    import torch
+
+    N, T = ids.shape
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (N, K+1, V): [:, :K] predict ids[:, T-K:]
+    scored = torch.zeros((N, K), dtype=torch.bool, device=ids.device)
+    for b, (full, start) in enumerate(rows):
+        if len(full) > start:
+            scored[b, K - (len(full) - start):] = True
+    tok_logp = logp[:, :K].gather(-1, ids[:, T - K:, None]).squeeze(-1)  # (N, K)
+    total = torch.where(scored, tok_logp, 0.0).sum(-1)  # (N,)
     return total.tolist(), logp[:, K].cpu()
