@@ -12,6 +12,8 @@ labelling conversations (critique/labelprompt.py), both orders for both methods,
 Pairs come from ../shared/data (HH-RLHF harmless test): the conversation before the final
 assistant turn is the prompt, the chosen and rejected final turns are the two responses (chosen
 shown as A in even pairs, as B in odd ones, so a position-only labeller scores 50%).
+With the transformers backend the scoring is timed again without shared-prefix scoring
+(`share_prefix=False`: every row's full prompt) for "shared_vs_unshared".
 Prints pairs/s of each, accuracy against `chosen` (given order only, both orders, generate) and
 position bias; the last line is one JSON object with "score_vs_generate".
 """
@@ -167,8 +169,18 @@ def main() -> None:
     print(f"score    (both orders): {len(pairs) / t_score:8.3f} pairs/s  ({t_score:.1f} s)  "
           f"acc given {s['accuracy_given_order']:.3f}  both {s['accuracy_both_orders']:.3f}  "
           f"position bias {s['position_bias']:.3f}")
+    unshared = None
+    if getattr(backend, "share_prefix", False):  # the same scoring, every row's full prompt
+        backend.share_prefix = False
+        t0 = time.perf_counter()
+        by_score(backend, constitution, pairs, cfg)
+        unshared = time.perf_counter() - t0
+        backend.share_prefix = True
+        print(f"score, no prefix sharing: {len(pairs) / unshared:8.3f} pairs/s  "
+              f"({unshared:.1f} s)  shared prefixes are {unshared / t_score:.2f}x faster")
+    sharing = {"shared_vs_unshared": round(unshared / t_score, 3) if unshared else None}
     if args.skip_generate:
-        print(json.dumps({"score_vs_generate": None, "pairs": len(pairs),
+        print(json.dumps({"score_vs_generate": None, **sharing, "pairs": len(pairs),
                           "score_pairs_per_s": round(len(pairs) / t_score, 4),
                           "score": {k: round(v, 4) for k, v in s.items()}}))
         return
@@ -182,7 +194,7 @@ def main() -> None:
           f"unparsed {unparsed}/{2 * len(pairs)}  tokens/answer {answer_tokens:.1f}")
     ratio = t_gen / t_score
     print(json.dumps({
-        "score_vs_generate": round(ratio, 3), "pairs": len(pairs),
+        "score_vs_generate": round(ratio, 3), **sharing, "pairs": len(pairs),
         "score_pairs_per_s": round(len(pairs) / t_score, 4),
         "generate_pairs_per_s": round(len(pairs) / t_gen, 4), "gen_tokens": args.gen_tokens,
         "tokens_per_answer": round(answer_tokens, 2),
