@@ -421,7 +421,8 @@ def read_pairs(path: str | os.PathLike) -> list[PreferencePair]:
         prompt = obj["prompt"]
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
-        prompt = validate_messages(prompt, path=path, line=lineno, field="prompt")
+        prompt = validate_messages(prompt, path=path, line=lineno, field="prompt",
+                                   must_end_with="user")
         chosen = _completion(obj["chosen"], path, lineno, "chosen")
         rejected = _completion(obj["rejected"], path, lineno, "rejected")
         p = obj.get("p_chosen")

@@ -113,6 +113,8 @@ class LabelConfig:
     """Use only the first N prompts or pairs."""
     batch_size: int = 8
     """Prompts or pairs per chunk: one generate and one score call each, then appended."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """Bad input records: raise, or skip them (counted in report.json's input_errors)."""
 
     def validate(self) -> None:
         if bool(self.prompts) == bool(self.pairs):
@@ -153,7 +155,7 @@ class LabelConfig:
 
 # Settings that change what is written; a resumed run must match them (limit, batch_size and
 # out may differ).
-_RESUME_FREE = ("out", "limit", "batch_size")
+_RESUME_FREE = ("out", "limit", "batch_size", "on_error")
 
 
 @dataclass
@@ -168,44 +170,62 @@ class LabelPair:
     source: str = ""
 
 
-def read_label_pairs(path: str) -> list[LabelPair]:
+def read_label_pairs(path: str, on_error: str = "raise",
+                     errors: list[str] | None = None) -> list[LabelPair]:
     """Pairs from JSONL: `id` (optional; default a content hash), `prompt` (chat messages ending
-    with a user turn, or a string), `response_a`, `response_b`, optional `preferred` (a/b)."""
+    with a user turn, or a string), `response_a`, `response_b`, optional `preferred` (a/b).
+
+    `on_error="skip"` appends each bad record's message to `errors` and goes on."""
+    found: list[str] = []
     out: list[LabelPair] = []
-    seen: dict[str, int] = {}
-    for lineno, obj in read_jsonl(path):
-        if "prompt" not in obj:
-            raise CharterError("missing field: expected prompt", path=path, line=lineno,
-                               field="prompt")
-        prompt = obj["prompt"]
-        if isinstance(prompt, str):
-            if not prompt.strip():
-                raise CharterError("empty prompt", path=path, line=lineno, field="prompt")
-            prompt = [{"role": "user", "content": prompt}]
-        messages = validate_messages(prompt, path=path, line=lineno, field="prompt",
-                                     must_end_with="user")
-        responses = []
-        for key in ("response_a", "response_b"):
-            value = obj.get(key)
-            if not isinstance(value, str):
-                what = "missing field" if value is None else f"got {type(value).__name__}"
-                raise CharterError(f"{what}: expected a response string", path=path,
-                                   line=lineno, field=key)
-            responses.append(value)
-        pref = obj.get("preferred")
-        if pref is not None:
-            if not isinstance(pref, str) or pref.strip().lower() not in ("a", "b"):
-                raise CharterError(f"expected a or b, got {pref!r}", path=path, line=lineno,
-                                   field="preferred")
-            pref = pref.strip().lower()
-        pid = obj.get("id")
-        pid = str(pid) if pid is not None else content_id(messages, *responses)
-        if pid in seen:
-            raise CharterError(f"duplicate id {pid!r} (first on line {seen[pid]})", path=path,
-                               line=lineno, field="id")
-        seen[pid] = lineno
-        out.append(LabelPair(pid, messages, *responses, pref, f"{path}:{lineno}"))
+    for lineno, obj in read_jsonl(path, errors=found if on_error == "skip" else None):
+        try:
+            out.append(_label_pair(path, lineno, obj))
+        except CharterError as e:
+            if on_error != "skip":
+                raise
+            found.append(str(e))
+    seen: dict[str, str] = {}
+    for it in out:
+        if it.id in seen:
+            raise CharterError(f"duplicate id {it.id!r} (first at {seen[it.id]})",
+                               path=it.source, field="id")
+        seen[it.id] = it.source
+    if errors is not None:
+        errors.extend(found)
+    if not out:
+        raise CharterError(f"no usable pairs ({len(found)} bad records)", path=path)
     return out
+
+
+def _label_pair(path: str, lineno: int, obj: dict) -> LabelPair:
+    if "prompt" not in obj:
+        raise CharterError("missing field: expected prompt", path=path, line=lineno,
+                           field="prompt")
+    prompt = obj["prompt"]
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise CharterError("empty prompt", path=path, line=lineno, field="prompt")
+        prompt = [{"role": "user", "content": prompt}]
+    messages = validate_messages(prompt, path=path, line=lineno, field="prompt",
+                                 must_end_with="user")
+    responses = []
+    for key in ("response_a", "response_b"):
+        value = obj.get(key)
+        if not isinstance(value, str):
+            what = "missing field" if value is None else f"got {type(value).__name__}"
+            raise CharterError(f"{what}: expected a response string", path=path,
+                               line=lineno, field=key)
+        responses.append(value)
+    pref = obj.get("preferred")
+    if pref is not None:
+        if not isinstance(pref, str) or pref.strip().lower() not in ("a", "b"):
+            raise CharterError(f"expected a or b, got {pref!r}", path=path, line=lineno,
+                               field="preferred")
+        pref = pref.strip().lower()
+    pid = obj.get("id")
+    pid = str(pid) if pid is not None else content_id(messages, *responses)
+    return LabelPair(pid, messages, *responses, pref, f"{path}:{lineno}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,6 +331,13 @@ def run_label(cfg: LabelConfig, backend=None, policy_backend=None) -> dict:
     if not pool:
         raise CharterError("no principle has a `preference` template; labelling needs at "
                            "least one", path=constitution.path, field="principles")
+    # Inputs are read before any model loads, so a bad file fails fast.
+    input_errors: list[str] = []
+    if cfg.pairs:
+        items = read_label_pairs(cfg.pairs, cfg.on_error, input_errors)[: cfg.limit]
+    else:
+        items = read_prompts(cfg.prompts, cfg.prompt_field, cfg.on_error,
+                             input_errors)[: cfg.limit]
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     _check_resume(out, cfg, constitution.sha256)
@@ -336,12 +363,13 @@ def run_label(cfg: LabelConfig, backend=None, policy_backend=None) -> dict:
     start = time.monotonic()
     try:
         if cfg.pairs:
-            records, done_now, extra = _run_pairs(cfg, out, constitution, pool, backend)
+            records, done_now, extra = _run_pairs(cfg, out, constitution, pool, backend,
+                                                  items)
         else:
             provenance.update(policy=model_label(cfg.policy), temperature=cfg.temperature,
                               top_p=cfg.top_p, samples=cfg.samples)
             records, done_now, extra = _run_prompts(cfg, out, constitution, pool, backend,
-                                                    policy_backend, provenance)
+                                                    policy_backend, provenance, items)
     finally:
         for b in owned:
             b.close()
@@ -351,12 +379,12 @@ def run_label(cfg: LabelConfig, backend=None, policy_backend=None) -> dict:
         usage["policy"] = dataclasses.asdict(policy_backend.usage)
     report = build_report(records, cfg, seconds=seconds, done_now=done_now, usage=usage,
                           provenance=provenance, extra=extra)
+    report["input_errors"] = {"count": len(input_errors), "first": input_errors[:20]}
     write_json_atomic(out / "report.json", report)
     return report
 
 
-def _run_pairs(cfg, out, constitution, pool, backend) -> tuple[list[dict], int, dict]:
-    items = read_label_pairs(cfg.pairs)[: cfg.limit]
+def _run_pairs(cfg, out, constitution, pool, backend, items) -> tuple[list[dict], int, dict]:
     path = out / "labels.jsonl"
     records = load_jsonl_for_resume(path)
     done = {r.get("id") for r in records}
@@ -392,9 +420,8 @@ def _rated_pair(ra: dict, rb: dict) -> dict:
             "rating_votes": {pid: [ra["votes"][pid], rb["votes"][pid]] for pid in ra["votes"]}}
 
 
-def _run_prompts(cfg, out, constitution, pool, backend, policy, provenance
+def _run_prompts(cfg, out, constitution, pool, backend, policy, provenance, prompts
                  ) -> tuple[list[dict], int, dict]:
-    prompts = read_prompts(cfg.prompts, cfg.prompt_field)[: cfg.limit]
     pairs_path, done_path = out / "pairs.jsonl", out / "prompts_done.jsonl"
     finished = load_jsonl_for_resume(done_path)
     done = {r["key"] for r in finished}

@@ -127,11 +127,11 @@ def train_dpo(cfg: DPOConfig) -> Path:
     cfg.validate()
     out = Path(cfg.out)
     cfg_dict = dataclasses.asdict(cfg)
+    loaded = load_pair_rows(cfg.data)  # bad data fails before a model loads
     acc, model, tok, model_path = setup(cfg)
     ckpt.prepare_run_dir(acc, out, cfg_dict, "dpo")
     if acc.is_main_process:
         ckpt.clean_partial(out)
-    loaded = load_pair_rows(cfg.data)
     examples = tokenise_pairs(tok, loaded, cfg.max_length, progress=acc.is_main_process)
     if cfg.loss == "soft":
         missing = next((e for e in examples if e.p_chosen is None), None)

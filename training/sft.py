@@ -45,11 +45,11 @@ def train_sft(cfg: SFTConfig) -> Path:
     cfg.validate()
     out = Path(cfg.out)
     cfg_dict = dataclasses.asdict(cfg)
+    loaded = load_sft_rows(cfg.data)  # bad data fails before a model loads
     acc, model, tok, model_path = setup(cfg)
     ckpt.prepare_run_dir(acc, out, cfg_dict, "sft")
     if acc.is_main_process:
         ckpt.clean_partial(out)
-    loaded = load_sft_rows(cfg.data)
     examples = tokenise_sft(tok, loaded, cfg.max_length, progress=acc.is_main_process)
     total = total_steps(cfg, len(examples), acc.num_processes)
     opt, sched = make_optimizer(model, cfg, total)

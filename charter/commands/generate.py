@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass(kw_only=True)
@@ -40,6 +41,8 @@ class GenerateConfig:
     """Field that holds the prompt (default: prompt, messages, chosen, instruction, question)."""
     limit: int | None = None
     """Use only the first N prompts."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """Bad prompt records: raise, or skip them (each reported, and counted in the summary)."""
 
     def validate(self) -> None:
         from charter.errors import CharterError
@@ -69,7 +72,9 @@ def run_generate(cfg: GenerateConfig, backend=None) -> dict:
     from charter.records import JsonlAppender, load_jsonl_for_resume, read_prompts
     from critique.backends import Sampling, load_backend
 
-    items = read_prompts(cfg.prompts, prompt_field=cfg.prompt_field)
+    errors: list[str] = []
+    items = read_prompts(cfg.prompts, prompt_field=cfg.prompt_field, on_error=cfg.on_error,
+                         errors=errors)
     if cfg.limit is not None:
         items = items[:cfg.limit]
     done = {r.get("id") for r in load_jsonl_for_resume(cfg.out)}
@@ -95,7 +100,8 @@ def run_generate(cfg: GenerateConfig, backend=None) -> dict:
             texts = backend.generate([it.messages for it in chunk], sampling)
             for it, (text, *_) in zip(chunk, texts):
                 out.append({"id": it.id, "prompt": it.messages, "response": text})
-    return {"prompts": len(items), "skipped": len(items) - len(todo), "written": len(todo)}
+    return {"prompts": len(items), "skipped": len(items) - len(todo), "written": len(todo),
+            "input_errors": errors}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,6 +111,10 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = build_config(GenerateConfig, args, getattr(args, "config", None))
     counts = run_generate(cfg)
+    for e in counts["input_errors"]:
+        print(f"charter generate: skipped: {e}", file=sys.stderr)
+    if counts["input_errors"]:
+        print(f"{len(counts['input_errors'])} bad records skipped", file=sys.stderr)
     print(f"{cfg.out}: wrote {counts['written']} responses "
           f"({counts['skipped']} already there)", file=sys.stderr)
     return 0
