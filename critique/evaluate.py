@@ -85,6 +85,8 @@ class EvalConfig:
     """Bootstrap resamples for the mean preference probability's interval."""
     metrics: list[str] = field(default_factory=list)
     """Training metrics.jsonl files (or run dirs holding one) to plot as training curves."""
+    trust_remote_code: bool = False
+    """Let transformers/vLLM run Python code shipped in the model folder (trusted models only)."""
 
     def validate(self) -> None:
         if self.prompts and (self.harmful or self.benign):
@@ -249,7 +251,8 @@ def position_consistency(detail: dict[str, dict]) -> float | None:
 # -- the run ------------------------------------------------------------------------------------
 
 
-def _get_backend(backends: dict, cache: dict, role: str, kind: str, model: str | None):
+def _get_backend(backends: dict, cache: dict, role: str, kind: str, model: str | None,
+                 trust_remote_code: bool = False):
     """The backend given for `role`, else one loaded here (once per backend kind and model)."""
     if role in backends:
         return backends[role]
@@ -257,7 +260,7 @@ def _get_backend(backends: dict, cache: dict, role: str, kind: str, model: str |
     if key not in cache:
         from critique.backends import load_backend
 
-        cache[key] = load_backend(kind, model)
+        cache[key] = load_backend(kind, model, trust_remote_code=trust_remote_code)
     return cache[key]
 
 
@@ -274,6 +277,11 @@ def run_eval(cfg: EvalConfig, backends: dict | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     prompts = load_eval_prompts(cfg)
+    cons = None
+    if cfg.judge and cfg.baseline is not None:  # a bad principle file fails before models load
+        from constitution import load_constitution
+
+        cons = load_constitution(cfg.constitution)
     backends = dict(backends or {})
     loaded: dict = {}  # (backend kind, model) -> a backend loaded here, closed at the end
     names = {"model": cfg.model, "baseline": cfg.baseline}
@@ -281,7 +289,8 @@ def run_eval(cfg: EvalConfig, backends: dict | None = None) -> dict:
     try:
         responses: dict[str, dict[str, str]] = {}
         for role in roles:
-            be = _get_backend(backends, loaded, role, cfg.backend, names[role])
+            be = _get_backend(backends, loaded, role, cfg.backend, names[role],
+                              cfg.trust_remote_code)
             responses[role] = generate_responses(
                 be, prompts, model_label(names[role]), out / f"responses-{role}.jsonl",
                 cfg.max_new_tokens, cfg.batch_size, cfg.seed, desc=f"eval {role}")
@@ -289,13 +298,10 @@ def run_eval(cfg: EvalConfig, backends: dict | None = None) -> dict:
         prefs, detail = {}, {}
         if cfg.judge:
             judge = _get_backend(backends, loaded, "judge", cfg.judge_backend or cfg.backend,
-                                 cfg.judge)
+                                 cfg.judge, cfg.trust_remote_code)
             for role in roles:
                 judged[role] = judge_refusals(judge, prompts, responses[role], cfg.batch_size)
-            if cfg.baseline is not None:
-                from constitution import load_constitution
-
-                cons = load_constitution(cfg.constitution)
+            if cons is not None:
                 jobs = preference_jobs(cons, prompts, responses["model"], responses["baseline"],
                                        cfg.judge_principles, cfg.seed)
                 scores = _score_batched(judge, [j[3] for j in jobs], list(LABELS),

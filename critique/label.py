@@ -115,6 +115,8 @@ class LabelConfig:
     """Prompts or pairs per chunk: one generate and one score call each, then appended."""
     on_error: Literal["raise", "skip"] = "raise"
     """Bad input records: raise, or skip them (counted in report.json's input_errors)."""
+    trust_remote_code: bool = False
+    """Let transformers/vLLM run Python code shipped in the model folder (trusted models only)."""
 
     def validate(self) -> None:
         if bool(self.prompts) == bool(self.pairs):
@@ -155,7 +157,7 @@ class LabelConfig:
 
 # Settings that change what is written; a resumed run must match them (limit, batch_size and
 # out may differ).
-_RESUME_FREE = ("out", "limit", "batch_size", "on_error")
+_RESUME_FREE = ("out", "limit", "batch_size", "on_error", "trust_remote_code")
 
 
 @dataclass
@@ -346,7 +348,8 @@ def run_label(cfg: LabelConfig, backend=None, policy_backend=None) -> dict:
     if backend is None:
         from critique.backends import load_backend
 
-        backend = load_backend(cfg.backend, cfg.labeler_model)
+        backend = load_backend(cfg.backend, cfg.labeler_model,
+                               trust_remote_code=cfg.trust_remote_code)
         owned.append(backend)
     if cfg.prompts and policy_backend is None:
         if cfg.labeler is None or cfg.labeler == cfg.policy:
@@ -354,7 +357,8 @@ def run_label(cfg: LabelConfig, backend=None, policy_backend=None) -> dict:
         else:
             from critique.backends import load_backend
 
-            policy_backend = load_backend(cfg.backend, cfg.policy)
+            policy_backend = load_backend(cfg.backend, cfg.policy,
+                                          trust_remote_code=cfg.trust_remote_code)
             owned.append(policy_backend)
     provenance = {"labeler": model_label(cfg.labeler_model), "backend": cfg.backend,
                   "constitution": constitution.name,

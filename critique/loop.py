@@ -97,6 +97,8 @@ class CritiqueConfig:
     """Bad prompt records: raise, or skip them (counted in the manifest)."""
     progress: bool = True
     """Show tqdm progress bars."""
+    trust_remote_code: bool = False
+    """Let transformers/vLLM run Python code shipped in the model folder (trusted models only)."""
 
     def validate(self) -> None:
         positive = {"rounds": self.rounds, "batch_size": self.batch_size,
@@ -291,7 +293,8 @@ def run_critique(cfg: CritiqueConfig, backend: Backend | None = None) -> dict:
     if built and (todo or todo_helpful):
         from critique.backends import load_backend
 
-        backend = load_backend(cfg.backend, cfg.model, **cfg.backend_options)
+        backend = load_backend(cfg.backend, cfg.model, trust_remote_code=cfg.trust_remote_code,
+                               **cfg.backend_options)
     steps = _Steps(backend, cfg) if backend is not None else None
     try:
         if todo:

@@ -107,7 +107,12 @@ def reference_logps(acc, cfg: DPOConfig, model, examples, pad_id: int, model_pat
     if cfg.ref_model:
         from transformers import AutoModelForCausalLM
 
-        ref = AutoModelForCausalLM.from_pretrained(ref_path, dtype=torch.float32).to(acc.device)
+        from charter.models import require_safetensors
+
+        require_safetensors(ref_path)
+        ref = AutoModelForCausalLM.from_pretrained(
+            ref_path, dtype=torch.float32, use_safetensors=True,
+            trust_remote_code=cfg.trust_remote_code).to(acc.device)
         logps = compute_ref_logps(acc, ref, examples, pad_id, cfg.ref_batch_size, False)
         del ref
         gc.collect()

@@ -34,7 +34,7 @@ def setup(cfg: TrainConfig):
     from accelerate.utils import set_seed
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from charter.models import resolve_model
+    from charter.models import require_safetensors, resolve_model
 
     if cfg.tensorboard:
         try:
@@ -56,10 +56,12 @@ def setup(cfg: TrainConfig):
                       project_dir=cfg.out)
     set_seed(cfg.seed)
     path = resolve_model(cfg.model)
-    tok = AutoTokenizer.from_pretrained(path)
+    require_safetensors(path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     if tok.pad_token_id is None:  # padding is masked everywhere; any id will do
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
+                                                 trust_remote_code=cfg.trust_remote_code)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()

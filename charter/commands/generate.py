@@ -43,6 +43,8 @@ class GenerateConfig:
     """Use only the first N prompts."""
     on_error: Literal["raise", "skip"] = "raise"
     """Bad prompt records: raise, or skip them (each reported, and counted in the summary)."""
+    trust_remote_code: bool = False
+    """Let transformers/vLLM run Python code shipped in the model folder (trusted models only)."""
 
     def validate(self) -> None:
         from charter.errors import CharterError
@@ -86,7 +88,8 @@ def run_generate(cfg: GenerateConfig, backend=None) -> dict:
             seen.add(it.id)
     if todo and backend is None:
         options = {"batch_size": cfg.batch_size} if cfg.backend == "transformers" else {}
-        backend = load_backend(cfg.backend, cfg.model, **options)
+        backend = load_backend(cfg.backend, cfg.model, trust_remote_code=cfg.trust_remote_code,
+                               **options)
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p,
                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     chunks = [todo[i:i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]

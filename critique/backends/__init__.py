@@ -7,8 +7,12 @@ from critique.backends.base import Backend, Conversation, Sampling, Usage
 BACKENDS = ("transformers", "vllm", "openai", "fake")
 
 
-def load_backend(name: str, model: str | None = None, **options) -> Backend:
-    """Build a backend by name. `model` is what `--model` gave (None: the embedded default)."""
+def load_backend(name: str, model: str | None = None, *, trust_remote_code: bool = False,
+                 **options) -> Backend:
+    """Build a backend by name. `model` is what `--model` gave (None: the embedded default).
+
+    `trust_remote_code` (the `--trust-remote-code` flag) lets a local backend run Python code
+    shipped in the model folder; it is off unless the user asks, and servers ignore it."""
     from charter.errors import CharterError
 
     if name == "fake":
@@ -18,11 +22,11 @@ def load_backend(name: str, model: str | None = None, **options) -> Backend:
     if name == "transformers":
         from critique.backends.transformers_backend import TransformersBackend
 
-        return TransformersBackend(model, **options)
+        return TransformersBackend(model, trust_remote_code=trust_remote_code, **options)
     if name == "vllm":
         from critique.backends.vllm_backend import VLLMBackend
 
-        return VLLMBackend(model, **options)
+        return VLLMBackend(model, trust_remote_code=trust_remote_code, **options)
     if name == "openai":
         from critique.backends.openai_backend import OpenAIBackend
 

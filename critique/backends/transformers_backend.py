@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 
 from charter.errors import CharterError
-from charter.models import model_label, resolve_model
+from charter.models import model_label, require_safetensors, resolve_model
 from critique.backends.base import Conversation, Sampling, Usage
 
 # On this project's reference CPU (Xeon with AMX) bf16 matmuls are faster, but SmolLM2-135M's
@@ -87,6 +87,7 @@ class TransformersBackend:
         self.progress = progress
         self.usage = Usage()
         path = resolve_model(model)
+        require_safetensors(path)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path,
                                                            trust_remote_code=trust_remote_code)
