@@ -24,9 +24,9 @@ from charter.errors import CharterError
 from charter.models import model_label, require_safetensors, resolve_model
 from critique.backends.base import Conversation, Sampling, Usage
 
-# On this project's reference CPU (Xeon with AMX) bf16 matmuls are faster, but SmolLM2-135M's
-# greedy text drifts from fp32 on some prompts, and scores move (benchmarks/README.md,
-# "Backend dtype"). "auto" therefore keeps fp32 on CPU; pass dtype="bfloat16" to trade.
+# Measured on an AMX Xeon (benchmarks/README.md, "Backend dtype"): bf16 weights make generation
+# 1.6x and score() 3.6x faster, but 12/16 greedy SmolLM2 answers diverge from fp32 and option
+# log-probs move by up to 0.7 nats. "auto" therefore keeps fp32 on CPU; dtype="bfloat16" trades.
 CPU_AUTO_DTYPE = "float32"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -88,6 +88,11 @@ class TransformersBackend:
         self.usage = Usage()
         path = resolve_model(model)
         require_safetensors(path)
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        if not progress:  # also quiet the "Loading weights" bar, then restore the setting
+            hf_logging.disable_progress_bar()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path,
                                                            trust_remote_code=trust_remote_code)
@@ -97,6 +102,9 @@ class TransformersBackend:
         except (OSError, ValueError, KeyError, RuntimeError, ImportError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CharterError(f"cannot load model {path!r}: {first}", field="model") from None
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         if not getattr(self.tokenizer, "chat_template", None):
             raise CharterError(f"model {path!r} has no chat template in its tokenizer",
                                field="model")
@@ -108,7 +116,8 @@ class TransformersBackend:
         tok = self.tokenizer
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
-        self.pad_id = tok.pad_token_id
+        # pad id only fills masked positions; any id will do when the tokenizer has none
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         eos = set()
         for cfg in (self.model.generation_config, self.model.config):
             e = getattr(cfg, "eos_token_id", None)
@@ -212,8 +221,9 @@ class TransformersBackend:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) positions that skip the padding
         with torch.inference_mode():
             while not all(done):
+                # logits_to_keep=1: the prefill needs only the last position's (B, 1, V) logits
                 res = self.model(input_ids=step_ids, attention_mask=mask, position_ids=pos,
-                                 past_key_values=cache, use_cache=True)
+                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
                 cache = res.past_key_values
                 logits = res.logits[:, -1, :].float()  # (B, V)
                 nxt = self._pick(logits, gens, sampling)  # (B,)
@@ -302,22 +312,30 @@ class TransformersBackend:
         return full, max(start, 1)  # position 0 has no context to be predicted from
 
     def _score_batch(self, rows: list[tuple[list[int], int]]) -> list[float]:
+        """Left-padded rows, so every row's option tokens sit in the last columns: the LM head
+        and log-softmax run only over the last K+1 positions (K = the most option tokens in the
+        batch) instead of the whole (B, T, V) sequence."""
         import torch
 
         B, T = len(rows), max(len(f) for f, _ in rows)
+        K = max(len(f) - start for f, start in rows)
+        if K == 0:
+            return [0.0] * B  # only empty options
         ids = torch.full((B, T), self.pad_id, dtype=torch.long)
         mask = torch.zeros((B, T), dtype=torch.long)
-        scored = torch.zeros((B, T), dtype=torch.bool)  # which target positions count
-        for b, (full, start) in enumerate(rows):  # right padding: positions start at 0
-            ids[b, :len(full)] = torch.tensor(full)
-            mask[b, :len(full)] = 1
-            scored[b, start:len(full)] = True
+        scored = torch.zeros((B, K), dtype=torch.bool)  # which of the last K targets count
+        for b, (full, start) in enumerate(rows):
+            ids[b, T - len(full):] = torch.tensor(full)
+            mask[b, T - len(full):] = 1
+            scored[b, K - (len(full) - start):] = True
         ids, mask, scored = ids.to(self.device), mask.to(self.device), scored.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) positions that skip the padding
         with torch.inference_mode():
-            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, T-1, V): predicts ids[:, 1:]
-            tok_logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
-            total = torch.where(scored[:, 1:], tok_logp, 0.0).sum(-1)  # (B,)
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                logits_to_keep=K + 1).logits.float()  # (B, K+1, V)
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, K, V): predicts ids[:, T-K:]
+            tok_logp = logp.gather(-1, ids[:, T - K:, None]).squeeze(-1)  # (B, K)
+            total = torch.where(scored, tok_logp, 0.0).sum(-1)  # (B,)
         return total.tolist()
 
     def close(self) -> None:
