@@ -57,3 +57,16 @@ def shared_data() -> Path:
         pytest.skip("../shared/data is not beside this checkout (runs in the project workspace "
                     "and CI, which lay shared/ beside the clone)")
     return SHARED_DATA
+
+
+def pytest_addoption(parser):
+    # Kill-and-resume soaks (tests/test_kill_resume.py): the default is a few trials per
+    # command, sized for CI; `--trials N` runs N per command (and runs the `slow` soaks).
+    parser.addoption("--trials", type=int, default=None, metavar="N",
+                     help="kill/resume trials per command (default: a few, sized for CI)")
+
+
+@pytest.fixture
+def trials(request):
+    """`--trials N`, or None for each test's CI-sized default."""
+    return request.config.getoption("--trials")
