@@ -42,9 +42,12 @@ def _prompts(path: Path, n: int) -> Path:
     return path
 
 
-def _summary(name: str, results: list) -> str:
+def _summary(name: str, results: list, progress: list) -> str:
+    """One line for the log (docs/reliability.md quotes these): trials, kills, and how far each
+    killed run had got (records finished, or the last complete checkpoint)."""
     killed = sum(r.killed for r in results)
-    return f"{name}: {len(results)} trials, {killed} killed mid-run"
+    return (f"KILLS {name}: {len(results)} trials, {killed} killed mid-run; progress at the "
+            f"kill: {progress}")
 
 
 def _check_prefix(before: list[bytes], final: bytes, what: str) -> None:
@@ -74,13 +77,14 @@ def test_critique_survives_kills(tmp_path, trials):
                     trigger=ref_out / "records.jsonl")
     assert ref.returncode == 0, ref.output
     rng = random.Random(SEED)
-    results = []
+    results, progress = [], []
     for t in range(_n(trials, 3)):
         out = tmp_path / f"trial-{t}"
         r = kill_run(argv(out), env=env, log=tmp_path / f"kill-{t}.log",
                      trigger=out / "records.jsonl", rng=rng, window=ref.after_trigger)
         results.append(r)
         before = complete_lines(out / "records.jsonl")
+        progress.append(len(before))
         if rng.random() < 0.5:
             tear(out / "records.jsonl", rng)
         done = timed_run(argv(out), env=env, log=tmp_path / f"resume-{t}.log")
@@ -94,7 +98,7 @@ def test_critique_survives_kills(tmp_path, trials):
         assert manifest["counts"]["done"] == manifest["counts"]["prompts"] == 16
         assert manifest["counts"]["resumed"] == len(before)
         _ids_unique(out / "records.jsonl")
-    print(_summary("critique", results))
+    print(_summary("critique", results, progress))
 
 
 # -- labelling -----------------------------------------------------------------------------------
@@ -117,13 +121,14 @@ def test_label_pairs_survive_kills(tmp_path, trials):
                     trigger=ref_out / "labels.jsonl")
     assert ref.returncode == 0, ref.output
     rng = random.Random(SEED + 1)
-    results = []
+    results, progress = [], []
     for t in range(_n(trials, 3)):
         out = tmp_path / f"trial-{t}"
         results.append(kill_run(argv(out), env=env, log=tmp_path / f"kill-{t}.log",
                                 trigger=out / "labels.jsonl", rng=rng,
                                 window=ref.after_trigger))
         before = complete_lines(out / "labels.jsonl")
+        progress.append(len(before))
         if rng.random() < 0.5:
             tear(out / "labels.jsonl", rng)
         done = timed_run(argv(out), env=env, log=tmp_path / f"resume-{t}.log")
@@ -133,7 +138,7 @@ def test_label_pairs_survive_kills(tmp_path, trials):
         assert final == (ref_out / "labels.jsonl").read_bytes(), f"trial {t}: labels differ"
         report = json.loads((out / "report.json").read_text())
         assert report["n"] == 20 and report["labelled_this_run"] == 20 - len(before)
-    print(_summary("label --pairs", results))
+    print(_summary("label --pairs", results, progress))
 
 
 def test_label_prompts_survive_kills(tmp_path, trials):
@@ -151,7 +156,7 @@ def test_label_prompts_survive_kills(tmp_path, trials):
                     trigger=ref_out / "pairs.jsonl")
     assert ref.returncode == 0, ref.output
     rng = random.Random(SEED + 2)
-    results = []
+    results, progress = [], []
     for t in range(_n(trials, 2)):
         out = tmp_path / f"trial-{t}"
         results.append(kill_run(argv(out), env=env, log=tmp_path / f"kill-{t}.log",
@@ -160,6 +165,7 @@ def test_label_prompts_survive_kills(tmp_path, trials):
         marks = {json.loads(m)["key"] for m in complete_lines(out / "prompts_done.jsonl")}
         before = [ln for ln in complete_lines(out / "pairs.jsonl")
                   if json.loads(ln)["prompt_key"] in marks]
+        progress.append(len(marks))
         if rng.random() < 0.5:
             tear(out / "pairs.jsonl", rng)
         done = timed_run(argv(out), env=env, log=tmp_path / f"resume-{t}.log")
@@ -168,7 +174,7 @@ def test_label_prompts_survive_kills(tmp_path, trials):
         _check_prefix(before, final, f"trial {t}")
         assert final == (ref_out / "pairs.jsonl").read_bytes(), f"trial {t}: pairs differ"
         _ids_unique(out / "pairs.jsonl")
-    print(_summary("label --prompts", results))
+    print(_summary("label --prompts", results, progress))
 
 
 # -- training ------------------------------------------------------------------------------------
@@ -199,13 +205,14 @@ def _train_trials(tmp_path: Path, stage: str, data: Path, model: Path, n: int, s
     window = time.monotonic() - t0
     ref_w = _weights(ref_out / "final")
     rng = random.Random(seed)
-    results = []
+    results, progress = [], []
     for t in range(n):
         out = tmp_path / f"trial-{t}"
         results.append(kill_run(argv(out), env=env, log=tmp_path / f"kill-{t}.log",
                                 trigger=out / "train_config.json", rng=rng, window=window))
         ckpts = sorted((int(d.name.split("-")[1]) for d in out.glob("checkpoint-*")
                         if (d / "state.json").exists()), reverse=True)
+        progress.append(f"step {ckpts[0]}" if ckpts else "no checkpoint")
         if rng.random() < 0.5 and out.exists():
             # a checkpoint half written when the kill came, and a torn metrics line
             partial = out / f".checkpoint-{(ckpts[0] if ckpts else 0) + 1}.tmp"
@@ -229,7 +236,7 @@ def _train_trials(tmp_path: Path, stage: str, data: Path, model: Path, n: int, s
 
         AutoModelForCausalLM.from_pretrained(out / "final")  # loads
         shutil.rmtree(out)
-    return results
+    return results, progress
 
 
 def test_sft_survives_kills(tmp_path, trials, tiny_model_dir):
@@ -238,7 +245,7 @@ def test_sft_survives_kills(tmp_path, trials, tiny_model_dir):
     data.write_text("".join(json.dumps({"messages": [u, {"role": "assistant", "content":
                     f"Hello number {i}, how can I help?"}]}) + "\n" for i in range(8)))
     results = _train_trials(tmp_path, "sft", data, tiny_model_dir, _n(trials, 1), SEED + 3)
-    print(_summary("train sft", results))
+    print(_summary("train sft", *results))
 
 
 def test_dpo_survives_kills(tmp_path, trials, tiny_model_dir):
@@ -249,7 +256,7 @@ def test_dpo_survives_kills(tmp_path, trials, tiny_model_dir):
         "rejected": [{"role": "assistant", "content": f"Use a pick {i}."}], "p_chosen": 0.8})
         + "\n" for i in range(8)))
     results = _train_trials(tmp_path, "dpo", data, tiny_model_dir, _n(trials, 1), SEED + 4)
-    print(_summary("train dpo", results))
+    print(_summary("train dpo", *results))
 
 
 # -- the pipeline --------------------------------------------------------------------------------
@@ -283,12 +290,14 @@ eval: {{max_new_tokens: 16}}
     window = time.monotonic() - t0
     out.rename(ref_out)
     rng = random.Random(SEED + 5)
-    results = []
+    results, progress = [], []
     for t in range(_n(trials, 1)):
         shutil.rmtree(out, ignore_errors=True)
         results.append(kill_run(argv, env=env, log=tmp_path / f"kill-{t}.log",
                                 trigger=out / "data", rng=rng, window=window))
         before = complete_lines(out / "critique" / "records.jsonl")
+        progress.append(",".join(sorted(d.parent.name for d in out.glob("*/DONE.json")))
+                        or "no stage done")
         done = timed_run(argv, env=env, log=tmp_path / f"resume-{t}.log")
         assert done.returncode == 0, done.output
         summary = json.loads((out / "summary.json").read_text())
@@ -300,5 +309,5 @@ eval: {{max_new_tokens: 16}}
             assert (out / rel).read_bytes() == (ref_out / rel).read_bytes(), f"{rel} differs"
         w, ref_w = _weights(out / "dpo" / "final"), _weights(ref_out / "dpo" / "final")
         assert all((w[k] - ref_w[k]).abs().max().item() < 1e-5 for k in w), "DPO model differs"
-    print(_summary("run (pipeline)", results))
+    print(_summary("run (pipeline)", results, progress))
 
