@@ -36,6 +36,7 @@ from charter.config import config_from_dict
 from charter.errors import CharterError
 from charter.pipeline_file import PipelineFile, load_pipeline_file, split_data
 from charter.records import write_json_atomic, write_jsonl_atomic
+from charter.writable import check_output
 
 
 @dataclass
@@ -312,7 +313,7 @@ def run_pipeline(path: str | Path, out: str | Path | None = None,
             {"name": st.name, "status": "done" if d else "pending",
              "config": dataclasses.asdict(st.cfg)} for st, d in zip(stages, done)]}
 
-    out.mkdir(parents=True, exist_ok=True)
+    check_output(out)  # writable, with free space, before any stage runs
     for name, rows in splits.items():
         if rows and _changed(out / "data" / f"{name}.jsonl", rows):
             write_jsonl_atomic(out / "data" / f"{name}.jsonl", rows)

@@ -44,15 +44,22 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write to a temp name in the same folder, fsync, then rename: readers never see half a file."""
+    """Write to a temp name in the same folder, fsync, then rename: readers never see half a file.
+
+    If writing fails (disk full), the old file is left as it was and the temp file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CharterError(f"cannot write ({e.strerror or e}); the previous version, if any, "
+                           "is unchanged", path=path) from None
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -70,12 +77,32 @@ class JsonlAppender:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a", encoding="utf-8")
+        self._f = open(self.path, "ab")
 
     def append(self, record: dict) -> None:
-        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        end = self._f.tell()
+        try:
+            self._f.write(line)
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as e:  # disk full mid-line: cut the partial line off, keep the rest
+            self._drop_partial(end)
+            raise CharterError(f"cannot append a record ({e.strerror or e}); the records "
+                               "before it are safe, re-run the same command to resume",
+                               path=self.path) from None
+
+    def _drop_partial(self, end: int) -> None:
+        try:
+            self._f.close()  # may fail again flushing the partial buffer; the file is reopened
+        except OSError:
+            pass
+        try:
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
+        except OSError:
+            pass  # a torn last line is repaired by load_jsonl_for_resume on the next run
+        self._f = open(self.path, "ab")
 
     def close(self) -> None:
         self._f.close()

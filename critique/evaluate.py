@@ -35,6 +35,7 @@ from charter.records import (
     read_prompts,
     write_jsonl_atomic,
 )
+from charter.writable import check_output
 from critique.labelmath import p_first, position_bias
 from critique.refusal import JUDGE_OPTIONS, judge_question, match_refusal
 from critique.stats import rate_summary, win_summary
@@ -258,7 +259,7 @@ def run_eval(cfg: EvalConfig, backends: dict | None = None) -> dict:
 
     cfg.validate()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output(out)  # writable, with free space, before any model loads
     t0 = time.time()
     prompts = load_eval_prompts(cfg)
     cons = None

@@ -48,6 +48,7 @@ from charter.records import (
     write_jsonl_atomic,
     write_text_atomic,
 )
+from charter.writable import check_output
 from constitution import draw, load_constitution
 from critique import labelprompt as lp
 from critique.backends.base import Sampling
@@ -351,7 +352,7 @@ def run_label(cfg: LabelConfig, backend=None, policy_backend=None) -> dict:
         items = read_prompts(cfg.prompts, cfg.prompt_field, cfg.on_error,
                              input_errors)[: cfg.limit]
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output(out)  # writable, with free space, before any model loads
     _check_resume(out, cfg, constitution.sha256)
     write_text_atomic(out / "constitution.yaml", constitution.source_text)
     owned = []

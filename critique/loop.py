@@ -46,6 +46,7 @@ from charter.records import (
     load_jsonl_for_resume,
     read_prompts,
 )
+from charter.writable import check_output
 from constitution import Constitution, draw, load_constitution
 from critique import outputs
 from critique.backends.base import Backend, Conversation, Sampling
@@ -276,7 +277,7 @@ def run_critique(cfg: CritiqueConfig, backend: Backend | None = None) -> dict:
     for w in warnings:
         print(f"charter critique: warning: {w}", file=sys.stderr)
 
-    out.mkdir(parents=True, exist_ok=True)
+    check_output(out)  # writable, with free space, before any model loads
     outputs.save_constitution(out, constitution)
     base = outputs.manifest_base(cfg, prov, constitution)
     outputs.write_manifest(out, {**base, "status": "running"})

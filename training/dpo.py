@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from charter.errors import CharterError
+from charter.writable import check_output
 from training import checkpoint as ckpt
 from training.collate import collate_pairs
 from training.data import data_provenance, load_pair_rows, pairs_fingerprint, tokenise_pairs
@@ -141,6 +142,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
     out = Path(cfg.out)
     cfg_dict = dataclasses.asdict(cfg)
     loaded = load_pair_rows(cfg.data)  # bad data fails before a model loads
+    check_output(out)  # so does an output that cannot be written
     acc, model, tok, model_path = setup(cfg)
     ckpt.prepare_run_dir(acc, out, cfg_dict, "dpo")
     if acc.is_main_process:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from charter.writable import check_output
 from training import checkpoint as ckpt
 from training.collate import collate_sft
 from training.data import data_provenance, load_sft_rows, tokenise_sft
@@ -46,6 +47,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     out = Path(cfg.out)
     cfg_dict = dataclasses.asdict(cfg)
     loaded = load_sft_rows(cfg.data)  # bad data fails before a model loads
+    check_output(out)  # so does an output that cannot be written
     acc, model, tok, model_path = setup(cfg)
     ckpt.prepare_run_dir(acc, out, cfg_dict, "sft")
     if acc.is_main_process:

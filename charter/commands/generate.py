@@ -70,6 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_generate(cfg: GenerateConfig, backend=None) -> dict:
     """Answer every prompt not yet in `cfg.out`; returns counts."""
     from charter.records import JsonlAppender, load_jsonl_for_resume, read_prompts
+    from charter.writable import check_output
     from critique.backends import Sampling
     from critique.backends.options import build_backend
 
@@ -78,6 +79,7 @@ def run_generate(cfg: GenerateConfig, backend=None) -> dict:
                          errors=errors)
     if cfg.limit is not None:
         items = items[:cfg.limit]
+    check_output(cfg.out, is_dir=False)  # writable, before anything is read or loaded
     done = {r.get("id") for r in load_jsonl_for_resume(cfg.out)}
     seen: set[str] = set()
     todo = []
