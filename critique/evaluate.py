@@ -89,6 +89,8 @@ class EvalConfig:
     """Training metrics.jsonl files (or run dirs holding one) to plot as training curves."""
     trust_remote_code: bool = False
     """Let transformers/vLLM run Python code shipped in the model folder (trusted models only)."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """Bad prompt records: raise, or skip them (counted in report.json's input_errors)."""
 
     def validate(self) -> None:
         if self.prompts and (self.harmful or self.benign):
@@ -117,11 +119,12 @@ class EvalConfig:
 # -- prompts ------------------------------------------------------------------------------------
 
 
-def load_eval_prompts(cfg: EvalConfig) -> list[PromptItem]:
-    """Harmful then benign prompts, each kind cut to `limit`; every prompt must carry a label."""
+def load_eval_prompts(cfg: EvalConfig, errors: list[str] | None = None) -> list[PromptItem]:
+    """Harmful then benign prompts, each kind cut to `limit`; every prompt must carry a label.
+    Records skipped under `on_error="skip"` are reported in `errors`."""
     items: list[PromptItem] = []
     if cfg.prompts:
-        items = read_prompts(cfg.prompts, cfg.prompt_field)
+        items = read_prompts(cfg.prompts, cfg.prompt_field, cfg.on_error, errors)
         for it in items:
             if it.label is None:
                 raise CharterError("missing label: evaluation prompts need label harmful/unsafe "
@@ -131,7 +134,7 @@ def load_eval_prompts(cfg: EvalConfig) -> list[PromptItem]:
     for path, label in ((cfg.harmful, "harmful"), (cfg.benign, "benign")):
         if path:
             items += [dataclasses.replace(it, label=label)
-                      for it in read_prompts(path, cfg.prompt_field)]
+                      for it in read_prompts(path, cfg.prompt_field, cfg.on_error, errors)]
     out: list[PromptItem] = []
     seen: set[tuple[str, str]] = set()
     for label in ("harmful", "benign"):
@@ -261,7 +264,8 @@ def run_eval(cfg: EvalConfig, backends: dict | None = None) -> dict:
     out = Path(cfg.out)
     check_output(out)  # writable, with free space, before any model loads
     t0 = time.time()
-    prompts = load_eval_prompts(cfg)
+    input_errors: list[str] = []
+    prompts = load_eval_prompts(cfg, input_errors)
     cons = None
     if cfg.judge and cfg.baseline is not None:  # a bad principle file fails before models load
         from constitution import load_constitution
@@ -315,6 +319,7 @@ def run_eval(cfg: EvalConfig, backends: dict | None = None) -> dict:
     report["judge_position_bias"] = (position_bias([d["orders"] for d in detail.values()])
                                      if detail else None)
     report["seconds"] = round(time.time() - t0, 2)
+    report["input_errors"] = {"count": len(input_errors), "first": input_errors[:20]}
     write_report(out, report, rows, cfg)
     return report
 

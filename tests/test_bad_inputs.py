@@ -9,6 +9,7 @@ the tiny llama, so the whole matrix runs in seconds.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -316,3 +317,28 @@ def test_debug_shows_traceback_subprocess(tmp_path):
     debug = subprocess.run([*cmd[:3], "--debug", *cmd[3:]], cwd=ROOT, capture_output=True,
                            text=True, timeout=120)
     assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_eval_on_error_skip_counts(tmp_path, capsys):
+    p = tmp_path / "eval.jsonl"
+    good = RECORDS["eval_prompts"]["good"]
+    p.write_text("\n".join([json.dumps(good), "{broken",
+                            json.dumps({"prompt": "Bake bread?", "label": "benign"})]) + "\n")
+    out = tmp_path / "ev"
+    rc = main(["eval", "--prompts", str(p), "--out", str(out), "--backend", "fake",
+               "--on-error", "skip"])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["input_errors"]["count"] == 1
+    assert f"{p}:2" in report["input_errors"]["first"][0]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file whatever its mode; runs "
+                    "where tests run as a regular user (developer machines)")
+def test_unreadable_file(tmp_path, capsys):
+    p = tmp_path / "secret.jsonl"
+    p.write_text('{"prompt": "hi"}\n')
+    p.chmod(0)
+    rc, err = run_cli(["generate", "--prompts", str(p), "--out", str(tmp_path / "o.jsonl"),
+                       "--backend", "fake"], capsys)
+    assert rc == 1 and f"{p}: prompts file is not readable" in err, err
