@@ -342,3 +342,21 @@ def test_unreadable_file(tmp_path, capsys):
     rc, err = run_cli(["generate", "--prompts", str(p), "--out", str(tmp_path / "o.jsonl"),
                        "--backend", "fake"], capsys)
     assert rc == 1 and f"{p}: prompts file is not readable" in err, err
+
+
+def test_unexpected_exception_is_one_line_without_debug(tmp_path, capsys, monkeypatch):
+    """A bug (not bad input) still prints one line; --debug shows the traceback."""
+    import charter.commands.generate as gen
+
+    def boom(cfg, backend=None):
+        raise RuntimeError("tensor shapes do not match\nmore detail")
+
+    monkeypatch.setattr(gen, "run_generate", boom)
+    argv = ["generate", "--prompts", str(GOOD_PROMPTS), "--out", str(tmp_path / "o.jsonl")]
+    rc, err = run_cli(argv, capsys)
+    assert rc == 1 and "Traceback" not in err, err
+    assert err.strip() == ("charter: internal error: RuntimeError: tensor shapes do not match "
+                           "(a bug in charter; re-run with --debug for the traceback and "
+                           "report it)")
+    rc, err = run_cli(["--debug", *argv], capsys)
+    assert rc == 1 and "Traceback" in err
