@@ -66,6 +66,16 @@ def pytest_addoption(parser):
                      help="kill/resume trials per command (default: a few, sized for CI)")
 
 
+def pytest_collection_modifyitems(config, items):
+    # `slow` soaks run only when asked for (-m slow); the default run stays CI-sized.
+    if "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="soak test: runs with -m slow (and --trials N to size it)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def trials(request):
     """`--trials N`, or None for each test's CI-sized default."""

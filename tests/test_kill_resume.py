@@ -14,7 +14,8 @@ SFT and DPO on the tiny llama, and the whole pipeline. Every trial:
    weights equal the reference run's.
 
 Default trial counts keep the file near 2 minutes on 2 busy cores; `--trials N` runs N per
-command (e.g. `pytest tests/test_kill_resume.py --trials 20`).
+command (e.g. `pytest tests/test_kill_resume.py --trials 20`), and `pytest -m slow
+tests/test_kill_resume.py` runs the soak (`test_soak`: 20/20/20/5/5/3 kills).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import re
 import shutil
 import time
 from pathlib import Path
+
+import pytest
 
 from tests.kill_harness import ROOT, charter_env, complete_lines, kill_run, tear, timed_run
 
@@ -309,3 +312,20 @@ eval: {{max_new_tokens: 16}}
         assert all((w[k] - ref_w[k]).abs().max().item() < 1e-5 for k in w), "DPO model differs"
     print(_summary("run (pipeline)", results, progress))
 
+
+
+@pytest.mark.slow
+def test_soak(tmp_path, trials, tiny_model_dir, monkeypatch):
+    """`pytest -m slow tests/test_kill_resume.py [--trials N]`: every command above, N kills
+    each (default 20 for critique and labelling, 5 for training, 3 for the pipeline)."""
+    for name, fn, default in (("critique", test_critique_survives_kills, 20),
+                              ("pairs", test_label_pairs_survive_kills, 20),
+                              ("prompts", test_label_prompts_survive_kills, 20)):
+        (tmp_path / name).mkdir()
+        fn(tmp_path / name, trials or default)
+    for name, fn, default in (("sft", test_sft_survives_kills, 5),
+                              ("dpo", test_dpo_survives_kills, 5)):
+        (tmp_path / name).mkdir()
+        fn(tmp_path / name, trials or default, tiny_model_dir)
+    (tmp_path / "run").mkdir()
+    test_pipeline_survives_kills(tmp_path / "run", trials or 3, tiny_model_dir, monkeypatch)
