@@ -81,7 +81,7 @@ def test_critique_survives_kills(tmp_path, trials):
     assert ref.returncode == 0, ref.output
     rng = random.Random(SEED)
     results, progress = [], []
-    for t in range(_n(trials, 3)):
+    for t in range(_n(trials, 2)):
         out = tmp_path / f"trial-{t}"
         r = kill_run(argv(out), env=env, log=tmp_path / f"kill-{t}.log",
                      trigger=out / "records.jsonl", rng=rng, window=ref.after_trigger)
@@ -125,7 +125,7 @@ def test_label_pairs_survive_kills(tmp_path, trials):
     assert ref.returncode == 0, ref.output
     rng = random.Random(SEED + 1)
     results, progress = [], []
-    for t in range(_n(trials, 3)):
+    for t in range(_n(trials, 2)):
         out = tmp_path / f"trial-{t}"
         results.append(kill_run(argv(out), env=env, log=tmp_path / f"kill-{t}.log",
                                 trigger=out / "labels.jsonl", rng=rng,
