@@ -214,8 +214,10 @@ def _train_trials(tmp_path: Path, stage: str, data: Path, model: Path, n: int, s
                                 trigger=out / "train_config.json", rng=rng, window=window))
         ckpts = sorted((int(d.name.split("-")[1]) for d in out.glob("checkpoint-*")
                         if (d / "state.json").exists()), reverse=True)
-        progress.append(f"step {ckpts[0]}" if ckpts else "no checkpoint")
-        if rng.random() < 0.5 and out.exists():
+        finished = (out / "final" / "config.json").exists()  # killed after saving final/
+        progress.append("final saved" if finished else
+                        f"step {ckpts[0]}" if ckpts else "no checkpoint")
+        if rng.random() < 0.5 and out.exists() and not finished:
             # a checkpoint half written when the kill came, and a torn metrics line
             partial = out / f".checkpoint-{(ckpts[0] if ckpts else 0) + 1}.tmp"
             partial.mkdir(exist_ok=True)
@@ -223,7 +225,9 @@ def _train_trials(tmp_path: Path, stage: str, data: Path, model: Path, n: int, s
             tear(out / "metrics.jsonl", rng)
         done = timed_run(argv(out), env=env, log=tmp_path / f"resume-{t}.log")
         assert done.returncode == 0, done.output
-        if ckpts and ckpts[0] < steps:
+        if finished:
+            assert "already trained" in done.output, done.output
+        elif ckpts:
             assert re.search(rf"resuming from \S*checkpoint-{ckpts[0]} \(step {ckpts[0]}",
                              done.output), done.output
         assert not list(out.glob(".checkpoint-*.tmp")), "partial checkpoint left behind"
