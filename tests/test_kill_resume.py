@@ -200,18 +200,20 @@ def _train_trials(tmp_path: Path, stage: str, data: Path, model: Path, n: int, s
                 "--batch-size", "2", "--max-steps", str(steps), "--save-every", "1",
                 "--lr", "1e-3", "--warmup-ratio", "0"]
 
-    # The reference run is in-process (torch is already imported here: saves a start-up); the
-    # kill window is how long it ran after writing its trigger file (the trigger's mtime).
+    # The reference run is in-process (torch is already imported here: saves a start-up).
     ref_out = tmp_path / "ref"
     assert main(argv(ref_out)) == 0
-    window = time.time() - (ref_out / "train_config.json").stat().st_mtime
     ref_w = _weights(ref_out / "final")
     rng = random.Random(seed)
     results, progress = [], []
     for t in range(n):
         out = tmp_path / f"trial-{t}"
+        # The kill lands at a seeded random step: up to 0.5 s after checkpoint k appears (k = 0:
+        # after the run directory is set up), so it can hit a step or a checkpoint being saved.
+        k = rng.randrange(steps)
+        trigger = out / ("train_config.json" if k == 0 else f"checkpoint-{k}")
         results.append(kill_run(argv(out), env=env, log=tmp_path / f"kill-{t}.log",
-                                trigger=out / "train_config.json", rng=rng, window=window))
+                                trigger=trigger, rng=rng, window=0.5))
         ckpts = sorted((int(d.name.split("-")[1]) for d in out.glob("checkpoint-*")
                         if (d / "state.json").exists()), reverse=True)
         finished = (out / "final" / "config.json").exists()  # killed after saving final/
