@@ -24,7 +24,6 @@ import json
 import random
 import re
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -294,14 +293,15 @@ eval: {{max_new_tokens: 16}}
     argv = ["run", str(pf), "--out", str(out)]
     monkeypatch.setenv("CHARTER_FAKE_DELAY", "0.01")
     assert main(argv) == 0
-    window = time.time() - (out / "data").stat().st_mtime  # run time after the trigger
     out.rename(ref_out)
     rng = random.Random(SEED + 5)
     results, progress = [], []
     for t in range(_n(trials, 1)):
         shutil.rmtree(out, ignore_errors=True)
+        # The kill lands in a seeded random stage: up to 2 s after its directory appears.
+        stage = rng.choice(["critique", "sft", "label", "dpo", "eval"])
         results.append(kill_run(argv, env=env, log=tmp_path / f"kill-{t}.log",
-                                trigger=out / "data", rng=rng, window=window))
+                                trigger=out / stage, rng=rng, window=2.0))
         before = complete_lines(out / "critique" / "records.jsonl")
         progress.append(",".join(sorted(d.parent.name for d in out.glob("*/DONE.json")))
                         or "no stage done")
