@@ -179,3 +179,13 @@ def test_trust_remote_code_flag_defaults_off(command, capsys):
     cls = getattr(importlib.import_module(mod), name)
     field = {f.name: f for f in dataclasses.fields(cls)}["trust_remote_code"]
     assert field.default is False
+
+
+def test_flag_reaches_the_loader_only_when_given():
+    from critique.backends.options import BackendFields, backend_kwargs
+
+    assert "trust_remote_code" not in backend_kwargs(BackendFields(backend="transformers"))
+    on = BackendFields(backend="transformers", trust_remote_code=True)
+    assert backend_kwargs(on)["trust_remote_code"] is True
+    assert "trust_remote_code" not in backend_kwargs(
+        BackendFields(backend="openai", base_url=["http://h:1/v1"], trust_remote_code=True))

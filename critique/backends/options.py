@@ -124,6 +124,8 @@ def backend_kwargs(cfg: Any, prefix: str = "") -> dict[str, Any]:
             continue
         value = getattr(cfg, attr)
         if backend in takers:
+            if name == "trust_remote_code" and not value:
+                continue  # passed only when asked for; every loader's default is off
             if value is not None and value != []:
                 kw[kwarg] = list(value) if isinstance(value, (list, tuple)) else value
         elif (name in SERVER_ONLY and attr in defaults and value != defaults[attr]
