@@ -101,27 +101,36 @@ def test_resume_gives_the_same_result(pairs, tmp_path, tiny_model_dir, monkeypat
     a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert not (out / ".checkpoint-3.tmp").exists()
+    stamp = (resumed / "model.safetensors").stat().st_mtime_ns
+    assert train_dpo(cfg(pairs, out, tiny_model_dir, save_every=2)) == resumed  # done: no-op
+    assert (resumed / "model.safetensors").stat().st_mtime_ns == stamp
     with pytest.raises(CharterError, match="other settings.*beta"):
         train_dpo(cfg(pairs, out, tiny_model_dir, beta=0.2))
 
 
 def test_lora_reference_is_the_base_and_final_is_merged(pairs, tmp_path, tiny_model_dir):
+    from accelerate import Accelerator
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    train_dpo(cfg(pairs, tmp_path / "full", tiny_model_dir, max_steps=1))
+    from training.data import load_pair_rows, tokenise_pairs
+    from training.dpo import compute_ref_logps
+
     final = train_dpo(cfg(pairs, tmp_path / "lora", tiny_model_dir, lora=True, lora_r=4,
                           lora_targets=["q_proj", "v_proj"], max_steps=2))
-    ref_full = torch.load(tmp_path / "full" / "ref_logps.pt")["logps"]
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ex = tokenise_pairs(tok, load_pair_rows(pairs), 1024, progress=False)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ref_base = compute_ref_logps(Accelerator(cpu=True), base, ex, tok.pad_token_id, 8, False)
     ref_lora = torch.load(tmp_path / "lora" / "ref_logps.pt")["logps"]
-    assert torch.allclose(ref_full, ref_lora, atol=1e-4)  # adapter disabled = the base model
+    assert torch.allclose(ref_base, ref_lora, atol=1e-4)  # adapter disabled = the base model
     weights = load_file(final / "model.safetensors")
     assert not any("lora" in k for k in weights)
-    base = load_file(tiny_model_dir / "model.safetensors")
+    base_w = load_file(tiny_model_dir / "model.safetensors")
     q = "model.layers.0.self_attn.q_proj.weight"
-    assert not torch.equal(weights[q], base[q])  # the adapter was merged in
+    assert not torch.equal(weights[q], base_w[q])  # the adapter was merged in
     k = "model.layers.0.self_attn.k_proj.weight"
-    assert torch.equal(weights[k], base[k])  # not a LoRA target: untouched
+    assert torch.equal(weights[k], base_w[k])  # not a LoRA target: untouched
     AutoModelForCausalLM.from_pretrained(final)
 
 

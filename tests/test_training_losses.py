@@ -118,3 +118,12 @@ def test_soft_with_missing_p_on_one_pair_is_an_error():
     pc, pr, rc, rr = (x.repeat(2) for x in pair())
     with pytest.raises(CharterError, match="p_chosen"):
         preference_loss("soft", pc, pr, rc, rr, beta=1.0, p=T([1.0, float("nan")]))
+
+
+def test_likelihood_displacement_needs_three_logs_with_both_rewards_negative():
+    """Rewards are β·(policy − reference) log-probs: both negative = both log-probs fell."""
+    from training.dpo import likelihood_displacement
+
+    assert likelihood_displacement([(0.1, -0.2), (-0.1, -0.3), (-0.2, -0.5), (-0.3, -0.9)])
+    assert not likelihood_displacement([(-0.1, -0.3), (0.01, -0.5), (-0.3, -0.9)])
+    assert not likelihood_displacement([(-0.1, -0.3), (-0.2, -0.5)])  # too few logs yet

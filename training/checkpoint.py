@@ -77,7 +77,7 @@ def save_checkpoint(acc, model, opt, sched, step: int, out: Path, cfg_dict: dict
         torch.save(_trainable_state(acc.unwrap_model(model)), tmp / "trainable.pt")
         torch.save(opt.state_dict(), tmp / "optimizer.pt")
         torch.save(sched.state_dict(), tmp / "scheduler.pt")
-        write_json_atomic(tmp / "config.json", cfg_dict)
+        write_json_atomic(tmp / CONFIG_NAME, cfg_dict)
     acc.wait_for_everyone()
     if acc.is_main_process:
         write_json_atomic(tmp / "state.json", {"step": step})  # written last: marks complete
@@ -135,7 +135,13 @@ def model_card(stage: str, cfg_dict: dict, provenance: dict, model_path: str,
     return "\n".join(lines)
 
 
-def save_final(acc, model, tok, out: Path, card: str) -> Path:
+def finished(out: Path, total: int) -> bool:
+    """Whether out/final holds the result of a run of `total` steps (re-running is a no-op)."""
+    f = out / "final" / "charter_state.json"
+    return f.exists() and json.loads(f.read_text(encoding="utf-8")).get("step") == total
+
+
+def save_final(acc, model, tok, out: Path, card: str, step: int) -> Path:
     """out/final: plain safetensors (a LoRA adapter is merged in) + tokenizer + README.md."""
     final, tmp = out / "final", out / ".final.tmp"
     acc.wait_for_everyone()
@@ -148,6 +154,7 @@ def save_final(acc, model, tok, out: Path, card: str) -> Path:
         unwrapped.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         write_text_atomic(tmp / "README.md", card)
+        write_json_atomic(tmp / "charter_state.json", {"step": step})
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

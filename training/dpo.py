@@ -122,6 +122,14 @@ def reference_logps(acc, cfg: DPOConfig, model, examples, pad_id: int, model_pat
     return logps
 
 
+def likelihood_displacement(history: list[tuple[float, float]], window: int = 3) -> bool:
+    """True when, in each of the last `window` logs, both the chosen and the rejected reward
+    (β·log-ratio to the reference) are negative: both log-probs fell, only at different rates.
+    A window, so that one noisy batch does not trigger it."""
+    recent = history[-window:]
+    return len(recent) == window and all(c < 0 and r < 0 for c, r in recent)
+
+
 def train_dpo(cfg: DPOConfig) -> Path:
     """Train with a preference loss; return out/final."""
     cfg.validate()
@@ -138,8 +146,11 @@ def train_dpo(cfg: DPOConfig) -> Path:
         if missing:
             raise CharterError("the soft loss needs p_chosen on every pair (the AI label's "
                                "probability)", path=missing.source, field="p_chosen")
-    ref = reference_logps(acc, cfg, model, examples, tok.pad_token_id, model_path)
     total = total_steps(cfg, len(examples), acc.num_processes)
+    if ckpt.finished(out, total):
+        log(acc, f"{out / 'final'} is already trained ({total} steps); nothing to do")
+        return out / "final"
+    ref = reference_logps(acc, cfg, model, examples, tok.pad_token_id, model_path)
     opt, sched = make_optimizer(model, cfg, total)
     model, opt = acc.prepare(model, opt)
     start, last = 0, ckpt.latest_checkpoint(out)
@@ -159,7 +170,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
                      out / "metrics.png", f"DPO ({cfg.loss}, β={cfg.beta})")
     card = ckpt.model_card("dpo", cfg_dict, data_provenance(loaded.path), model_path,
                            {"steps": total, **summary})
-    final = ckpt.save_final(acc, model, tok, out, card)
+    final = ckpt.save_final(acc, model, tok, out, card, total)
     acc.end_training()
     log(acc, f"saved {final}")
     return final
@@ -171,7 +182,9 @@ def run_steps(acc, cfg: DPOConfig, model, opt, sched, examples, ref, pad_id, sta
 
     model.train()
     bar = tqdm(total=total, initial=start, desc="dpo", disable=not acc.is_main_process)
-    t0, tokens, below_ref = time.perf_counter(), 0, 0
+    t0, tokens = time.perf_counter(), 0
+    history: list[tuple[float, float]] = []  # logged (rewards/chosen, rewards/rejected)
+    warned = False
     for step in range(start, total):
         micro = step_indices(step, len(examples), cfg.batch_size, cfg.grad_accum,
                              acc.num_processes, acc.process_index, cfg.seed)
@@ -215,14 +228,14 @@ def run_steps(acc, cfg: DPOConfig, model, opt, sched, examples, ref, pad_id, sta
                                        "sum").item())
             dt = time.perf_counter() - t0
             row = {"step": step + 1, **{k: float(g[i] / g[-1]) for i, k in enumerate(METRICS)},
-                   "lr": lr, "tokens_per_s": tok_all / dt if dt > 0 else 0.0}
+                   "lr": lr, "tokens_per_s": tok_all / dt if dt > 0 else 0.0, "elapsed_s": dt}
             if grad_norm is not None:
                 row["grad_norm"] = float(grad_norm)
             metrics.write(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
-            below_ref = below_ref + 1 if (ref is not None and row["rewards/chosen"] < 0
-                                          and row["rewards/rejected"] < 0) else 0
-            if below_ref == 3:  # three logs in a row, so one noisy batch does not trigger it
+            history.append((row["rewards/chosen"], row["rewards/rejected"]))
+            if ref is not None and not warned and likelihood_displacement(history):
+                warned = True
                 log(acc, f"warning: at step {step + 1} the log-probs of both chosen and rejected "
                          "responses have fallen below the reference (likelihood displacement); "
                          "consider a lower --lr, a larger --beta or --rpo-alpha")

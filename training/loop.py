@@ -51,7 +51,10 @@ def setup(cfg: TrainConfig):
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=False)
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu,
+    # accelerate only sets up multi-process CPU training (DDP over gloo) when told `cpu=True`,
+    # so a machine with no accelerator is a CPU run, launched alone or under torchrun.
+    no_accel = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu or no_accel,
                       log_with="tensorboard" if cfg.tensorboard else None,
                       project_dir=cfg.out)
     set_seed(cfg.seed)

@@ -52,6 +52,9 @@ def train_sft(cfg: SFTConfig) -> Path:
     loaded = load_sft_rows(cfg.data)
     examples = tokenise_sft(tok, loaded, cfg.max_length, progress=acc.is_main_process)
     total = total_steps(cfg, len(examples), acc.num_processes)
+    if ckpt.finished(out, total):
+        log(acc, f"{out / 'final'} is already trained ({total} steps); nothing to do")
+        return out / "final"
     opt, sched = make_optimizer(model, cfg, total)
     model, opt = acc.prepare(model, opt)
     start, last = 0, ckpt.latest_checkpoint(out)
@@ -69,7 +72,7 @@ def train_sft(cfg: SFTConfig) -> Path:
         plot_metrics(rows, ["loss", "lr", "tokens_per_s"], out / "metrics.png", "SFT")
     summary = {"steps": total, "final loss": rows[-1]["loss"] if rows else None}
     card = ckpt.model_card("sft", cfg_dict, data_provenance(loaded.path), model_path, summary)
-    final = ckpt.save_final(acc, model, tok, out, card)
+    final = ckpt.save_final(acc, model, tok, out, card, total)
     acc.end_training()
     log(acc, f"saved {final}")
     return final
@@ -116,7 +119,7 @@ def run_steps(acc, cfg: SFTConfig, model, opt, sched, examples, pad_id, start, t
                                         device=acc.device), "sum").cpu()
             dt = time.perf_counter() - t0
             row = {"step": step + 1, "loss": float(g[0]) / n_tokens, "lr": lr,
-                   "tokens_per_s": float(g[1]) / dt if dt > 0 else 0.0}
+                   "tokens_per_s": float(g[1]) / dt if dt > 0 else 0.0, "elapsed_s": dt}
             if grad_norm is not None:
                 row["grad_norm"] = float(grad_norm)
             metrics.write(row)

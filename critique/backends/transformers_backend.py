@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from charter.errors import CharterError
 from charter.models import model_label, resolve_model
@@ -282,17 +283,39 @@ class TransformersBackend:
         if len(prefixes) != len(conversations) or len(options) != len(conversations):
             raise CharterError("options and prefixes must have one entry per conversation",
                                field="options")
-        rows: list[tuple[list[int], int]] = []  # (ids of prompt+option, first scored position)
+        # Options that are one token after a shared context (the labeller's "A"/"B" after "(",
+        # the ratings "1".."9") are read from ONE row: the context's next-token distribution.
+        # Other options get a row of their own (prompt+option, first scored position).
+        rows: list[tuple[list[int], int]] = []
+        context_row: dict[tuple[int, ...], int] = {}
+        reads: list[tuple[int, int | None]] = []  # per option: (row, next token id or None)
         for i, (conv, opts, prefix) in enumerate(zip(conversations, options, prefixes)):
             for opt in opts:
                 full, start = self.option_tokens(conv, opt, prefix)
                 self._check_len(len(full), i)
-                rows.append((full, start))
-        scores = [0.0] * len(rows)
+                if start == len(full) - 1:  # exactly one scored token
+                    ctx = tuple(full[:-1])
+                    if ctx not in context_row:
+                        context_row[ctx] = len(rows)
+                        rows.append((full[:-1], len(full) - 1))  # scores no token itself
+                    reads.append((context_row[ctx], full[-1]))
+                else:
+                    rows.append((full, start))
+                    reads.append((len(rows) - 1, None))
+        want: dict[int, set[int]] = {}  # context row -> next-token ids to read
+        for r, tok in reads:
+            if tok is not None:
+                want.setdefault(r, set()).add(tok)
+        totals = [0.0] * len(rows)
+        next_logp: dict[tuple[int, int], float] = {}  # (row, token id) -> log-prob
         order = sorted(range(len(rows)), key=lambda r: len(rows[r][0]))
         for batch in self._bar(self._batches(order), "score"):
-            for r, s in zip(batch, self._score_batch([rows[r] for r in batch])):
-                scores[r] = s
+            sums, last = self._score_batch([rows[r] for r in batch])  # last: (B, V)
+            for k, r in enumerate(batch):
+                totals[r] = sums[k]
+                for tok in want.get(r, ()):
+                    next_logp[(r, tok)] = float(last[k, tok])
+        scores = [next_logp[(r, tok)] if tok is not None else totals[r] for r, tok in reads]
         self.usage.score_calls += 1
         self.usage.scored_tokens += sum(len(f) for f, _ in rows)
         self.usage.score_seconds += time.perf_counter() - t0
@@ -310,32 +333,32 @@ class TransformersBackend:
         start = common_prefix_len(self._encode(text), full)
         return full, max(start, 1)  # position 0 has no context to be predicted from
 
-    def _score_batch(self, rows: list[tuple[list[int], int]]) -> list[float]:
+    def _score_batch(self, rows: list[tuple[list[int], int]]) -> tuple[list[float], Any]:
         """Left-padded rows, so every row's option tokens sit in the last columns: the LM head
         and log-softmax run only over the last K+1 positions (K = the most option tokens in the
-        batch) instead of the whole (B, T, V) sequence."""
+        batch) instead of the whole (B, T, V) sequence. Returns each row's summed log-prob of
+        its scored tokens and the (B, V) log-probs of the token after each row."""
         import torch
 
         B, T = len(rows), max(len(f) for f, _ in rows)
         K = max(len(f) - start for f, start in rows)
-        if K == 0:
-            return [0.0] * B  # only empty options
         ids = torch.full((B, T), self.pad_id, dtype=torch.long)
         mask = torch.zeros((B, T), dtype=torch.long)
         scored = torch.zeros((B, K), dtype=torch.bool)  # which of the last K targets count
         for b, (full, start) in enumerate(rows):
             ids[b, T - len(full):] = torch.tensor(full)
             mask[b, T - len(full):] = 1
-            scored[b, K - (len(full) - start):] = True
+            if len(full) > start:
+                scored[b, K - (len(full) - start):] = True
         ids, mask, scored = ids.to(self.device), mask.to(self.device), scored.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) positions that skip the padding
         with torch.inference_mode():
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
                                 logits_to_keep=K + 1).logits.float()  # (B, K+1, V)
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, K, V): predicts ids[:, T-K:]
-            tok_logp = logp.gather(-1, ids[:, T - K:, None]).squeeze(-1)  # (B, K)
+            logp = torch.log_softmax(logits, dim=-1)  # (B, K+1, V): [:, :K] predict ids[:, T-K:]
+            tok_logp = logp[:, :K].gather(-1, ids[:, T - K:, None]).squeeze(-1)  # (B, K)
             total = torch.where(scored, tok_logp, 0.0).sum(-1)  # (B,)
-        return total.tolist()
+        return total.tolist(), logp[:, K].cpu()  # (B,), (B, V): the next token's log-probs
 
     def close(self) -> None:
         self.model = None
