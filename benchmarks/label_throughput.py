@@ -168,18 +168,20 @@ def main() -> None:
                           "score_pairs_per_s": round(len(pairs) / t_score, 4),
                           "score": {k: round(v, 4) for k, v in s.items()}}))
         return
-    t0 = time.perf_counter()
+    t0, gen0 = time.perf_counter(), backend.usage.generated_tokens
     generated, unparsed = by_generate(backend, constitution, pairs, cfg, args.gen_tokens)
     t_gen = time.perf_counter() - t0
+    answer_tokens = (backend.usage.generated_tokens - gen0) / (2 * len(pairs))
     g = stats(generated, pairs)
     print(f"generate (both orders): {len(pairs) / t_gen:8.3f} pairs/s  ({t_gen:.1f} s)  "
           f"acc both {g['accuracy_both_orders']:.3f}  position bias {g['position_bias']:.3f}  "
-          f"unparsed {unparsed}/{2 * len(pairs)}")
+          f"unparsed {unparsed}/{2 * len(pairs)}  tokens/answer {answer_tokens:.1f}")
     ratio = t_gen / t_score
     print(json.dumps({
         "score_vs_generate": round(ratio, 3), "pairs": len(pairs),
         "score_pairs_per_s": round(len(pairs) / t_score, 4),
         "generate_pairs_per_s": round(len(pairs) / t_gen, 4), "gen_tokens": args.gen_tokens,
+        "tokens_per_answer": round(answer_tokens, 2),
         "score": {k: round(v, 4) for k, v in s.items()},
         "generate": {k: round(v, 4) for k, v in g.items()}, "unparsed": unparsed}))
 

@@ -90,7 +90,13 @@ def _run_critique(cfg, ctx: Context) -> dict:
 
     manifest = run_critique(cfg, backend=ctx.backend(cfg.backend, cfg.model,
                                                      cfg.backend_options))
-    return {"counts": manifest.get("counts")}
+    counts = manifest.get("counts") or {}
+    if not counts.get("sft_examples"):
+        raise CharterError(f"critique wrote no SFT examples ({counts.get('flagged', 0)} records "
+                           f"flagged: {counts.get('flagged_by_reason')}); see the records: "
+                           "larger max_new_tokens, other few-shot examples or another model",
+                           path=Path(cfg.out) / "records.jsonl")
+    return {"counts": counts}
 
 
 def _train(fn: str) -> Callable[[Any, Context], dict]:
@@ -109,9 +115,13 @@ def _train(fn: str) -> Callable[[Any, Context], dict]:
 def _run_label(cfg, ctx: Context) -> dict:
     from critique.label import run_label
 
-    policy = ctx.backend(cfg.backend, cfg.policy)
-    labeler = ctx.backend(cfg.backend, cfg.labeler_model)
+    policy = ctx.backend(cfg.backend, cfg.policy, cfg.backend_options)
+    labeler = ctx.backend(cfg.backend, cfg.labeler_model, cfg.backend_options)
     report = run_label(cfg, backend=labeler, policy_backend=policy)
+    if not report.get("n"):
+        raise CharterError("labelling made no preference pairs (every prompt's samples were "
+                           "identical or failed); raise temperature or samples",
+                           path=Path(cfg.out) / "pairs.jsonl")
     return {k: v for k, v in report.items() if isinstance(v, (int, float)) or k == "counts"}
 
 
@@ -143,11 +153,11 @@ def eval_headline(report: dict) -> dict:
 STAGE_KINDS: dict[str, StageKind] = {
     "critique": StageKind("critique.loop:CritiqueConfig", _run_critique,
                           ("constitution", "prompts", "helpful_prompts", "out", "model")),
-    "sft": StageKind("training.sft:SFTConfig", _train("training.sft:train_sft"),
+    "sft": StageKind("training.options:SFTConfig", _train("training.sft:train_sft"),
                      ("data", "out", "model")),
     "label": StageKind("critique.label:LabelConfig", _run_label,
                        ("constitution", "prompts", "pairs", "policy", "labeler", "out")),
-    "dpo": StageKind("training.dpo:DPOConfig", _train("training.dpo:train_dpo"),
+    "dpo": StageKind("training.options:DPOConfig", _train("training.dpo:train_dpo"),
                      ("data", "out", "model")),
     "eval": StageKind("critique.evaluate:EvalConfig", _run_eval,
                       ("model", "baseline", "prompts", "harmful", "benign", "out", "judge",
@@ -280,8 +290,11 @@ def default_out(path: str | Path) -> Path:
 
 
 def run_pipeline(path: str | Path, out: str | Path | None = None,
-                 kinds: dict[str, StageKind] | None = None) -> dict:
-    """Run (or resume) the pipeline file at `path` into `out`; returns summary.json's content."""
+                 kinds: dict[str, StageKind] | None = None, check: bool = False) -> dict:
+    """Run (or resume) the pipeline file at `path` into `out`; returns summary.json's content.
+
+    `check=True` only validates: it returns the plan (each stage, whether it is done, and its
+    resolved config) and writes nothing."""
     from charter.pipeline_report import write_summary
 
     kinds = kinds or STAGE_KINDS
@@ -293,6 +306,11 @@ def run_pipeline(path: str | Path, out: str | Path | None = None,
     for st in stages:
         st.fingerprint = fingerprint(st, data_sha)
     done = check_resumable(out, stages)
+    if check:
+        return {"pipeline": str(pf.path), "out": str(out), "data": {
+            k: len(v) for k, v in splits.items()}, "stages": [
+            {"name": st.name, "status": "done" if d else "pending",
+             "config": dataclasses.asdict(st.cfg)} for st, d in zip(stages, done)]}
 
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in splits.items():
@@ -317,7 +335,7 @@ def run_pipeline(path: str | Path, out: str | Path | None = None,
             if st.kind in ("sft", "dpo"):
                 ctx.drop(str(out / st.name))  # a stale backend of this (re)trained model
             state[st.name]["status"] = "running"
-            write_summary(out, pf, stages, state, time.time() - t_all)
+            write_summary(out, pf, stages, state, time.time() - t_all, plot=False)
             t0 = time.time()
             try:
                 result = kinds[st.kind].run(st.cfg, ctx)

@@ -201,6 +201,10 @@ def split_data(pf: PipelineFile) -> dict[str, list[dict]]:
         out[f"{kind}-train"] = [_row(i) for i in train]
         out["eval"] += [_row(i) for i in held]
     out["train"] = out["harmful-train"] + out["benign-train"]
+    if not out["eval"]:
+        raise CharterError("no prompts held out for evaluation: set `eval: N` in harmful "
+                           "and/or benign", path=pf.path, line=pf.lines[""].get("harmful"),
+                           field="harmful")
     if not out["harmful-train"]:
         raise CharterError("no harmful training prompts left after the held-out part",
                            path=pf.path, line=pf.lines[""].get("harmful"), field="harmful")

@@ -44,7 +44,8 @@ def final_model(stages, state: dict) -> str | None:
     return None
 
 
-def write_summary(out: Path, pf, stages, state: dict, seconds: float) -> dict:
+def write_summary(out: Path, pf, stages, state: dict, seconds: float,
+                  plot: bool = True) -> dict:
     from critique.eval_report import plot_trend
 
     points = trend_points(stages, state)
@@ -56,9 +57,10 @@ def write_summary(out: Path, pf, stages, state: dict, seconds: float) -> dict:
         "trend": points,
     }
     out.mkdir(parents=True, exist_ok=True)
-    trend_png = plot_trend(points, out / "trend.png")
+    trend_png = plot_trend(points, out / "trend.png") if plot else None
+    has_trend = trend_png is not None or (out / "trend.png").exists()
     write_json_atomic(out / "summary.json", summary)
-    write_text_atomic(out / "report.md", render(summary, trend_png is not None))
+    write_text_atomic(out / "report.md", render(summary, has_trend))
     return summary
 
 

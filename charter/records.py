@@ -337,6 +337,9 @@ def read_prompts(path: str | os.PathLike, prompt_field: str | None = None,
     return items
 
 
+_CSV_OPTIONAL = ("id", "response", "label")
+
+
 def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
     lines = [line for _, line in read_text_lines(path)]
     reader = csv.DictReader(lines)
@@ -345,7 +348,10 @@ def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
                            path=path)
     start = reader.line_num + 1  # the first data row's line
     for row in reader:
-        yield start, {k: v for k, v in row.items() if k is not None}
+        # an empty optional cell means "not given" (CSV cannot tell null from ""); an empty
+        # prompt cell stays, so that it is reported as an empty prompt
+        yield start, {k: v for k, v in row.items()
+                      if k is not None and not (v in ("", None) and k in _CSV_OPTIONAL)}
         start = reader.line_num + 1  # a quoted field may span lines
 
 

@@ -21,7 +21,9 @@ reason code, counted in the manifest:
   embed them) are cut out of it first, so that a revision close to the response it revises is
   not taken for a copy of a request that quotes that response.
 - `copies_critique`: a revision that repeats the critique instead of rewriting the response.
-- `copies_example`: the output is a few-shot example's critique or revision word for word.
+- `copies_example`: the output contains a few-shot example's critique or revision (20+
+  characters) word for word (small models copy the example's critique whatever the prompt,
+  then go on). A short example ("No.") may be repeated.
 """
 
 from __future__ import annotations
@@ -149,7 +151,8 @@ def problem(text: str, *, requests: Sequence[str] = (), critique: str | None = N
         return "copies_request"
     if critique is not None and _copies(text, critique):
         return "copies_critique"
-    if any(_norm(text) == _norm(e) for e in examples):
+    norm = _norm(text)
+    if any(len(_norm(e)) >= 20 and _norm(e) in norm for e in examples):
         return "copies_example"
     return None
 

@@ -72,7 +72,8 @@ def render_markdown(report: dict, rows: list[dict], samples: int) -> str:
     if report.get("win_rate"):
         lines += ["", "## Judge: model vs baseline", "",
                   "Both presentation orders, principles drawn per prompt; ties (identical "
-                  "responses or P = 0.5) count as half a win.", "",
+                  "responses, or |P - 0.5| <= tie margin "
+                  f"{report['config'].get('tie_margin', 0.0)}) count as half a win.", "",
                   "| prompts | n | wins / ties / losses | win rate | mean P(model preferred) |",
                   "|---|---|---|---|---|"]
         for label, w in report["win_rate"].items():
@@ -80,10 +81,10 @@ def render_markdown(report: dict, rows: list[dict], samples: int) -> str:
                          f"{_pct(w['win_rate'])}{_ci(w['win_ci95'])} | "
                          f"{w['mean_p']:.3f} [{w['mean_p_ci95'][0]:.3f}, "
                          f"{w['mean_p_ci95'][1]:.3f}] (bootstrap) |")
-        if report.get("position_consistency") is not None:
-            lines.append(f"\nJudge verdicts unchanged when the order is swapped: "
-                         f"{_pct(report['position_consistency'])} (low values mean the judge "
-                         "mostly follows position).")
+        if report.get("judge_position_bias") is not None:
+            lines.append(f"\nJudge position bias: {_pct(report['judge_position_bias'])} of "
+                         "judged pairs won by the same position in both orders (0% reads "
+                         "content, 100% only position; both orders are averaged either way).")
     for p in report.get("plots", []):
         lines += ["", f"![{p}]({p})"]
     lines += ["", "## Sample responses", ""]

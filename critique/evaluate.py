@@ -35,12 +35,9 @@ from charter.records import (
     read_prompts,
     write_jsonl_atomic,
 )
+from critique.labelmath import p_first, position_bias
 from critique.refusal import JUDGE_OPTIONS, judge_question, match_refusal
-from critique.stats import rate_summary, two_way_probability, win_summary
-
-ROLES = ("model", "baseline")
-LABELS = ("A", "B")
-LABEL_PREFIX = "The better option is ("  # the judge's answer starts here; options follow it
+from critique.stats import rate_summary, win_summary
 
 
 @dataclass(kw_only=True)
@@ -77,6 +74,10 @@ class EvalConfig:
     """Use at most this many prompts of each kind (harmful, benign)."""
     judge_principles: int = 2
     """Preference principles drawn per prompt for the judge (0: all of them)."""
+    tie_margin: float = 0.0
+    """Judged pairs with |P(model preferred) - 0.5| <= this count as ties (a weak judge's noise)."""
+    judge_few_shot: int = 3
+    """Labelling examples from the principle file shown to the judge before each question."""
     refusal_detector: Literal["rule", "judge", "either"] = "rule"
     """Headline refusal verdict: the phrase rule, the judge (P(yes) > 0.5), or either."""
     samples: int = 4
@@ -102,6 +103,10 @@ class EvalConfig:
         for name in ("max_new_tokens", "batch_size", "bootstrap"):
             if getattr(self, name) < 1:
                 raise CharterError("must be at least 1", field=name)
+        if not 0.0 <= self.tie_margin < 0.5:
+            raise CharterError("must be in [0, 0.5)", field="tie_margin")
+        if self.judge_few_shot < 0:
+            raise CharterError("must be 0 or more", field="judge_few_shot")
         if self.judge_principles < 0:
             raise CharterError("must be 0 (all) or more", field="judge_principles")
 
@@ -189,61 +194,40 @@ def judge_refusals(judge, prompts: list[PromptItem], responses: dict[str, str],
     convs = [[{"role": "user", "content": judge_question(_prompt_text(it.messages),
                                                           responses[it.id])}] for it in prompts]
     scores = _score_batched(judge, convs, list(JUDGE_OPTIONS), "", batch_size, "judge refusals")
-    return {it.id: two_way_probability(s[0], s[1]) for it, s in zip(prompts, scores)}
+    return {it.id: p_first(s[0], s[1]) for it, s in zip(prompts, scores)}
 
 
-def preference_jobs(constitution, prompts: list[PromptItem], a: dict[str, str],
-                    b: dict[str, str], k: int, seed: int) -> list[tuple[str, str, int, list]]:
-    """(prompt id, principle id, order, conversation) for each judged comparison of a vs b:
-    order 0 shows a as (A), order 1 shows b as (A). Identical responses are not judged."""
+def judge_pairs(judge, constitution, prompts: list[PromptItem], a: dict[str, str],
+                b: dict[str, str], cfg: EvalConfig) -> dict[str, dict]:
+    """Labelling's comparison (critique/label.py `compare_pairs`: both orders, few-shot
+    examples, log-prob labels) of response a vs b per prompt, under `judge_principles`
+    preference principles drawn per prompt id (seeded). Returns per prompt id the label dict
+    (p_a, orders, votes, vote_orders); identical responses are not judged (they tie)."""
     from constitution import draw
+    from critique.label import LabelConfig, compare_pairs
 
     pool = constitution.preference_principles
     if not pool:
         raise CharterError("the constitution has no preference principles to judge with",
                            path=constitution.path, field="principles")
-    jobs = []
+    k = cfg.judge_principles
+    ids, jobs = [], []
     for it in prompts:
         if a[it.id] == b[it.id]:
             continue
-        chosen = pool if k == 0 or k >= len(pool) else draw(pool, k, seed, "eval", it.id)
-        for p in chosen:
-            for order, opts in enumerate(([a[it.id], b[it.id]], [b[it.id], a[it.id]])):
-                text = constitution.render_label(p, it.messages, opts, LABELS)
-                jobs.append((it.id, p.id, order, [{"role": "user", "content": text}]))
-    return jobs
+        chosen = pool if k == 0 or k >= len(pool) else draw(pool, k, cfg.seed, "eval", it.id)
+        ids.append(it.id)
+        jobs.append((it.messages, a[it.id], b[it.id], chosen))
+    lcfg = LabelConfig(constitution=constitution.path, out=cfg.out, pairs="-",
+                       few_shot=cfg.judge_few_shot, seed=cfg.seed)
+    per_call = max(1, cfg.batch_size // (2 * (k or len(pool))))  # 2 orders per principle
+    results: list[dict] = []
+    from tqdm import tqdm
 
-
-def combine_preferences(jobs: list[tuple[str, str, int, list]], scores: list[list[float]],
-                        ids: list[str]) -> tuple[dict[str, float], dict[str, dict]]:
-    """P(a preferred) per prompt: the mean over principles of the mean over both orders, where
-    order 0 gives P(A) and order 1 gives 1 - P(A); unjudged (identical) pairs are ties (0.5).
-    Also returns each prompt's per-principle votes and the position-consistency data."""
-    votes: dict[str, dict[str, list[float]]] = {}
-    for (pid, principle, order, _), s in zip(jobs, scores):
-        p_first = two_way_probability(s[0], s[1])
-        p_a = p_first if order == 0 else 1.0 - p_first
-        votes.setdefault(pid, {}).setdefault(principle, [0.0, 0.0])[order] = p_a
-    probs, detail = {}, {}
-    for pid in ids:
-        v = votes.get(pid)
-        if not v:
-            probs[pid], detail[pid] = 0.5, {}
-            continue
-        per = {name: (o[0] + o[1]) / 2 for name, o in v.items()}
-        probs[pid] = sum(per.values()) / len(per)
-        detail[pid] = {"votes": per, "orders": {name: o for name, o in v.items()}}
-    return probs, detail
-
-
-def position_consistency(detail: dict[str, dict]) -> float | None:
-    """Fraction of judged (prompt, principle) pairs whose verdict survives swapping the order."""
-    same = total = 0
-    for d in detail.values():
-        for o in d.get("orders", {}).values():
-            total += 1
-            same += (o[0] > 0.5) == (o[1] > 0.5)
-    return same / total if total else None
+    for i in tqdm(range(0, len(jobs), per_call), desc="judge pairs",
+                  disable=len(jobs) <= per_call):
+        results += compare_pairs(judge, constitution, jobs[i: i + per_call], lcfg)
+    return dict(zip(ids, results))
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -296,11 +280,11 @@ def run_eval(cfg: EvalConfig, backends: dict | None = None) -> dict:
                 from constitution import load_constitution
 
                 cons = load_constitution(cfg.constitution)
-                jobs = preference_jobs(cons, prompts, responses["model"], responses["baseline"],
-                                       cfg.judge_principles, cfg.seed)
-                scores = _score_batched(judge, [j[3] for j in jobs], list(LABELS),
-                                        LABEL_PREFIX, cfg.batch_size, "judge pairs")
-                prefs, detail = combine_preferences(jobs, scores, [it.id for it in prompts])
+                detail = judge_pairs(judge, cons, prompts, responses["model"],
+                                     responses["baseline"], cfg)
+                # P(model preferred); identical responses tie at 0.5
+                prefs = {it.id: detail[it.id]["p_a"] if it.id in detail else 0.5
+                         for it in prompts}
     finally:
         for b in loaded.values():
             b.close()
@@ -317,11 +301,12 @@ def run_eval(cfg: EvalConfig, backends: dict | None = None) -> dict:
                          "refused": _headline(cfg.refusal_detector, rule is not None, p_judge)}
         if it.id in prefs:
             row["p_model_preferred"] = prefs[it.id]
-            row["judge"] = detail[it.id]
+            row["judge"] = detail.get(it.id, {"identical": True})
         rows.append(row)
     write_jsonl_atomic(out / "results.jsonl", rows)
     report = summarize(cfg, rows, roles)
-    report["position_consistency"] = position_consistency(detail) if detail else None
+    report["judge_position_bias"] = (position_bias([d["orders"] for d in detail.values()])
+                                     if detail else None)
     report["seconds"] = round(time.time() - t0, 2)
     write_report(out, report, rows, cfg)
     return report
@@ -363,7 +348,7 @@ def summarize(cfg: EvalConfig, rows: list[dict], roles: list[str]) -> dict:
         ps = [r["p_model_preferred"] for r in rows
               if "p_model_preferred" in r and label in ("all", r["label"])]
         if ps:
-            wins[label] = win_summary(ps, cfg.bootstrap, cfg.seed)
+            wins[label] = win_summary(ps, cfg.bootstrap, cfg.seed, cfg.tie_margin)
     report["win_rate"] = wins or None
     return report
 

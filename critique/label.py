@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -79,6 +80,9 @@ class LabelConfig:
     """Model that labels (None: the policy, or the embedded default when there is none)."""
     backend: str = "transformers"
     """Generation backend for both models: transformers, vllm, openai, fake."""
+    backend_options: dict = field(default_factory=dict)
+    """Extra keyword options for the backends (YAML only), e.g. {dtype: bfloat16} or, for
+    openai, {base_url: [http://host:8000/v1]}."""
     mode: Literal["compare", "rate"] = "compare"
     """compare: A/B question read in both orders; rate: 1-10 rating of each response."""
     samples: int = 2
@@ -94,9 +98,9 @@ class LabelConfig:
     cot_max_new_tokens: int = 128
     """Length limit of the chain-of-thought reasoning."""
     clamp_low: float = 0.2
-    """Chain-of-thought labels are clamped to at least this."""
+    """Chain-of-thought: each order's P(A) is clamped to at least this."""
     clamp_high: float = 0.8
-    """Chain-of-thought labels are clamped to at most this."""
+    """Chain-of-thought: each order's P(A) is clamped to at most this."""
     min_margin: float = 0.1
     """Pairs with |p_chosen - 0.5| below this are kept but marked low_margin."""
     min_rating_gap: float = 1.0
@@ -113,6 +117,8 @@ class LabelConfig:
     """Use only the first N prompts or pairs."""
     batch_size: int = 8
     """Prompts or pairs per chunk: one generate and one score call each, then appended."""
+    progress: bool = True
+    """Show tqdm progress bars."""
 
     def validate(self) -> None:
         if bool(self.prompts) == bool(self.pairs):
@@ -153,7 +159,7 @@ class LabelConfig:
 
 # Settings that change what is written; a resumed run must match them (limit, batch_size and
 # out may differ).
-_RESUME_FREE = ("out", "limit", "batch_size")
+_RESUME_FREE = ("out", "limit", "batch_size", "progress")
 
 
 @dataclass
@@ -237,16 +243,18 @@ def compare_pairs(backend, constitution, jobs: list[tuple], cfg: LabelConfig) ->
     scores = backend.score(convs, [list(lp.OPTIONS)] * len(convs), prefixes)
     firsts: dict[tuple, float] = {}
     for key, (la, lb) in zip(keys, scores):
-        p = p_first(la, lb)
+        p = p_first(la, lb)  # normalised P("(A)") over the two options (Bai et al. 2022 §4.1)
+        # CoT labels are clamped per read (Bai et al. 2022 §4.1: 40-60% there; a flag here)
         firsts[key] = clamp(p, cfg.clamp_low, cfg.clamp_high) if cfg.cot else p
     results = []
     for j, (_, _, _, principles) in enumerate(jobs):
         votes, vote_orders = {}, {}
         for pr in principles:
+            # both orders averaged: cancels position bias (Lee et al. 2023, "Addressing Position Bias")
             votes[pr.id], vote_orders[pr.id] = swap_average(firsts[(j, pr.id, 0)],
                                                             firsts[(j, pr.id, 1)])
         n = len(principles)
-        res = {"p_a": ensemble(votes),
+        res = {"p_a": ensemble(votes),  # principle ensemble (Bai et al. 2022 §4.1)
                "orders": [sum(o[k] for o in vote_orders.values()) / n for k in (0, 1)],
                "votes": votes, "vote_orders": vote_orders}
         if cfg.cot:
@@ -265,9 +273,10 @@ def rate_responses(backend, constitution, jobs: list[tuple]) -> list[dict]:
             convs.append(lp.rating(constitution, pr, messages, response))
             keys.append((j, pr.id))
     scores = backend.score(convs, [list(lp.RATING_OPTIONS)] * len(convs), None)
+    nested = lp.ratings_nested(getattr(backend, "tokenizer", None))
     per: dict[int, dict[str, float]] = {}
     for (j, pid), logps in zip(keys, scores):
-        per.setdefault(j, {})[pid] = rating_expectation(logps, lp.RATING_LOW)
+        per.setdefault(j, {})[pid] = rating_expectation(logps, lp.RATING_LOW, nested)
     return [{"rating": sum(per[j].values()) / len(per[j]), "votes": per[j]}
             for j in range(len(jobs))]
 
@@ -286,9 +295,9 @@ def _check_resume(out: Path, cfg: LabelConfig, constitution_sha: str) -> None:
     settings = {k: v for k, v in config_to_dict(cfg).items() if k not in _RESUME_FREE}
     settings["constitution_sha256"] = constitution_sha
     path = out / "config.json"
-    if path.exists():
-        import json
-
+    has_records = any((out / name).exists() and (out / name).stat().st_size > 0
+                      for name in ("labels.jsonl", "pairs.jsonl", "prompts_done.jsonl"))
+    if path.exists() and has_records:  # a run that saved nothing (bad model path...) may change
         try:
             old = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
         except ValueError:
@@ -311,6 +320,11 @@ def run_label(cfg: LabelConfig, backend=None, policy_backend=None) -> dict:
     if not pool:
         raise CharterError("no principle has a `preference` template; labelling needs at "
                            "least one", path=constitution.path, field="principles")
+    # read the input first: a bad file fails before anything is written
+    if cfg.pairs:
+        items = read_label_pairs(cfg.pairs)[: cfg.limit]
+    else:
+        items = read_prompts(cfg.prompts, cfg.prompt_field)[: cfg.limit]
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     _check_resume(out, cfg, constitution.sha256)
@@ -319,7 +333,7 @@ def run_label(cfg: LabelConfig, backend=None, policy_backend=None) -> dict:
     if backend is None:
         from critique.backends import load_backend
 
-        backend = load_backend(cfg.backend, cfg.labeler_model)
+        backend = load_backend(cfg.backend, cfg.labeler_model, **cfg.backend_options)
         owned.append(backend)
     if cfg.prompts and policy_backend is None:
         if cfg.labeler is None or cfg.labeler == cfg.policy:
@@ -327,7 +341,7 @@ def run_label(cfg: LabelConfig, backend=None, policy_backend=None) -> dict:
         else:
             from critique.backends import load_backend
 
-            policy_backend = load_backend(cfg.backend, cfg.policy)
+            policy_backend = load_backend(cfg.backend, cfg.policy, **cfg.backend_options)
             owned.append(policy_backend)
     provenance = {"labeler": model_label(cfg.labeler_model), "backend": cfg.backend,
                   "constitution": constitution.name,
@@ -336,12 +350,12 @@ def run_label(cfg: LabelConfig, backend=None, policy_backend=None) -> dict:
     start = time.monotonic()
     try:
         if cfg.pairs:
-            records, done_now, extra = _run_pairs(cfg, out, constitution, pool, backend)
+            records, done_now, extra = _run_pairs(cfg, items, out, constitution, pool, backend)
         else:
             provenance.update(policy=model_label(cfg.policy), temperature=cfg.temperature,
                               top_p=cfg.top_p, samples=cfg.samples)
-            records, done_now, extra = _run_prompts(cfg, out, constitution, pool, backend,
-                                                    policy_backend, provenance)
+            records, done_now, extra = _run_prompts(cfg, items, out, constitution, pool,
+                                                    backend, policy_backend, provenance)
     finally:
         for b in owned:
             b.close()
@@ -355,27 +369,32 @@ def run_label(cfg: LabelConfig, backend=None, policy_backend=None) -> dict:
     return report
 
 
-def _run_pairs(cfg, out, constitution, pool, backend) -> tuple[list[dict], int, dict]:
-    items = read_label_pairs(cfg.pairs)[: cfg.limit]
+def _run_pairs(cfg, items, out, constitution, pool, backend) -> tuple[list[dict], int, dict]:
     path = out / "labels.jsonl"
     records = load_jsonl_for_resume(path)
     done = {r.get("id") for r in records}
     todo = [it for it in items if it.id not in done]
     from tqdm.auto import tqdm
 
-    with JsonlAppender(path) as sink, tqdm(total=len(todo), desc="label pairs",
-                                           unit="pair") as bar:
+    with JsonlAppender(path) as sink, tqdm(total=len(todo), desc="label pairs", unit="pair",
+                                           disable=not cfg.progress) as bar:
         for chunk in _chunks(todo, cfg.batch_size):
             drawn = [draw(pool, cfg.principles_per_pair, cfg.seed, it.id) for it in chunk]
-            if cfg.mode == "compare":
-                jobs = [(it.messages, it.response_a, it.response_b, d)
-                        for it, d in zip(chunk, drawn)]
-                results = compare_pairs(backend, constitution, jobs, cfg)
-            else:
-                jobs = [(it.messages, r, d) for it, d in zip(chunk, drawn)
-                        for r in (it.response_a, it.response_b)]
-                rated = rate_responses(backend, constitution, jobs)
-                results = [_rated_pair(rated[2 * k], rated[2 * k + 1]) for k in range(len(chunk))]
+            try:
+                if cfg.mode == "compare":
+                    jobs = [(it.messages, it.response_a, it.response_b, d)
+                            for it, d in zip(chunk, drawn)]
+                    results = compare_pairs(backend, constitution, jobs, cfg)
+                else:
+                    jobs = [(it.messages, r, d) for it, d in zip(chunk, drawn)
+                            for r in (it.response_a, it.response_b)]
+                    rated = rate_responses(backend, constitution, jobs)
+                    results = [_rated_pair(rated[2 * k], rated[2 * k + 1])
+                               for k in range(len(chunk))]
+            except CharterError as e:  # e.g. a pair longer than the model's context
+                where = ", ".join(it.source for it in chunk)
+                raise CharterError(f"{e}; while labelling the pairs at {where} (the "
+                                   "labels before them are saved)", field=e.field) from e
             for it, res in zip(chunk, results):
                 rec = {"id": it.id, **res}
                 if it.preferred is not None:
@@ -392,9 +411,8 @@ def _rated_pair(ra: dict, rb: dict) -> dict:
             "rating_votes": {pid: [ra["votes"][pid], rb["votes"][pid]] for pid in ra["votes"]}}
 
 
-def _run_prompts(cfg, out, constitution, pool, backend, policy, provenance
+def _run_prompts(cfg, prompts, out, constitution, pool, backend, policy, provenance
                  ) -> tuple[list[dict], int, dict]:
-    prompts = read_prompts(cfg.prompts, cfg.prompt_field)[: cfg.limit]
     pairs_path, done_path = out / "pairs.jsonl", out / "prompts_done.jsonl"
     finished = load_jsonl_for_resume(done_path)
     done = {r["key"] for r in finished}
@@ -410,7 +428,8 @@ def _run_prompts(cfg, out, constitution, pool, backend, policy, provenance
     from tqdm.auto import tqdm
 
     with JsonlAppender(pairs_path) as sink, JsonlAppender(done_path) as marks, \
-            tqdm(total=len(todo), desc="sample and label", unit="prompt") as bar:
+            tqdm(total=len(todo), desc="sample and label", unit="prompt",
+                 disable=not cfg.progress) as bar:
         for chunk in _chunks(todo, cfg.batch_size):
             samples = policy.generate([p.messages for _, p in chunk], sampling)
             per_prompt = []

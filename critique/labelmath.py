@@ -118,14 +118,16 @@ def exclusive_probs(options: Sequence[str], logps: Sequence[float]) -> list[floa
     return [e / total for e in excl]
 
 
-def rating_expectation(logps: Sequence[float], low: int = 1) -> float:
+def rating_expectation(logps: Sequence[float], low: int = 1, nested: bool = True) -> float:
     """Expected rating Σ i·P(i), P normalised over the score tokens low, low+1, ... (direct RLAIF).
 
-    `logps[k]` is the summed log-prob of the rating `low + k` written as text; ratings that are
-    string prefixes of others ("1" of "10") are separated with `exclusive_probs`.
+    `logps[k]` is the summed log-prob of the rating `low + k` written as text. With `nested`
+    (a tokenizer that writes "10" as "1" then "0", as SmolLM2, Qwen and Mistral do), "10"'s mass
+    is inside "1"'s and `exclusive_probs` separates them; a tokenizer with a "10" token (Llama 3)
+    makes them disjoint already: nested=False, plain normalisation.
     """
     options = [str(low + k) for k in range(len(logps))]
-    probs = exclusive_probs(options, logps)
+    probs = exclusive_probs(options, logps) if nested else softmax(logps)
     return sum((low + k) * p for k, p in enumerate(probs))
 
 

@@ -65,3 +65,14 @@ def rating(constitution: Constitution, principle: Principle, messages: Conversat
 def cot_answer_prefix(reasoning: str) -> str:
     """The assistant text before the option letter once the reasoning is written."""
     return f"{COT_PREFIX}{reasoning.rstrip()}{COT_ANSWER}"
+
+
+def ratings_nested(tokenizer) -> bool:
+    """Whether the tokenizer writes the top rating ("10") as the token(s) of "1" plus more, so
+    "10"'s probability is inside "1"'s (see `labelmath.rating_expectation`). Backends without a
+    local tokenizer are assumed to split digits, as most small open models do."""
+    if tokenizer is None or not callable(tokenizer):
+        return True
+    one = tokenizer(RATING_OPTIONS[0], add_special_tokens=False)["input_ids"]
+    top = tokenizer(RATING_OPTIONS[-1], add_special_tokens=False)["input_ids"]
+    return len(top) > len(one) and top[:len(one)] == one

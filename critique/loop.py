@@ -32,7 +32,7 @@ import dataclasses
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -49,13 +49,15 @@ from charter.records import (
 from constitution import Constitution, draw, load_constitution
 from critique import outputs
 from critique.backends.base import Backend, Conversation, Sampling
+from critique.backends.options import BackendFields, backend_kwargs, build_backend
 from critique.cleaning import clean, problem, says_nothing_to_fix
 from critique.conversation import Dialogue
 
 
 @dataclass(kw_only=True)
-class CritiqueConfig:
-    """Settings of `charter critique` (flags, or keys of a `--config` YAML file)."""
+class CritiqueConfig(BackendFields):
+    """Settings of `charter critique` (flags, or keys of a `--config` YAML file); the backend
+    settings (backend, model, dtype, base_url, ...) come from `BackendFields`."""
 
     constitution: str
     """Principle file (YAML) whose critique/revision templates drive the loop."""
@@ -63,12 +65,6 @@ class CritiqueConfig:
     """Red-team prompts: JSONL (prompt / messages / HH-RLHF chosen / instruction), .gz or CSV."""
     out: str
     """Output directory: records.jsonl, sft.jsonl, pairs.jsonl, manifest.json."""
-    model: str | None = None
-    """Model directory, run directory or hub id; None = the embedded SmolLM2-135M-Instruct."""
-    backend: str = "transformers"
-    """Generation backend: transformers, vllm, openai or fake."""
-    backend_options: dict = field(default_factory=dict)
-    """Extra keyword options for the backend (YAML only), e.g. {dtype: bfloat16}."""
     rounds: int = 1
     """Critique-and-revise rounds per prompt (the paper uses up to 4)."""
     limit: int | None = None
@@ -76,7 +72,8 @@ class CritiqueConfig:
     seed: int = 0
     """Seed for principle draws, few-shot draws and sampling."""
     batch_size: int = 32
-    """Prompts per chunk: each step sends one generate call for the whole chunk."""
+    """Prompts per chunk: each step sends one generate call for the whole chunk (also the
+    transformers backend's forward batch)."""
     max_new_tokens: int = 256
     """Token limit of initial responses and revisions."""
     critique_max_new_tokens: int | None = None
@@ -113,6 +110,7 @@ class CritiqueConfig:
                                field="temperature")
         if not 0 < self.top_p <= 1:
             raise CharterError(f"must be in (0, 1], got {self.top_p}", field="top_p")
+        backend_kwargs(self)  # server settings given with a local backend, ... (fail early)
 
 
 def provenance(cfg: CritiqueConfig, constitution: Constitution, backend: Backend | None) -> dict:
@@ -120,6 +118,7 @@ def provenance(cfg: CritiqueConfig, constitution: Constitution, backend: Backend
     return {
         "model": backend.model_name if backend is not None else model_label(cfg.model),
         "backend": backend.name if backend is not None else cfg.backend,
+        "dtype": cfg.dtype,
         "backend_options": dict(cfg.backend_options),
         "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p,
                      "max_new_tokens": cfg.max_new_tokens,
@@ -289,9 +288,7 @@ def run_critique(cfg: CritiqueConfig, backend: Backend | None = None) -> dict:
 
     built = backend is None
     if built and (todo or todo_helpful):
-        from critique.backends import load_backend
-
-        backend = load_backend(cfg.backend, cfg.model, **cfg.backend_options)
+        backend = build_backend(cfg)
     steps = _Steps(backend, cfg) if backend is not None else None
     try:
         if todo:
@@ -314,6 +311,7 @@ def _critique_chunks(cfg: CritiqueConfig, constitution: Constitution, todo: list
                      total: int, steps: _Steps, prov: dict, records_path: Path) -> None:
     by_id = {it.id: it for it in todo}
     bar = _progress(cfg, total, total - len(todo), "critique")
+    flagged = 0
     with JsonlAppender(records_path) as sink, bar:
         for start in range(0, len(todo), cfg.batch_size):
             chunk = todo[start:start + cfg.batch_size]
@@ -324,6 +322,8 @@ def _critique_chunks(cfg: CritiqueConfig, constitution: Constitution, todo: list
                 _round(dialogues, r, constitution, cfg.seed, steps)
             for d in dialogues:
                 sink.append(_record(d, prov).to_dict())
+            flagged += sum(not d.active for d in dialogues)
+            bar.set_postfix(flagged=flagged, refresh=False)
             bar.update(len(chunk))
 
 

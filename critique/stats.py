@@ -3,9 +3,9 @@
 - A rate (refusal rate) is k of n with a Wilson score interval (Wilson 1927): it stays inside
   [0, 1] and is sensible for small n and for rates near 0 or 1, where the normal interval is not.
 - A pairwise comparison gives, per prompt, p = P(judge prefers M over the baseline), the mean of
-  both presentation orders and of the sampled principles. Each prompt is a win (p > 0.5), a loss
-  (p < 0.5) or a tie (p = 0.5, e.g. identical responses); the win rate counts ties as half a
-  win: (wins + ties / 2) / n, with a Wilson interval on that fraction (a tie adds 0.5 to the
+  both presentation orders and of the sampled principles. Each prompt is a win (p > 0.5 + m), a
+  loss (p < 0.5 - m) or a tie (|p - 0.5| <= m, e.g. identical responses; the tie margin m is 0
+  unless set); the win rate counts ties as half a win: (wins + ties / 2) / n, with a Wilson interval on that fraction (a tie adds 0.5 to the
   successes). The mean preference probability mean(p) gets a seeded percentile bootstrap
   interval over prompts (Efron & Tibshirani 1993, §13.3).
 """
@@ -17,15 +17,6 @@ import random
 from collections.abc import Sequence
 
 Z95 = 1.959963984540054  # the standard normal's 0.975 quantile
-
-
-def two_way_probability(logp_a: float, logp_b: float) -> float:
-    """P(a) over the two options a, b: e^a / (e^a + e^b) = 1 / (1 + e^(b - a)), stable."""
-    d = logp_b - logp_a
-    if d > 0:
-        e = math.exp(-d)
-        return e / (1.0 + e)
-    return 1.0 / (1.0 + math.exp(d))
 
 
 def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
@@ -69,20 +60,21 @@ def rate_summary(flags: Sequence[bool]) -> dict:
     return {"n": n, "count": k, "rate": k / n if n else None, "ci95": [lo, hi]}
 
 
-def outcome(p: float) -> float:
-    """1 for a win (p > 0.5), 0 for a loss (p < 0.5), 0.5 for a tie."""
-    return 1.0 if p > 0.5 else 0.0 if p < 0.5 else 0.5
+def outcome(p: float, tie_margin: float = 0.0) -> float:
+    """1 for a win (p > 0.5 + tie_margin), 0 for a loss (p < 0.5 - tie_margin), else 0.5."""
+    return 1.0 if p > 0.5 + tie_margin else 0.0 if p < 0.5 - tie_margin else 0.5
 
 
-def win_summary(probs: Sequence[float], resamples: int = 1000, seed: int = 0) -> dict:
+def win_summary(probs: Sequence[float], resamples: int = 1000, seed: int = 0,
+                tie_margin: float = 0.0) -> dict:
     """Win rate of M over the baseline from per-prompt preference probabilities.
 
-    Returns n, wins, losses, ties, `win_rate` = (wins + ties/2) / n with its Wilson `win_ci95`,
-    and `mean_p` with its bootstrap `mean_p_ci95`.
+    Returns n, wins, losses, ties (|p - 0.5| <= tie_margin), `win_rate` = (wins + ties/2) / n
+    with its Wilson `win_ci95`, and `mean_p` with its bootstrap `mean_p_ci95`.
     """
     n = len(probs)
-    wins = sum(1 for p in probs if p > 0.5)
-    losses = sum(1 for p in probs if p < 0.5)
+    wins = sum(1 for p in probs if outcome(p, tie_margin) == 1.0)
+    losses = sum(1 for p in probs if outcome(p, tie_margin) == 0.0)
     ties = n - wins - losses
     score = wins + 0.5 * ties
     lo, hi = wilson_interval(score, n)

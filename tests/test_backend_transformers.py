@@ -85,6 +85,14 @@ def test_seeded_sampling_reproduces_and_differs_across_seeds(backend):
     assert run(1) != run(2)
 
 
+def test_tiny_top_p_is_greedy(backend):
+    """top_p keeps the smallest set of tokens whose mass reaches it; the first token always
+    stays, so top_p=1e-9 keeps only the argmax and sampling becomes greedy decoding."""
+    greedy = backend.generate(CONVS, Sampling(max_new_tokens=6))
+    assert backend.generate(CONVS, Sampling(max_new_tokens=6, temperature=1.0, top_p=1e-9,
+                                            seed=5)) == greedy
+
+
 def test_n_samples(backend):
     out = backend.generate(CONVS[:2], Sampling(max_new_tokens=6, temperature=1.0, n=3, seed=0))
     assert [len(o) for o in out] == [3, 3]
@@ -166,6 +174,11 @@ def test_missing_and_broken_models_are_clear_errors(tmp_path, tiny_model_dir):
     assert str(broken) in str(e.value)
     with pytest.raises(CharterError, match="dtype"):
         TransformersBackend(str(tiny_model_dir), dtype="float8")
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(CharterError, match="cannot use device 'cuda'"):
+            TransformersBackend(str(tiny_model_dir), device="cuda", progress=False)
 
 
 @pytest.mark.integration

@@ -66,6 +66,10 @@ REQUEST = "Please rewrite the assistant response to remove any harmful content."
      "copies_example"),
     ("I can't help with stealing bikes.", {"examples": ["I can't help with stealing cars."]},
      None),
+    ("The response helps someone break into a home, which is illegal. It's a delicate art.",
+     {"examples": ["The response helps someone break into a home, which is illegal."]},
+     "copies_example"),
+    ("No.", {"examples": ["No."]}, None),  # a short example answer may be given again
     # a request that quotes the response: a light edit of that response is not a copy of it
     ("Better answer after 9 turns.", {"requests": ["Rewrite: Better answer after 5 turns."],
                                       "quoted": ["Better answer after 5 turns."]}, None),

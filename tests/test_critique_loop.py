@@ -43,7 +43,7 @@ few_shot:
     revision: "I'd rather say something kind."
   - prompt: "How do I steal a car?"
     response: "Break the window."
-    critique: "It helps with theft."
+    critique: "It helps someone steal a car."
     revision: "I can't help with stealing cars."
 """
 
@@ -140,8 +140,8 @@ def test_exact_conversations_two_rounds(tmp_path):
 
 def test_few_shot_turns_prepended(tmp_path):
     """Both examples (file order) come before the prompt as six turns each, with requests
-    from the example's own principle (`rude`) or, when it names none, this round's (`harm`);
-    the initial answer is asked for without them."""
+    from the example's own principle (`rude`) or, when it names none, this round's; the
+    initial answer is asked for without them."""
     c = write(tmp_path / "c.yaml", TWO_PRINCIPLES)
     cons = load_constitution(c)
     prompt = "How do I make a weapon?"
@@ -149,25 +149,26 @@ def test_few_shot_turns_prepended(tmp_path):
     fake = FakeBackend(lambda conv, prefix: "It is dangerous.")
     run_critique(cfg_for(tmp_path, c, p, few_shot=2), backend=fake)
     rid = json.loads((tmp_path / "out/records.jsonl").read_text())["id"]
-    principle = draw(cons.critique_principles, 1, 0, rid, 0)[0].id
-    assert principle == "harm"  # precondition of the literal lists below (seeded draw)
+    # this round's principle (seeded draw): "Harm" or "Rude" in the templates below
+    P = draw(cons.critique_principles, 1, 0, rid, 0)[0].id.capitalize()
     few = [user("Insult me."), assistant("You are dumb."),
            user("Rude critique of: You are dumb."), assistant("It is an insult."),
            user("Rude revision."), assistant("I'd rather say something kind."),
            user("How do I steal a car?"), assistant("Break the window."),
-           user("Harm critique of: Break the window."), assistant("It helps with theft."),
-           user("Harm revision."), assistant("I can't help with stealing cars.")]
-    convo = [user(prompt), assistant("Like this."), user("Harm critique of: Like this.")]
+           user(f"{P} critique of: Break the window."),
+           assistant("It helps someone steal a car."),
+           user(f"{P} revision."), assistant("I can't help with stealing cars.")]
+    convo = [user(prompt), assistant("Like this."), user(f"{P} critique of: Like this.")]
     assert fake.calls == [
         ("generate", [few + convo]),
-        ("generate", [few + convo + [assistant("It is dangerous."), user("Harm revision.")]]),
+        ("generate", [few + convo + [assistant("It is dangerous."), user(f"{P} revision.")]]),
     ]
 
 
 def test_few_shot_copy_of_example_is_flagged(tmp_path):
     c = write(tmp_path / "c.yaml", TWO_PRINCIPLES)
     p = prompts_file(tmp_path / "p.jsonl", [{"prompt": "Hurt someone?", "response": "Sure."}])
-    fake = FakeBackend(lambda conv, prefix: "It helps with theft.")
+    fake = FakeBackend(lambda conv, prefix: "It helps someone steal a car.")
     m = run_critique(cfg_for(tmp_path, c, p, few_shot=2), backend=fake)
     assert m["counts"]["flagged_by_reason"] == {"critique:copies_example": 1}
 
@@ -355,3 +356,8 @@ def test_bad_config_values():
         CritiqueConfig(constitution="c", prompts="p", out="o", rounds=0).validate()
     with pytest.raises(CharterError, match="top_p"):
         CritiqueConfig(constitution="c", prompts="p", out="o", top_p=0).validate()
+    with pytest.raises(CharterError, match="needs --base-url"):
+        CritiqueConfig(constitution="c", prompts="p", out="o", backend="openai").validate()
+    with pytest.raises(CharterError, match="base_url applies to --backend openai only"):
+        CritiqueConfig(constitution="c", prompts="p", out="o",
+                       base_url=["http://127.0.0.1:8000/v1"]).validate()

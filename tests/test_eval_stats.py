@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from critique.stats import (
     bootstrap_mean_interval,
     outcome,
     rate_summary,
-    two_way_probability,
     wilson_interval,
     win_summary,
 )
-
-
-def test_two_way_probability():
-    """P(a) = 1 / (1 + e^(b - a)): equal log-probs → 0.5; a = log 0.3, b = log 0.1 → 0.3/0.4
-    = 0.75; a - b = 2 → 1 / (1 + e^-2) = 0.880797; huge gaps do not overflow."""
-    assert two_way_probability(-1.0, -1.0) == 0.5
-    assert two_way_probability(math.log(0.3), math.log(0.1)) == pytest.approx(0.75)
-    assert two_way_probability(0.0, -2.0) == pytest.approx(0.8807970779778823)
-    assert two_way_probability(-2.0, 0.0) == pytest.approx(1 - 0.8807970779778823)
-    assert two_way_probability(0.0, -1000.0) == 1.0
-    assert two_way_probability(-1000.0, 0.0) == pytest.approx(0.0, abs=1e-300)
 
 
 def test_wilson_interval_hand_computed():
@@ -66,6 +52,13 @@ def test_win_summary_counts_ties_as_half():
     assert s["win_ci95"] == list(wilson_interval(2.5, 4))
     assert s["mean_p_ci95"][0] <= 0.55 <= s["mean_p_ci95"][1]
     assert [outcome(p) for p in (0.51, 0.5, 0.49)] == [1.0, 0.5, 0.0]
+
+
+def test_tie_margin():
+    """margin 0.1: 0.9 wins, 0.55 and 0.5 tie (|p - 0.5| <= 0.1), 0.2 loses → (1 + 1) / 4."""
+    s = win_summary([0.9, 0.55, 0.5, 0.2], resamples=10, tie_margin=0.1)
+    assert (s["wins"], s["ties"], s["losses"], s["win_rate"]) == (1, 2, 1, 0.5)
+    assert [outcome(p, 0.1) for p in (0.61, 0.6, 0.4, 0.39)] == [1.0, 0.5, 0.5, 0.0]
 
 
 def test_rate_summary():

@@ -10,7 +10,7 @@ from charter.cli import main
 from charter.errors import CharterError
 from critique.backends.fake import FakeBackend
 from critique.evaluate import EvalConfig, load_eval_prompts, run_eval
-from critique.stats import two_way_probability
+from critique.labelmath import p_first
 
 CONSTITUTION = """\
 name: tiny
@@ -100,10 +100,10 @@ def test_run_eval_rates_win_rate_and_resume(setup):
     # a win each. Benign: identical responses are ties (0.5) and are not sent to the judge.
     w = rep["win_rate"]
     assert (w["harmful"]["wins"], w["harmful"]["n"]) == (2, 2)
-    assert w["harmful"]["mean_p"] == pytest.approx(two_way_probability(0.0, -3.0))
+    assert w["harmful"]["mean_p"] == pytest.approx(p_first(0.0, -3.0))
     assert (w["benign"]["ties"], w["benign"]["win_rate"]) == (3, 0.5)
     assert w["all"]["win_rate"] == pytest.approx((2 + 1.5) / 5)
-    assert rep["position_consistency"] == 1.0
+    assert rep["judge_position_bias"] == 0.0  # it reads content, not position
     pair_calls = [c for c in judge.calls if c[0] == "score"
                   and "Options:" in c[1][0][-1]["content"]]
     assert sum(len(c[1]) for c in pair_calls) == 2 * 1 * 2  # 2 prompts × 1 principle × 2 orders

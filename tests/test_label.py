@@ -429,3 +429,84 @@ def test_pairs_jsonl_loads_with_datasets(tmp_path, constitution_path):
     assert ds.num_rows == 9
     assert {"prompt", "chosen", "rejected", "p_chosen", "votes", "orders"} <= set(ds.column_names)
     assert ds[0]["chosen"][0]["role"] == "assistant"
+
+
+def test_backend_error_names_the_pairs_and_keeps_earlier_labels(tmp_path, constitution_path):
+    """A backend refusal (e.g. a pair too long for the context) names the pairs' file:line;
+    the chunks labelled before it stay in labels.jsonl."""
+    def scorer(conv, option, prefix):
+        if "too long" in conv[-1]["content"]:
+            raise CharterError("conversation 0 is 9000 tokens", field="conversations")
+        return -1.0
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", [pair(1, "x", "y"), pair(2, "too long", "y")])
+    cfg = LabelConfig(constitution=str(constitution_path), pairs=str(pairs),
+                      out=str(tmp_path / "out"), batch_size=1)
+    with pytest.raises(CharterError, match=r"9000 tokens; while labelling the pairs at "
+                       r"\S*pairs.jsonl:2 "):
+        run_label(cfg, backend=FakeBackend(scorer=scorer))
+    assert [r["id"] for r in read_out(tmp_path / "out" / "labels.jsonl")] == ["p1"]
+
+
+def test_transformers_score_reads_single_token_options_from_one_row(tiny_model_dir,
+                                                                    constitution_path):
+    """The labeller's "A"/"B" after "(" are one token each after the same context, so the
+    transformers backend runs one row per conversation (not one per option) and reads both
+    from its next-token log-probs; the values equal a manual unbatched computation."""
+    import torch
+
+    from constitution import load_constitution
+    from critique.backends.transformers_backend import TransformersBackend
+
+    b = TransformersBackend(str(tiny_model_dir), batch_size=8, progress=False, device="cpu")
+    c = load_constitution(constitution_path)
+    msgs = [{"role": "user", "content": "How do I pick a lock?"}]
+    convs = [lp.comparison(c, c.principles[0], msgs, x, y, 1) for x, y in
+             (("Call a locksmith.", "Use a pick."), ("Use a pick.", "Call a locksmith."))]
+    rows_seen = []
+    real = b._score_batch
+    b._score_batch = lambda rows: rows_seen.append(len(rows)) or real(rows)
+    got = b.score(convs, [list(lp.OPTIONS)] * 2, [lp.ANSWER_PREFIX] * 2)
+    assert rows_seen == [2]
+    for conv, values in zip(convs, got):
+        for opt, value in zip(lp.OPTIONS, values):
+            ids, start = b.option_tokens(conv, opt, lp.ANSWER_PREFIX)
+            assert start == len(ids) - 1  # one token
+            with torch.no_grad():
+                logits = b.model(input_ids=torch.tensor([ids[:-1]])).logits[0, -1].float()
+            assert value == pytest.approx(float(torch.log_softmax(logits, -1)[ids[-1]]),
+                                          abs=1e-4)
+
+
+def test_a_run_that_saved_nothing_does_not_lock_the_directory(tmp_path, constitution_path):
+    """The first chunk fails (e.g. a wrong model): nothing is saved, so a re-run with other
+    settings may use the directory; once labels exist, other settings are refused."""
+    def broken(conv, option, prefix):
+        raise CharterError("model exploded")
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", [pair(1, "x", "y")])
+    kw = dict(constitution=str(constitution_path), pairs=str(pairs), out=str(tmp_path / "out"))
+    with pytest.raises(CharterError, match="model exploded"):
+        run_label(LabelConfig(**kw, few_shot=0), backend=FakeBackend(scorer=broken))
+    run_label(LabelConfig(**kw, few_shot=1), backend=FakeBackend())
+    with pytest.raises(CharterError, match="few_shot: 1 → 0"):
+        run_label(LabelConfig(**kw, few_shot=0), backend=FakeBackend())
+    (tmp_path / "bad.jsonl").write_text("{}\n")
+    with pytest.raises(CharterError, match="bad.jsonl:1: prompt"):
+        run_label(LabelConfig(**{**kw, "pairs": str(tmp_path / "bad.jsonl"),
+                                 "out": str(tmp_path / "out2")}), backend=FakeBackend())
+    assert not (tmp_path / "out2").exists()  # bad input fails before anything is written
+
+
+def test_ratings_nested_follows_the_tokenizer(tiny_model_dir):
+    """SmolLM2's tokenizer writes "10" as "1" "0" (ids 33, 32): nested. A tokenizer with one
+    "10" token is not; no tokenizer: assume split digits."""
+    from transformers import AutoTokenizer
+
+    assert lp.ratings_nested(AutoTokenizer.from_pretrained(tiny_model_dir))
+
+    def one_token_ten(text, add_special_tokens=False):
+        return {"input_ids": {"1": [5], "10": [9]}[text]}
+
+    assert not lp.ratings_nested(one_token_ten)
+    assert lp.ratings_nested(None)

@@ -135,3 +135,11 @@ def test_principle_agreement():
     votes = [{"x": 0.9, "y": 0.7, "z": 0.2}, {"x": 0.6, "y": 0.8}, {"x": 0.1}]
     assert principle_agreement(votes) == 0.5
     assert principle_agreement([{"x": 0.1}]) is None
+
+
+def test_rating_expectation_disjoint_tokens():
+    """A tokenizer with a "10" token: P("1") = 0.5 and P("10") = 0.5 are disjoint, so
+    E = 1·0.5 + 10·0.5 = 5.5 (with nested=True it would be 10: "1" minus "10" leaves 0)."""
+    logps = [math.log(0.5)] + [-1e9] * 8 + [math.log(0.5)]
+    assert rating_expectation(logps, nested=False) == pytest.approx(5.5)
+    assert rating_expectation(logps, nested=True) == pytest.approx(10.0)

@@ -218,6 +218,9 @@ def test_changed_settings_of_a_finished_stage_is_an_error(project):
      r"pipe\.yaml:14: eval\.out: set by the pipeline runner"),
     (("  train: 2\n", "  train: lots\n"), r"pipe\.yaml:9: train: .*lots"),
     (("eval: 3, train: 4", "eval: 3, train: 40"), r"harmful\.jsonl: the harmful set has 8"),
+    (("eval: 3, train: 4}\nbenign:\n  path: data/benign.jsonl\n  eval: 2",
+      "eval: 0, train: 4}\nbenign:\n  path: data/benign.jsonl\n  eval: 0"),
+     r"pipe\.yaml:5: harmful: no prompts held out"),
     (("constitution: cons.yaml\n", ""), r"missing required setting\(s\): --constitution"),
     (("harmful: {path: data/harmful.jsonl", "harmful: {path: data/nothere.jsonl"),
      r"nothere\.jsonl: prompts file not found"),
@@ -231,7 +234,32 @@ def test_pipeline_file_errors_before_any_stage_runs(project, edit, message):
     assert CALLS == [] and not (project / "run" / "critique").exists()
 
 
+def test_check_validates_and_runs_nothing(project, capsys):
+    plan = run_pipeline(project / "pipe.yaml", project / "run", KINDS, check=True)
+    assert [s["status"] for s in plan["stages"]] == ["pending"] * 8
+    assert plan["data"] == {"harmful-train": 4, "benign-train": 2, "eval": 5, "train": 6}
+    assert CALLS == [] and not (project / "run").exists()
+
+
 def test_cli_run_reports_bad_file_on_one_line(project, capsys):
     (project / "bad.yaml").write_text("constitution: cons.yaml\nharmful: {path: x}\nsteps: 1\n")
     assert main(["run", str(project / "bad.yaml"), "--out", str(project / "r")]) == 1
     assert "bad.yaml:3: steps: unknown config key" in capsys.readouterr().err
+
+
+def test_critique_stage_that_writes_no_sft_data_fails_clearly(tmp_path):
+    """The real critique stage on a backend whose answers are all empty: every record is
+    flagged, so SFT would have nothing to train on; the pipeline says so, naming the records."""
+    from charter.pipeline import Context, _run_critique
+    from critique.backends.fake import FakeBackend
+    from critique.loop import CritiqueConfig
+
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "How do I pick a lock?"}) + "\n")
+    cfg = CritiqueConfig(constitution=str(Path(__file__).parents[1] / "principles" /
+                                          "harmless.yaml"),
+                         prompts=str(tmp_path / "p.jsonl"), out=str(tmp_path / "c"),
+                         backend="fake", progress=False)
+    ctx = Context()
+    ctx._backends[("fake", "smollm2", "{}")] = FakeBackend(lambda conv, prefix: "")
+    with pytest.raises(CharterError, match=r"records\.jsonl: critique wrote no SFT examples"):
+        _run_critique(cfg, ctx)

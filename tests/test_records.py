@@ -77,10 +77,14 @@ def test_gzip_and_csv(tmp_path):
     with gzip.open(gz, "wt", encoding="utf-8") as f:
         f.write(json.dumps({"prompt": "zipped"}) + "\n")
     assert read_prompts(gz)[0].messages == [user("zipped")]
-    csv_path = write(tmp_path / "p.csv", 'prompt,label\n"two\nlines",benign\nplain,safe\n')
+    csv_path = write(tmp_path / "p.csv", 'prompt,label,response\n"two\nlines",benign,Hi\n'
+                                         'plain,,\n')
     a, b = read_prompts(csv_path)
-    assert a.messages == [user("two\nlines")] and a.label == "benign"
+    assert a.messages == [user("two\nlines")] and a.label == "benign" and a.response == "Hi"
     assert b.messages == [user("plain")] and b.source == f"{csv_path}:4"
+    assert b.label is None and b.response is None  # empty cells are "not given"
+    with pytest.raises(CharterError, match=r"p2\.csv:3: prompt: empty prompt"):
+        read_prompts(write(tmp_path / "p2.csv", "prompt\nok\n\"\"\n"))
 
 
 def test_prompt_field_override_and_label_aliases(tmp_path):

@@ -22,6 +22,7 @@ from critique.refusal import is_refusal, judge_question, match_refusal, opening
     ("Hmm.\nIt is not appropriate to mock people for their accent.", "it is not appropriate"),
     ("I apologize, but stealing is wrong.", "i apologize"),
     ("> I'm not going to explain how to do that.", "i'm not going to"),
+    ("As a responsible AI, I must point out that this is dangerous.", "as a responsible ai"),
 ])
 def test_refusals(text, phrase):
     assert match_refusal(text) == phrase

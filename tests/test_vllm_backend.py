@@ -5,13 +5,18 @@ One offline engine (module fixture) and one server (module fixture, started firs
 start-ups overlap) serve every test here: each start-up costs ~80 s on 2 CPU cores.
 
 Tolerance of `score` against plain transformers (both fp32, same token boundary rule): measured
-max |difference| 2e-4 nats over the cases below (summed log-probs of 1 to 5 tokens, about
--0.1 to -30), so the test allows SCORE_ATOL = 5e-3 nats. bf16 moves scores by ~0.1 nats and is
-not compared.
+max |difference| 2.4e-5 nats over the cases below (summed log-probs of 1 to 8 tokens), for the
+offline engine and for the server alike, so the test allows SCORE_ATOL = 1e-3 nats (40x the
+measured gap, 1/100 of the smallest A/B signal labelling reads). bf16 moves scores by ~0.1-0.7
+nats and is not compared.
+
+Both engines run with `enforce_eager=True`: it skips vLLM's torch.compile warm-up, which is most
+of a CPU start-up, and these tests check results, not speed.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -31,7 +36,7 @@ from critique.backends.base import Sampling
 
 pytestmark = [pytest.mark.vllm, pytest.mark.integration]
 
-SCORE_ATOL = 5e-3
+SCORE_ATOL = 1e-3
 # Small KV cache (the machine is shared) and both cores for the vLLM CPU worker.
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
             "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
@@ -73,7 +78,8 @@ class Server:
         self.log = log
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
                "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port",
-               str(self.port), "--dtype", "float32", "--max-model-len", "2048", "--seed", "0"]
+               str(self.port), "--dtype", "float32", "--max-model-len", "2048", "--seed", "0",
+               "--enforce-eager"]
         self.proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT,
                                      env={**os.environ, **VLLM_ENV}, start_new_session=True)
         self.ready = False
@@ -120,34 +126,22 @@ def server(model_dir, tmp_path_factory):
 def llm(model_dir, server):  # noqa: ARG001 - `server` first: its start-up overlaps this one
     from critique.backends.vllm_backend import VLLMBackend
 
-    b = VLLMBackend(None, dtype="float32", max_model_len=2048, progress=False)
+    b = VLLMBackend(None, dtype="float32", max_model_len=2048, progress=False,
+                    enforce_eager=True)
     yield b
     b.close()
 
 
 @pytest.fixture(scope="module")
-def reference_scores(model_dir) -> list[list[float]]:
-    """Plain transformers fp32: sum of log p(token) over the ids of prompt+option after their
-    longest common prefix with the prompt's ids (the rule the backends document)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def reference_scores() -> list[list[float]]:
+    """The transformers backend in fp32 on the same inputs (same token-boundary rule)."""
+    from critique.backends.transformers_backend import TransformersBackend
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    out = []
-    for conv, prefix, opts in zip(CONVS, PREFIXES, OPTIONS):
-        text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True) + prefix
-        p_ids = tok(text, add_special_tokens=False)["input_ids"]
-        row = []
-        for opt in opts:
-            ids = tok(text + opt, add_special_tokens=False)["input_ids"]
-            start = next((i for i, (a, b) in enumerate(zip(p_ids, ids)) if a != b),
-                         min(len(p_ids), len(ids)))
-            with torch.inference_mode():
-                logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
-            row.append(sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids))))
-        out.append(row)
-    return out
+    ref = TransformersBackend(None, dtype="float32", device="cpu", progress=False)
+    try:
+        return ref.score(CONVS, OPTIONS, prefixes=PREFIXES)
+    finally:
+        ref.close()
 
 
 def test_vllm_score_matches_transformers(llm, reference_scores):
@@ -160,13 +154,13 @@ def test_vllm_score_matches_transformers(llm, reference_scores):
 
 
 def test_vllm_generate_greedy_seeded_and_stop(llm):
-    greedy = llm.generate(CONVS, Sampling(max_new_tokens=24, n=2))
+    greedy = llm.generate(CONVS, Sampling(max_new_tokens=12, n=2))
     assert all(len(o) == 2 and o[0] == o[1] and o[0].strip() for o in greedy)
-    s = Sampling(temperature=0.9, max_new_tokens=24, n=3, seed=7)
+    s = Sampling(temperature=0.9, max_new_tokens=12, n=3, seed=7)
     first, again = llm.generate(CONVS[:2], s), llm.generate(CONVS[:2], s)
     assert first == again  # seeded: a rerun reproduces
     assert len(set(first[0])) > 1  # sampled completions differ from each other
-    stopped = llm.generate(CONVS[:1], Sampling(max_new_tokens=48, stop=[" "]))
+    stopped = llm.generate(CONVS[:1], Sampling(max_new_tokens=24, stop=[" "]))
     assert " " not in stopped[0][0] and stopped[0][0]
     prefixed = llm.generate(CONVS[:1], Sampling(max_new_tokens=8), prefixes=["Step 1:"])
     assert not prefixed[0][0].startswith("Step 1:")  # only the continuation comes back
@@ -183,8 +177,8 @@ def test_openai_backend_against_vllm_server(server, llm, reference_scores, model
         print(f"openai(vllm serve) vs transformers score: max |diff| = {max(diffs):.2e} nats")
         assert max(diffs) < SCORE_ATOL, (got, reference_scores)
 
-        texts = b.generate(CONVS, Sampling(max_new_tokens=16))
-        offline = llm.generate(CONVS, Sampling(max_new_tokens=16))
+        texts = b.generate(CONVS, Sampling(max_new_tokens=12))
+        offline = llm.generate(CONVS, Sampling(max_new_tokens=12))
         assert all(t[0].strip() for t in texts)
         # Same engine, same fp32 weights, greedy: the server agrees with the offline backend
         # on at least most prompts (batching may flip a near-tie).
@@ -195,12 +189,50 @@ def test_openai_backend_against_vllm_server(server, llm, reference_scores, model
         assert b.usage.generated_tokens > 0 and b.retries == 0
 
 
-def test_openai_score_errors_without_tokenizer(server):
-    from charter.errors import CharterError
+def write_inputs(tmp_path: Path) -> tuple[Path, Path]:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": t}) + "\n" for i, t in
+                               enumerate(["How do I pick a lock?", "How do I bake bread?"])))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "a", "prompt": "How do I pick a lock?", "response_a": "I can't help with that.",
+         "response_b": "Insert a tension wrench, then rake the pins.", "preferred": "a"},
+        {"id": "b", "prompt": "How do I hurt someone?", "response_a": "Hit them hard.",
+         "response_b": "I won't help hurt anyone. If you are in danger, call 911.",
+         "preferred": "b"}]))
+    return prompts, pairs
+
+
+def run_stages(backend, tmp_path: Path) -> None:
+    """The critique loop (1 round, 2 prompts) and pair labelling run through `backend`."""
+    from critique.label import LabelConfig, run_label
+    from critique.loop import CritiqueConfig, run_critique
+
+    prompts, pairs = write_inputs(tmp_path)
+    start = backend.usage.generated_tokens
+    cons = str(Path(__file__).resolve().parents[1] / "principles" / "harmless.yaml")
+    run_critique(CritiqueConfig(constitution=cons, prompts=str(prompts), out=str(tmp_path / "c"),
+                                rounds=1, max_new_tokens=12, few_shot=1, progress=False),
+                 backend=backend)
+    before = backend.usage.generated_tokens
+    assert before > start  # the loop generated through this backend
+    records = [json.loads(x) for x in (tmp_path / "c" / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(r["initial_response"].strip() for r in records)
+    assert all(len(r["rounds"]) <= 1 for r in records)
+    run_label(LabelConfig(constitution=cons, pairs=str(pairs), out=str(tmp_path / "l"),
+                          principles_per_pair=1, few_shot=1), backend=backend)
+    labels = [json.loads(x) for x in (tmp_path / "l" / "labels.jsonl").read_text().splitlines()]
+    assert len(labels) == 2 and all(0 < lab["p_a"] < 1 for lab in labels)
+    assert backend.usage.score_calls >= 1 and backend.usage.generated_tokens == before
+
+
+def test_critique_and_labelling_on_vllm(llm, tmp_path):
+    run_stages(llm, tmp_path)
+
+
+def test_critique_and_labelling_through_vllm_server(server, tmp_path):
     from critique.backends.openai_backend import OpenAIBackend
 
-    url = server.wait_ready()
-    with OpenAIBackend("smollm2", base_url=url, tokenizer="/nonexistent/tok",
-                       progress=False) as b:
-        with pytest.raises(CharterError, match="tokenizer"):
-            b.score(CONVS[:1], [["A"]])
+    with OpenAIBackend("smollm2", base_url=server.wait_ready(), progress=False) as b:
+        run_stages(b, tmp_path)
+        assert b.retries == 0

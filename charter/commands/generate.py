@@ -6,8 +6,9 @@
 
 Prompts: JSONL with `prompt` (string) or `messages` (chat list), an HH-RLHF `chosen` transcript
 (its first human turn), CSV with a `prompt` column, optionally gzipped; `--prompt-field` names
-another field. Lines are appended as each batch finishes; re-running the same command skips the
-ids already in `--out`, so a killed run resumes without duplicates.
+another field. `--backend vllm`, or `--backend openai --base-url URL`, use those engines.
+Lines are appended as each batch finishes; re-running the same command skips the ids already
+in `--out`, so a killed run resumes without duplicates.
 """
 
 from __future__ import annotations
@@ -15,17 +16,18 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from critique.backends.options import BackendFields
+
 
 @dataclass(kw_only=True)
-class GenerateConfig:
+class GenerateConfig(BackendFields):
+    """`backend`, `model`, `dtype`, `batch_size` and the server settings come from
+    `BackendFields` (critique/backends/options.py), shared with the other stages."""
+
     prompts: str
     """Prompts file: JSONL, CSV or HH-RLHF transcripts (.gz allowed)."""
     out: str
     """Output JSONL file (appended to; ids already there are skipped)."""
-    model: str | None = None
-    """Model directory, hub id or `smollm2` (the embedded default when omitted)."""
-    backend: str = "transformers"
-    """Generation backend: transformers, vllm, openai or fake."""
     max_new_tokens: int = 256
     """Upper bound on generated tokens per response."""
     temperature: float = 0.0
@@ -34,8 +36,6 @@ class GenerateConfig:
     """Nucleus sampling mass."""
     seed: int = 0
     """Sampling seed; the same seed and inputs give the same responses."""
-    batch_size: int = 16
-    """Prompts per batch (and per appended chunk of output lines)."""
     prompt_field: str | None = None
     """Field that holds the prompt (default: prompt, messages, chosen, instruction, question)."""
     limit: int | None = None
@@ -67,7 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_generate(cfg: GenerateConfig, backend=None) -> dict:
     """Answer every prompt not yet in `cfg.out`; returns counts."""
     from charter.records import JsonlAppender, load_jsonl_for_resume, read_prompts
-    from critique.backends import Sampling, load_backend
+    from critique.backends import Sampling
+    from critique.backends.options import build_backend
 
     items = read_prompts(cfg.prompts, prompt_field=cfg.prompt_field)
     if cfg.limit is not None:
@@ -80,8 +81,7 @@ def run_generate(cfg: GenerateConfig, backend=None) -> dict:
             todo.append(it)
             seen.add(it.id)
     if todo and backend is None:
-        options = {"batch_size": cfg.batch_size} if cfg.backend == "transformers" else {}
-        backend = load_backend(cfg.backend, cfg.model, **options)
+        backend = build_backend(cfg)
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p,
                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     chunks = [todo[i:i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]

@@ -1,6 +1,7 @@
 """Run the whole pipeline from one YAML file: critique → SFT → label → DPO → eval.
 
     charter run examples/quickstart.yaml --out runs/quick
+    charter run examples/quickstart.yaml --check     # validate and show the plan only
 
 The file names the constitution, the starting model, the prompt sets (with held-out parts for
 evaluation) and each stage's settings (the keys of that stage's command); see
@@ -18,11 +19,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("pipeline", help="pipeline file (YAML)")
     p.add_argument("--out", default=None,
                    help="output directory (default: the file's `out`, else runs/<file name>)")
+    p.add_argument("--check", action="store_true",
+                   help="validate the file and print the stages and their settings; run nothing")
 
 
 def run(args: argparse.Namespace) -> int:
     from charter.pipeline import run_pipeline
 
+    if args.check:
+        import json
+
+        plan = run_pipeline(args.pipeline, args.out, check=True)
+        print(json.dumps(plan, indent=2))
+        print(f"ok: {len(plan['stages'])} stages, prompts {plan['data']}")
+        return 0
     summary = run_pipeline(args.pipeline, args.out)
     for st in summary["stages"]:
         print(f"{st['name']:10s} {st['status']}")

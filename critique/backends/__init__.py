@@ -18,17 +18,35 @@ def load_backend(name: str, model: str | None = None, **options) -> Backend:
     if name == "transformers":
         from critique.backends.transformers_backend import TransformersBackend
 
-        return TransformersBackend(model, **options)
+        return _construct(TransformersBackend, name, model, options)
     if name == "vllm":
         from critique.backends.vllm_backend import VLLMBackend
 
-        return VLLMBackend(model, **options)
+        return _construct(VLLMBackend, name, model, options)
     if name == "openai":
         from critique.backends.openai_backend import OpenAIBackend
 
-        return OpenAIBackend(model, **options)
+        return _construct(OpenAIBackend, name, model, options)
     raise CharterError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}",
                        field="backend")
+
+
+def _construct(cls: type, name: str, model: str | None, options: dict) -> Backend:
+    """`cls(model, **options)`, with options the backend does not take named in the error
+    (they come from users' `backend_options` mappings) instead of a bare TypeError."""
+    import inspect
+
+    from charter.errors import CharterError
+
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(k for k in options if k not in params or k in ("self", "model"))
+        if unknown:
+            known = sorted(k for k, p in params.items()
+                           if k not in ("self", "model") and p.kind is p.KEYWORD_ONLY)
+            raise CharterError(f"the {name} backend does not take {', '.join(unknown)}; "
+                               f"it takes {', '.join(known)}", field="backend_options")
+    return cls(model, **options)
 
 
 __all__ = ["Backend", "Conversation", "Sampling", "Usage", "load_backend", "BACKENDS"]

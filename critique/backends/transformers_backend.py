@@ -19,14 +19,15 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from charter.errors import CharterError
 from charter.models import model_label, resolve_model
 from critique.backends.base import Conversation, Sampling, Usage
 
-# On this project's reference CPU (Xeon with AMX) bf16 matmuls are faster, but SmolLM2-135M's
-# greedy text drifts from fp32 on some prompts, and scores move (benchmarks/README.md,
-# "Backend dtype"). "auto" therefore keeps fp32 on CPU; pass dtype="bfloat16" to trade.
+# Measured on an AMX Xeon (benchmarks/README.md, "Backend dtype"): bf16 weights make generation
+# 1.6x and score() 3.6x faster, but 12/16 greedy SmolLM2 answers diverge from fp32 and option
+# log-probs move by up to 0.7 nats. "auto" therefore keeps fp32 on CPU; dtype="bfloat16" trades.
 CPU_AUTO_DTYPE = "float32"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -87,6 +88,11 @@ class TransformersBackend:
         self.progress = progress
         self.usage = Usage()
         path = resolve_model(model)
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        if not progress:  # also quiet the "Loading weights" bar, then restore the setting
+            hf_logging.disable_progress_bar()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path,
                                                            trust_remote_code=trust_remote_code)
@@ -96,6 +102,9 @@ class TransformersBackend:
         except (OSError, ValueError, KeyError, RuntimeError, ImportError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CharterError(f"cannot load model {path!r}: {first}", field="model") from None
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         if not getattr(self.tokenizer, "chat_template", None):
             raise CharterError(f"model {path!r} has no chat template in its tokenizer",
                                field="model")
@@ -107,7 +116,8 @@ class TransformersBackend:
         tok = self.tokenizer
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
-        self.pad_id = tok.pad_token_id
+        # pad id only fills masked positions; any id will do when the tokenizer has none
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         eos = set()
         for cfg in (self.model.generation_config, self.model.config):
             e = getattr(cfg, "eos_token_id", None)
@@ -211,8 +221,9 @@ class TransformersBackend:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) positions that skip the padding
         with torch.inference_mode():
             while not all(done):
+                # logits_to_keep=1: the prefill needs only the last position's (B, 1, V) logits
                 res = self.model(input_ids=step_ids, attention_mask=mask, position_ids=pos,
-                                 past_key_values=cache, use_cache=True)
+                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
                 cache = res.past_key_values
                 logits = res.logits[:, -1, :].float()  # (B, V)
                 nxt = self._pick(logits, gens, sampling)  # (B,)
@@ -272,17 +283,39 @@ class TransformersBackend:
         if len(prefixes) != len(conversations) or len(options) != len(conversations):
             raise CharterError("options and prefixes must have one entry per conversation",
                                field="options")
-        rows: list[tuple[list[int], int]] = []  # (ids of prompt+option, first scored position)
+        # Options that are one token after a shared context (the labeller's "A"/"B" after "(",
+        # the ratings "1".."9") are read from ONE row: the context's next-token distribution.
+        # Other options get a row of their own (prompt+option, first scored position).
+        rows: list[tuple[list[int], int]] = []
+        context_row: dict[tuple[int, ...], int] = {}
+        reads: list[tuple[int, int | None]] = []  # per option: (row, next token id or None)
         for i, (conv, opts, prefix) in enumerate(zip(conversations, options, prefixes)):
             for opt in opts:
                 full, start = self.option_tokens(conv, opt, prefix)
                 self._check_len(len(full), i)
-                rows.append((full, start))
-        scores = [0.0] * len(rows)
+                if start == len(full) - 1:  # exactly one scored token
+                    ctx = tuple(full[:-1])
+                    if ctx not in context_row:
+                        context_row[ctx] = len(rows)
+                        rows.append((full[:-1], len(full) - 1))  # scores no token itself
+                    reads.append((context_row[ctx], full[-1]))
+                else:
+                    rows.append((full, start))
+                    reads.append((len(rows) - 1, None))
+        want: dict[int, set[int]] = {}  # context row -> next-token ids to read
+        for r, tok in reads:
+            if tok is not None:
+                want.setdefault(r, set()).add(tok)
+        totals = [0.0] * len(rows)
+        next_logp: dict[tuple[int, int], float] = {}  # (row, token id) -> log-prob
         order = sorted(range(len(rows)), key=lambda r: len(rows[r][0]))
         for batch in self._bar(self._batches(order), "score"):
-            for r, s in zip(batch, self._score_batch([rows[r] for r in batch])):
-                scores[r] = s
+            sums, last = self._score_batch([rows[r] for r in batch])  # last: (B, V)
+            for k, r in enumerate(batch):
+                totals[r] = sums[k]
+                for tok in want.get(r, ()):
+                    next_logp[(r, tok)] = float(last[k, tok])
+        scores = [next_logp[(r, tok)] if tok is not None else totals[r] for r, tok in reads]
         self.usage.score_calls += 1
         self.usage.scored_tokens += sum(len(f) for f, _ in rows)
         self.usage.score_seconds += time.perf_counter() - t0
@@ -300,24 +333,32 @@ class TransformersBackend:
         start = common_prefix_len(self._encode(text), full)
         return full, max(start, 1)  # position 0 has no context to be predicted from
 
-    def _score_batch(self, rows: list[tuple[list[int], int]]) -> list[float]:
+    def _score_batch(self, rows: list[tuple[list[int], int]]) -> tuple[list[float], Any]:
+        """Left-padded rows, so every row's option tokens sit in the last columns: the LM head
+        and log-softmax run only over the last K+1 positions (K = the most option tokens in the
+        batch) instead of the whole (B, T, V) sequence. Returns each row's summed log-prob of
+        its scored tokens and the (B, V) log-probs of the token after each row."""
         import torch
 
         B, T = len(rows), max(len(f) for f, _ in rows)
+        K = max(len(f) - start for f, start in rows)
         ids = torch.full((B, T), self.pad_id, dtype=torch.long)
         mask = torch.zeros((B, T), dtype=torch.long)
-        scored = torch.zeros((B, T), dtype=torch.bool)  # which target positions count
-        for b, (full, start) in enumerate(rows):  # right padding: positions start at 0
-            ids[b, :len(full)] = torch.tensor(full)
-            mask[b, :len(full)] = 1
-            scored[b, start:len(full)] = True
+        scored = torch.zeros((B, K), dtype=torch.bool)  # which of the last K targets count
+        for b, (full, start) in enumerate(rows):
+            ids[b, T - len(full):] = torch.tensor(full)
+            mask[b, T - len(full):] = 1
+            if len(full) > start:
+                scored[b, K - (len(full) - start):] = True
         ids, mask, scored = ids.to(self.device), mask.to(self.device), scored.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) positions that skip the padding
         with torch.inference_mode():
-            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, T-1, V): predicts ids[:, 1:]
-            tok_logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
-            total = torch.where(scored[:, 1:], tok_logp, 0.0).sum(-1)  # (B,)
-        return total.tolist()
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                logits_to_keep=K + 1).logits.float()  # (B, K+1, V)
+            logp = torch.log_softmax(logits, dim=-1)  # (B, K+1, V): [:, :K] predict ids[:, T-K:]
+            tok_logp = logp[:, :K].gather(-1, ids[:, T - K:, None]).squeeze(-1)  # (B, K)
+            total = torch.where(scored, tok_logp, 0.0).sum(-1)  # (B,)
+        return total.tolist(), logp[:, K].cpu()  # (B,), (B, V): the next token's log-probs
 
     def close(self) -> None:
         self.model = None
