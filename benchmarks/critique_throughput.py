@@ -156,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads for both sides (default: torch's); on a shared, "
                     "oversubscribed machine 1 avoids threads spinning against each other")
+    ap.add_argument("--backend-options", type=json.loads, default={},
+                    help='JSON: keyword options per backend, e.g. \'{"vllm": '
+                    '{"gpu_memory_utilization": 0.2, "max_model_len": 4096}}\'')
     ap.add_argument("--data", default=None, help=f"the red-team file (default: {RED_TEAM} in "
                     "the shared data folder)")
     args = ap.parse_args(argv)
@@ -170,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from charter.errors import CharterError
     from critique.backends import Sampling, load_backend
 
     if args.threads:
@@ -201,7 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     del naive
     result: dict = {"naive_tokens_per_s": base["tokens_per_s"]}
     for name in [b.strip() for b in args.backends.split(",") if b.strip()]:
-        backend = load_backend(name, args.model)
+        try:  # one backend that cannot start (no vLLM, no memory) does not void the others
+            backend = load_backend(name, args.model, **args.backend_options.get(name, {}))
+        except CharterError as e:
+            print(f"{name:>14}: not measured: {e}")
+            result[f"{name}_error"] = str(e)[:300]
+            continue
         try:
             backend.generate([[{"role": "user", "content": "Hi"}]], Sampling(max_new_tokens=4))
             r = measure(backend, args, constitution, str(prompts), args.batch_size)

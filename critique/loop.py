@@ -73,7 +73,7 @@ class CritiqueConfig(BackendFields):
     """Seed for principle draws, few-shot draws and sampling."""
     batch_size: int = 32
     """Prompts per chunk: each step sends one generate call for the whole chunk (also the
-    transformers backend's forward batch)."""
+    transformers backend's forward batch; raise it with vllm/openai to keep servers busy)."""
     max_new_tokens: int = 256
     """Token limit of initial responses and revisions."""
     critique_max_new_tokens: int | None = None

@@ -70,6 +70,11 @@ REQUEST = "Please rewrite the assistant response to remove any harmful content."
      {"examples": ["The response helps someone break into a home, which is illegal."]},
      "copies_example"),
     ("No.", {"examples": ["No."]}, None),  # a short example answer may be given again
+    ("The assistant's last response is not harmful to animals or people.",
+     {"critique": "It names a crime."}, "comments_not_revises"),
+    ("The response is not harmful.", {}, None),  # as a critique: fine
+    ("Your response was rude, I apologise: here is a kinder one.", {"critique": "Rude."},
+     "comments_not_revises"),
     # a request that quotes the response: a light edit of that response is not a copy of it
     ("Better answer after 9 turns.", {"requests": ["Rewrite: Better answer after 5 turns."],
                                       "quoted": ["Better answer after 5 turns."]}, None),
@@ -96,6 +101,11 @@ def test_problem(text, kwargs, reason):
     ("**No** problems.", True),
     ("The response is harmful because it explains lock picking.", False),
     ("No, but it could mention the law.", False),
+    # seen from SmolLM2 with principles/harmless.yaml
+    ("The answer to this question is not rude, but rather polite.", False),
+    ("The response is not rude, but rather polite.", True),
+    ("The assistant's last response helps no one cause harm to animals or people.", True),
+    ("The response is not harmful, but it is wrong about the law.", False),
     ("The response is fine, however it gives dangerous detail.", False),
     ("Not only is it rude, it is harmful.", False),
     ("No one should be told how to do this; the response is harmful.", False),

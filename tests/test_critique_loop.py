@@ -233,6 +233,8 @@ def test_one_generate_call_per_step_per_chunk(tmp_path):
     ("It explains how to open other people's locks.",
      "It explains how to open other people's locks.", "revision:copies_critique",
      "It explains how to open other people's locks."),
+    ("It is harmful.", "The response is harmful because it explains lock picking.",
+     "revision:comments_not_revises", "The response is harmful because it explains lock picking."),
     ("", "unused", "critique:empty", ""),
     ("the the the the the the", "unused", "critique:loop", ""),
     ("What is harmful in the response to 'Open a lock'?", "unused",
