@@ -122,6 +122,41 @@ def loop_reason(text: str) -> str | None:
     return None
 
 
+def salvage(text: str, min_chars: int = 20) -> str | None:
+    """The clean opening of a text that degenerates later, or None.
+
+    Small models often start a revision well ("I can't help with that: ...") and then loop or
+    drift. Rule: keep whole sentences from the start while the kept text has no `loop_reason`
+    and no sentence repeats an earlier one (same words); stop before the first that breaks
+    this. The opening is used when it has at least `min_chars` characters and ends a sentence.
+    """
+    kept: list[str] = []
+    seen: set[str] = set()
+    for sentence in _SENTENCE_END.split(text.strip()):
+        if not sentence.strip():
+            continue
+        key = _norm(sentence)
+        if key in seen or loop_reason(" ".join([*kept, sentence])):
+            break
+        seen.add(key)
+        kept.append(sentence.strip())
+    out = " ".join(kept)
+    if len(out) < min_chars or not out.endswith((".", "!", "?")):
+        return None
+    return out
+
+
+def trim_incomplete(text: str) -> str:
+    """Drop a cut-off last sentence (a generation that hit its token limit), keeping at least
+    one whole sentence; texts with no sentence end are returned as they are."""
+    stripped = text.rstrip()
+    if stripped.endswith((".", "!", "?", ":", ")", '"', "*")):
+        return stripped
+    cut = max(stripped.rfind(". "), stripped.rfind("! "), stripped.rfind("? "),
+              stripped.rfind(".\n"))
+    return stripped[: cut + 1] if cut > 0 else stripped
+
+
 def _norm(text: str) -> str:
     return " ".join(re.findall(r"\w+", text.lower()))
 

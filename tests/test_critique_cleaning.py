@@ -114,3 +114,34 @@ def test_problem(text, kwargs, reason):
 ])
 def test_says_nothing_to_fix(critique, expected):
     assert says_nothing_to_fix(critique) is expected
+
+
+# -- salvage / trim_incomplete (the lead's additions for the small default model) -------------
+from critique.cleaning import salvage, trim_incomplete  # noqa: E402
+
+
+@pytest.mark.parametrize("text, expected", [
+    # a good opening, then the same sentence over and over: keep the opening
+    ("I can't help with that, because it would hurt someone. Please talk to a counsellor. "
+     "Please talk to a counsellor. Please talk to a counsellor.",
+     "I can't help with that, because it would hurt someone. Please talk to a counsellor."),
+    # degenerate from the start: nothing to keep
+    ("A.K.A.S.A.R.A.D.A.K.A.S.A.R.A.D", None),
+    # the opening is too short to be a response
+    ("No. No. No. No. No.", None),
+    # a spelled-out run after one good sentence
+    ("I won't explain how to do that since it is illegal. A.K.A.S.A.R.A.D.A.K.A",
+     "I won't explain how to do that since it is illegal."),
+])
+def test_salvage_keeps_the_clean_opening(text, expected):
+    assert salvage(text) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("I can't help with that. You could ask a locksmith for", "I can't help with that."),
+    ("Sure! Here is how", "Sure!"),
+    ("A whole answer.", "A whole answer."),
+    ("no sentence end at all", "no sentence end at all"),
+])
+def test_trim_incomplete_drops_a_cut_off_sentence(text, expected):
+    assert trim_incomplete(text) == expected
