@@ -251,6 +251,31 @@ def fingerprint(stage: Stage, data_sha: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def config_json(cfg: Any) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def settings_diff(stored: dict, cfg: Any) -> list[str]:
+    """`key: old → new` for each setting that differs from a finished stage's. A key the stored
+    config lacks is ignored while the current value is the field's default (a setting added to
+    the stage in a later version of Charter changes nothing that was done)."""
+    now = config_json(cfg)
+    defaults = {}
+    for f in dataclasses.fields(cfg):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+    defaults = json.loads(json.dumps(defaults, default=str))
+    diffs = []
+    for key in sorted(set(stored) | set(now)):
+        if key not in stored and key in defaults and now.get(key) == defaults[key]:
+            continue
+        if stored.get(key) != now.get(key):
+            diffs.append(f"{key}: {stored.get(key)!r} → {now.get(key)!r}")
+    return diffs
+
+
 def read_done(out: Path, stage: Stage) -> dict | None:
     path = out / stage.name / "DONE.json"
     if not path.exists():
@@ -261,15 +286,20 @@ def read_done(out: Path, stage: Stage) -> dict | None:
         return None  # torn: the stage runs again (its own resume keeps finished work)
 
 
-def check_resumable(out: Path, stages: list[Stage]) -> list[bool]:
+def check_resumable(out: Path, stages: list[Stage], data_sha: str) -> list[bool]:
     """Which stages are done; errors for stale results (see the module docstring)."""
     done = []
     for st in stages:
         d = read_done(out, st)
         if d is not None and d.get("fingerprint") != st.fingerprint:
-            raise CharterError(f"{out / st.name} finished with other settings or data; delete "
-                               "it (and the stages after it) to run it again",
-                               path=out / st.name / "DONE.json")
+            diffs = settings_diff(d.get("config") or {}, st.cfg)
+            if d.get("data") != data_sha:
+                diffs.append("the prompt data split")
+            if diffs:
+                raise CharterError(
+                    f"{out / st.name} finished with other settings ({'; '.join(diffs[:5])}); "
+                    "delete it (and the stages after it) to run it again, or restore them",
+                    path=out / st.name / "DONE.json")
         done.append(d is not None)
     for i, st in enumerate(stages):
         if not done[i]:
@@ -305,7 +335,7 @@ def run_pipeline(path: str | Path, out: str | Path | None = None,
     stages = plan(pf, out, kinds)
     for st in stages:
         st.fingerprint = fingerprint(st, data_sha)
-    done = check_resumable(out, stages)
+    done = check_resumable(out, stages, data_sha)
     if check:
         return {"pipeline": str(pf.path), "out": str(out), "data": {
             k: len(v) for k, v in splits.items()}, "stages": [
@@ -346,8 +376,8 @@ def run_pipeline(path: str | Path, out: str | Path | None = None,
                 raise
             seconds = round(time.time() - t0, 2)
             write_json_atomic(out / st.name / "DONE.json", {
-                "stage": st.name, "fingerprint": st.fingerprint, "seconds": seconds,
-                "result": result, "config": dataclasses.asdict(st.cfg)})
+                "stage": st.name, "fingerprint": st.fingerprint, "data": data_sha,
+                "seconds": seconds, "result": result, "config": config_json(st.cfg)})
             state[st.name] = {"status": "done", "seconds": seconds, "result": result}
     finally:
         ctx.close()

@@ -195,12 +195,32 @@ def test_killed_pipeline_resumes_without_redoing_finished_stages(project):
     assert CALLS == []
 
 
+def test_finished_stage_from_an_older_version_without_a_new_setting_is_kept(project):
+    """A DONE.json whose config lacks a field that now exists with its default value (a setting
+    added to the stage later) still counts as done; a different data split does not."""
+    out = project / "run"
+    run_pipeline(project / "pipe.yaml", out, KINDS)
+    done_path = out / "sft" / "DONE.json"
+    done = json.loads(done_path.read_text())
+    del done["config"]["seed"]  # as if written before `seed` existed (default 0)
+    done["fingerprint"] = "older"
+    done_path.write_text(json.dumps(done))
+    CALLS.clear()
+    run_pipeline(project / "pipe.yaml", out, KINDS)
+    assert CALLS == []
+    done["data"] = "another split"
+    done_path.write_text(json.dumps(done))
+    with pytest.raises(CharterError, match="the prompt data split"):
+        run_pipeline(project / "pipe.yaml", out, KINDS)
+
+
 def test_changed_settings_of_a_finished_stage_is_an_error(project):
     out = project / "run"
     run_pipeline(project / "pipe.yaml", out, KINDS)
     text = (project / "pipe.yaml").read_text().replace("max_steps: 3", "max_steps: 5")
     (project / "pipe.yaml").write_text(text)
-    with pytest.raises(CharterError, match=r"run/sft finished with other settings"):
+    with pytest.raises(CharterError, match=r"run/sft finished with other settings "
+                       r"\(max_steps: 3 → 5\)"):
         run_pipeline(project / "pipe.yaml", out, KINDS)
     # deleting sft alone is not enough: the stages after it were made from the old model
     import shutil
