@@ -87,10 +87,12 @@ class Context:
 
 
 def _run_critique(cfg, ctx: Context) -> dict:
+    from critique.backends.options import backend_kwargs
     from critique.loop import run_critique
 
+    # every backend field of the stage's section (dtype, batch_size, server URLs...) applies
     manifest = run_critique(cfg, backend=ctx.backend(cfg.backend, cfg.model,
-                                                     cfg.backend_options))
+                                                     backend_kwargs(cfg)))
     counts = manifest.get("counts") or {}
     if not counts.get("sft_examples"):
         raise CharterError(f"critique wrote no SFT examples ({counts.get('flagged', 0)} records "
@@ -114,10 +116,11 @@ def _train(fn: str) -> Callable[[Any, Context], dict]:
 
 
 def _run_label(cfg, ctx: Context) -> dict:
+    from critique.backends.options import backend_kwargs
     from critique.label import run_label
 
-    policy = ctx.backend(cfg.backend, cfg.policy, cfg.backend_options)
-    labeler = ctx.backend(cfg.backend, cfg.labeler_model, cfg.backend_options)
+    policy = ctx.backend(cfg.backend, cfg.policy, backend_kwargs(cfg))
+    labeler = ctx.backend(cfg.backend, cfg.labeler_model, backend_kwargs(cfg))
     report = run_label(cfg, backend=labeler, policy_backend=policy)
     if not report.get("n"):
         raise CharterError("labelling made no preference pairs (every prompt's samples were "

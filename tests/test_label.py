@@ -510,3 +510,23 @@ def test_ratings_nested_follows_the_tokenizer(tiny_model_dir):
 
     assert not lp.ratings_nested(one_token_ten)
     assert lp.ratings_nested(None)
+
+
+def test_cot_and_rating_run_on_a_real_backend(tiny_model_dir, tmp_path, constitution_path):
+    """CoT (generate, then score after the reasoning) and rate mode through the transformers
+    backend on the tiny random model: the plumbing works and the numbers obey their bounds."""
+    from critique.backends.transformers_backend import TransformersBackend
+
+    b = TransformersBackend(str(tiny_model_dir), progress=False, device="cpu")
+    pairs = write_pairs(tmp_path / "pairs.jsonl", [pair(1, "Call a locksmith.", "Use a pick.")])
+    run_label(LabelConfig(constitution=str(constitution_path), pairs=str(pairs),
+                          out=str(tmp_path / "cot"), cot=True, cot_max_new_tokens=4,
+                          progress=False), backend=b)
+    (rec,) = read_out(tmp_path / "cot" / "labels.jsonl")
+    assert all(0.2 <= o <= 0.8 for o in rec["orders"])
+    assert len(rec["reasoning"]["harm"]) == 2
+    run_label(LabelConfig(constitution=str(constitution_path), pairs=str(pairs),
+                          out=str(tmp_path / "rate"), mode="rate", progress=False), backend=b)
+    (rec,) = read_out(tmp_path / "rate" / "labels.jsonl")
+    assert all(1.0 <= r <= 10.0 for r in rec["ratings"])
+    assert rec["rating_gap"] == pytest.approx(rec["ratings"][0] - rec["ratings"][1])

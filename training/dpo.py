@@ -2,6 +2,7 @@
 
     charter train dpo --data runs/label --out runs/dpo --model runs/sft --loss soft --beta 0.1
     accelerate launch --num_processes 2 -m charter train dpo --data pairs.jsonl --out runs/dpo
+    torchrun --nproc_per_node 2 -m charter train dpo --data pairs.jsonl --out runs/dpo  # CPU DDP
 
 Reference log-probs are computed once, before training, in one pass over the data and cached
 in `out/ref_logps.pt` (keyed by a hash of the token ids and the reference model's files), so no

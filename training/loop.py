@@ -131,7 +131,12 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 def make_optimizer(model, cfg: TrainConfig, total: int):
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused AdamW: one kernel per parameter, no foreach temporaries (a copy of every
+    # parameter's size at the step, which sets the peak memory of small-model training).
+    try:
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, TypeError):  # a device or torch without a fused kernel
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_ratio * total)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, total, warmup, cfg.schedule))

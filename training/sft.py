@@ -2,6 +2,7 @@
 
     charter train sft --data runs/critique --out runs/sft --epochs 2 --lr 2e-5
     accelerate launch --num_processes 2 -m charter train sft --data sft.jsonl --out runs/sft
+    torchrun --nproc_per_node 2 -m charter train sft --data sft.jsonl --out runs/sft  # CPU DDP
 
 Data: `messages` JSONL (our sft.jsonl, or any conversational dataset) or a dataset saved with
 `save_to_disk`. Every assistant turn is trained on; system/user turns and the template's
