@@ -100,6 +100,10 @@ class CritiqueConfig(BackendFields):
     few_shot_changed_only: bool = False
     """Draw few-shot examples only among those whose revision changes the response (for
     red-team prompts; the unchanged ones teach "nothing to fix")."""
+    revision_prefix: str = ""
+    """Text every revision starts with (the assistant turn is pre-filled with it and it is
+    kept in the revision), e.g. "I'm sorry, but I can't" for a model too weak to revise on
+    its own. Empty: the model writes the whole revision."""
     salvage: bool = True
     """A revision that degenerates (loops, drifts) keeps its clean opening sentences when
     there are any (`cleaning.salvage`), and a cut-off last sentence is dropped; else flagged."""
@@ -141,6 +145,7 @@ def provenance(cfg: CritiqueConfig, constitution: Constitution, backend: Backend
         "trust_ok_critiques": cfg.trust_ok_critiques,
         "few_shot_changed_only": cfg.few_shot_changed_only,
         "salvage": cfg.salvage,
+        "revision_prefix": cfg.revision_prefix,
         "constitution": {"name": constitution.name, "sha256": constitution.sha256},
     }
 
@@ -157,12 +162,17 @@ class _Steps:
         self.stats: dict[str, Counter] = {}
 
     def __call__(self, step: str, conversations: list[Conversation],
-                 sampling: Sampling) -> list[str]:
+                 sampling: Sampling, prefix: str = "") -> list[str]:
         if not conversations:
             return []
         before = self.backend.usage.generated_tokens
         t0 = time.perf_counter()
-        out = self.backend.generate(conversations, sampling)
+        if prefix:  # the reply starts with `prefix`; the text returned includes it
+            out = self.backend.generate(conversations, sampling,
+                                        prefixes=[prefix] * len(conversations))
+            out = [[prefix + t for t in texts] for texts in out]
+        else:
+            out = self.backend.generate(conversations, sampling)
         s = self.stats.setdefault(step, Counter())
         s["calls"] += 1
         s["conversations"] += len(conversations)
@@ -218,7 +228,7 @@ def _round(dialogues: list[Dialogue], r: int, constitution: Constitution, cfg: C
         else:
             revise.append(d)
     convs = [d.revision_conversation(constitution) for d in revise]
-    texts = steps("revision", convs, steps.response)
+    texts = steps("revision", convs, steps.response, cfg.revision_prefix)
     for d, raw in zip(revise, texts):
         text = clean(raw)
         kw = dict(requests=d.requests() + [d.request], critique=d.critique, quoted=d.quoted(),
