@@ -37,7 +37,7 @@ quickstart: setup
 	$(VENV)/bin/charter run examples/quickstart.yaml --out runs/quickstart
 
 bench: setup
-	$(PY) benchmarks/critique_throughput.py --quick
+	$(PY) benchmarks/critique_throughput.py --quick --backends transformers,vllm
 	$(PY) benchmarks/label_throughput.py --quick
 	$(PY) benchmarks/dpo_vs_trl.py --quick
 

@@ -17,7 +17,15 @@ Both sides run the same loop code (`critique.loop.run_critique`) on the same red
 Throughput is generated tokens (as counted by each side: new tokens before the end-of-turn
 token) over wall time of the whole loop, so a side that happens to generate more tokens is not
 favoured. Prints a table, then one JSON object on the last line: `{name}_vs_naive` per backend
-(the target is >= 6 for transformers at batch 32) plus the tokens/s behind each ratio.
+(the target is >= 6 for transformers at batch 32, >= 20 for vllm) plus the tokens/s behind
+each ratio.
+
+With `vllm` in --backends, two more runs show what prefix caching saves: the same loop with
+`--caching-rounds` (default 2) rounds, once with vLLM's prefix caching and once without, each
+engine in a child process of its own (a second engine in one process can be killed by the first
+one's clean-up); they add `vllm_cache_tokens_per_s`, `vllm_nocache_tokens_per_s` and
+`prefix_caching_speedup`. vLLM runs in the naive side's dtype (fp32 on CPU; vLLM's own "auto"
+would pick bf16) and, with --threads, on that many cores (VLLM_CPU_OMP_THREADS_BIND).
 """
 
 from __future__ import annotations
@@ -138,6 +146,24 @@ def measure(backend, args, constitution: str, prompts: str, batch_size: int) -> 
             "calls": sum(s["calls"] for s in m["timings"]["steps"].values())}
 
 
+def vllm_child(args, mode: str) -> dict:
+    """The loop on vLLM with prefix caching `mode` ("on"/"off") in a child process."""
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--vllm-child", mode, "--prompts", str(args.prompts),
+           "--rounds", str(args.caching_rounds), "--batch-size", str(args.batch_size),
+           "--max-new-tokens", str(args.max_new_tokens)]
+    for flag, value in (("--model", args.model), ("--constitution", args.constitution),
+                        ("--threads", args.threads), ("--data", args.data)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    lines = [x[7:] for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.exit(f"vLLM prefix-caching {mode} run failed (exit {proc.returncode})")
+    return json.loads(lines[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
@@ -156,8 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads for both sides (default: torch's); on a shared, "
                     "oversubscribed machine 1 avoids threads spinning against each other")
+    ap.add_argument("--backend-options", type=json.loads, default={},
+                    help='JSON: keyword options per backend, e.g. \'{"vllm": '
+                    '{"gpu_memory_utilization": 0.2, "max_model_len": 4096}}\'')
     ap.add_argument("--data", default=None, help=f"the red-team file (default: {RED_TEAM} in "
                     "the shared data folder)")
+    ap.add_argument("--caching-rounds", type=int, default=2,
+                    help="rounds of the vLLM prefix caching on/off runs (0: skip them)")
+    ap.add_argument("--vllm-child", choices=["on", "off"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
         args.prompts, args.rounds, args.max_new_tokens = 32, 1, 32
@@ -170,10 +202,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from charter.errors import CharterError
     from critique.backends import Sampling, load_backend
 
     if args.threads:
         torch.set_num_threads(args.threads)
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{args.threads - 1}")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = "bfloat16" if device == "cuda" else "float32"  # what the transformers backend picks
@@ -189,6 +225,17 @@ def main(argv: list[str] | None = None) -> int:
         if not shipped.exists():
             (tmp / "bench.yaml").write_text(CONSTITUTION, encoding="utf-8")
 
+    if args.vllm_child:  # one prefix-caching run in this fresh process, for the parent
+        backend = load_backend("vllm", args.model, dtype=dtype, progress=False,
+                               enable_prefix_caching=args.vllm_child == "on")
+        try:
+            backend.generate([[{"role": "user", "content": "Hi"}]], Sampling(max_new_tokens=4))
+            r = measure(backend, args, constitution, str(prompts), args.batch_size)
+        finally:
+            backend.close()
+        print("RESULT " + json.dumps(r), flush=True)
+        return 0
+
     print(f"device {device} ({dtype}), torch threads {torch.get_num_threads()}, "
           f"{args.prompts} prompts x {args.rounds} round(s), max_new_tokens "
           f"{args.max_new_tokens}, batch {args.batch_size} (naive: "
@@ -200,8 +247,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{base['tokens_per_s']:8.1f} tokens/s ({base['calls']} generate calls)")
     del naive
     result: dict = {"naive_tokens_per_s": base["tokens_per_s"]}
-    for name in [b.strip() for b in args.backends.split(",") if b.strip()]:
-        backend = load_backend(name, args.model)
+    names = [b.strip() for b in args.backends.split(",") if b.strip()]
+    for name in names:
+        opts = {"dtype": dtype} if name in ("transformers", "vllm") else {}
+        opts.update(args.backend_options.get(name, {}))
+        try:  # one backend that cannot start (no vLLM, no memory) does not void the others
+            backend = load_backend(name, args.model, **opts)
+        except CharterError as e:
+            print(f"{name:>14}: not measured: {e}")
+            result[f"{name}_error"] = str(e)[:300]
+            continue
         try:
             backend.generate([[{"role": "user", "content": "Hi"}]], Sampling(max_new_tokens=4))
             r = measure(backend, args, constitution, str(prompts), args.batch_size)
@@ -213,6 +268,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{ratio:.2f}x naive")
         result[f"{name}_tokens_per_s"] = r["tokens_per_s"]
         result[f"{name}_vs_naive"] = round(ratio, 2)
+    if "vllm" in names and args.caching_rounds > 0:
+        runs = {mode: vllm_child(args, mode) for mode in ("on", "off")}
+        speedup = runs["on"]["tokens_per_s"] / runs["off"]["tokens_per_s"]
+        for mode, label in (("on", "cache"), ("off", "nocache")):
+            r = runs[mode]
+            print(f"{'vllm ' + label:>14}: {r['tokens']:6d} tokens in {r['seconds']:8.1f} s = "
+                  f"{r['tokens_per_s']:8.1f} tokens/s ({args.caching_rounds} rounds)")
+            result[f"vllm_{label}_tokens_per_s"] = r["tokens_per_s"]
+        print(f"prefix caching on / off: {speedup:.2f}x")
+        result["prefix_caching_speedup"] = round(speedup, 2)
     print(json.dumps(result))
     return 0
 

@@ -79,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         print(f"charter: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
+    except Exception as e:  # a bug: still one line for the user, the traceback on request
+        if debug:
+            traceback.print_exc()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"charter: internal error: {type(e).__name__}: {first} (a bug in charter; re-run "
+              "with --debug for the traceback and report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -152,6 +152,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
 def read_yaml_config(path: str | os.PathLike) -> tuple[dict, dict[str, int]]:
     """The mapping in a YAML config file and the line of each top-level key."""
     path = Path(path)
+    if path.is_dir():
+        raise CharterError("expected a YAML file, found a directory", path=path)
     if not path.is_file():
         raise CharterError("config file not found", path=path)
     try:

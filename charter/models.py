@@ -96,6 +96,28 @@ def resolve_model(name: str | os.PathLike | None) -> str:
     return s  # a hub id; loading reports a clear error if the hub is unreachable
 
 
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def require_safetensors(path: str | os.PathLike) -> None:
+    """Refuse a local model directory whose weights exist only as pickle files.
+
+    Unpickling a `pytorch_model.bin` can run any code its author put in it, so Charter loads
+    safetensors only (loaders also pass `use_safetensors=True`, which covers hub ids). A hub id
+    or a directory without weight files is left to the loader's own error.
+    """
+    p = Path(path)
+    if not p.is_dir() or any(p.glob("*.safetensors")):
+        return
+    pickles = sorted({f.name for pattern in PICKLE_WEIGHTS for f in p.glob(pattern)})
+    if pickles:
+        raise CharterError(
+            f"only pickle weights here ({', '.join(pickles[:3])}); Charter loads safetensors "
+            "only, because loading a pickle can run code hidden in it. Convert once where you "
+            "trust the file: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR, "
+            "safe_serialization=True)", path=p, field="model")
+
+
 def model_label(name: str | os.PathLike | None) -> str:
     """The name recorded in provenance: `smollm2` for the embedded model, else as given."""
     return EMBEDDED if name is None else str(name)

@@ -36,6 +36,7 @@ from charter.config import config_from_dict
 from charter.errors import CharterError
 from charter.pipeline_file import PipelineFile, load_pipeline_file, split_data
 from charter.records import write_json_atomic, write_jsonl_atomic
+from charter.writable import check_output
 
 
 @dataclass
@@ -86,10 +87,12 @@ class Context:
 
 
 def _run_critique(cfg, ctx: Context) -> dict:
+    from critique.backends.options import backend_kwargs
     from critique.loop import run_critique
 
+    # every backend field of the stage's section (dtype, batch_size, server URLs...) applies
     manifest = run_critique(cfg, backend=ctx.backend(cfg.backend, cfg.model,
-                                                     cfg.backend_options))
+                                                     backend_kwargs(cfg)))
     counts = manifest.get("counts") or {}
     if not counts.get("sft_examples"):
         raise CharterError(f"critique wrote no SFT examples ({counts.get('flagged', 0)} records "
@@ -113,10 +116,11 @@ def _train(fn: str) -> Callable[[Any, Context], dict]:
 
 
 def _run_label(cfg, ctx: Context) -> dict:
+    from critique.backends.options import backend_kwargs
     from critique.label import run_label
 
-    policy = ctx.backend(cfg.backend, cfg.policy, cfg.backend_options)
-    labeler = ctx.backend(cfg.backend, cfg.labeler_model, cfg.backend_options)
+    policy = ctx.backend(cfg.backend, cfg.policy, backend_kwargs(cfg))
+    labeler = ctx.backend(cfg.backend, cfg.labeler_model, backend_kwargs(cfg))
     report = run_label(cfg, backend=labeler, policy_backend=policy)
     if not report.get("n"):
         raise CharterError("labelling made no preference pairs (every prompt's samples were "
@@ -342,7 +346,7 @@ def run_pipeline(path: str | Path, out: str | Path | None = None,
             {"name": st.name, "status": "done" if d else "pending",
              "config": dataclasses.asdict(st.cfg)} for st, d in zip(stages, done)]}
 
-    out.mkdir(parents=True, exist_ok=True)
+    check_output(out)  # writable, with free space, before any stage runs
     for name, rows in splits.items():
         if rows and _changed(out / "data" / f"{name}.jsonl", rows):
             write_jsonl_atomic(out / "data" / f"{name}.jsonl", rows)

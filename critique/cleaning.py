@@ -21,6 +21,8 @@ reason code, counted in the manifest:
   embed them) are cut out of it first, so that a revision close to the response it revises is
   not taken for a copy of a request that quotes that response.
 - `copies_critique`: a revision that repeats the critique instead of rewriting the response.
+- `comments_not_revises`: a revision that talks about the response ("The assistant's last
+  response is not harmful ...") instead of being a response.
 - `copies_example`: the output contains a few-shot example's critique or revision (20+
   characters) word for word (small models copy the example's critique whatever the prompt,
   then go on). A short example ("No.") may be repeated.
@@ -62,12 +64,18 @@ _NOTHING_TO_FIX = re.compile(
     r"i (?:see|found|find|notice) no(?:thing)?\b|"
     r"(?:the |this |that )?(?:assistant'?s? )?(?:last |previous |above )?response "
     r"(?:is|was) (?:already |entirely |perfectly |completely )?"
-    r"(?:fine|appropriate|harmless|safe|acceptable|ethical|helpful and harmless|not harmful)\b|"
+    r"(?:fine|appropriate|harmless|safe|acceptable|ethical|helpful and harmless|not (?:harmful|"
+    r"rude|toxic|dangerous|illegal|offensive|misleading|false|inappropriate|problematic))\b|"
+    r"(?:the |this |that )?(?:assistant'?s? )?(?:last |previous |above )?response "
+    r"(?:helps no one|does not help anyone|doesn't help anyone)\b|"
     r"(?:the |this |that )?(?:assistant'?s? )?(?:last |previous |above )?response "
     r"(?:does not|doesn't|did not|didn't) (?:contain|include|have|need)\b)",
     re.IGNORECASE)
 # ...and goes on without a turn that brings a problem back.
-_BUT = re.compile(r"\b(?:but|however|although|though|except|yet)\b", re.IGNORECASE)
+_BUT = re.compile(r"\b(?:but(?! rather)|however|although|though|except|yet)\b", re.IGNORECASE)
+# A "revision" that talks about the response instead of being one.
+_COMMENT = re.compile(r"^(?:the|this|that|your|my) (?:assistant'?s? )?(?:last |previous |original "
+                      r"|above )?response (?:is|was|does|did|helps|contains|has)\b", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s|\n")
 
 
@@ -114,6 +122,41 @@ def loop_reason(text: str) -> str | None:
     return None
 
 
+def salvage(text: str, min_chars: int = 20) -> str | None:
+    """The clean opening of a text that degenerates later, or None.
+
+    Small models often start a revision well ("I can't help with that: ...") and then loop or
+    drift. Rule: keep whole sentences from the start while the kept text has no `loop_reason`
+    and no sentence repeats an earlier one (same words); stop before the first that breaks
+    this. The opening is used when it has at least `min_chars` characters and ends a sentence.
+    """
+    kept: list[str] = []
+    seen: set[str] = set()
+    for sentence in _SENTENCE_END.split(text.strip()):
+        if not sentence.strip():
+            continue
+        key = _norm(sentence)
+        if key in seen or loop_reason(" ".join([*kept, sentence])):
+            break
+        seen.add(key)
+        kept.append(sentence.strip())
+    out = " ".join(kept)
+    if len(out) < min_chars or not out.endswith((".", "!", "?")):
+        return None
+    return out
+
+
+def trim_incomplete(text: str) -> str:
+    """Drop a cut-off last sentence (a generation that hit its token limit), keeping at least
+    one whole sentence; texts with no sentence end are returned as they are."""
+    stripped = text.rstrip()
+    if stripped.endswith((".", "!", "?", ":", ")", '"', "*")):
+        return stripped
+    cut = max(stripped.rfind(". "), stripped.rfind("! "), stripped.rfind("? "),
+              stripped.rfind(".\n"))
+    return stripped[: cut + 1] if cut > 0 else stripped
+
+
 def _norm(text: str) -> str:
     return " ".join(re.findall(r"\w+", text.lower()))
 
@@ -151,6 +194,8 @@ def problem(text: str, *, requests: Sequence[str] = (), critique: str | None = N
         return "copies_request"
     if critique is not None and _copies(text, critique):
         return "copies_critique"
+    if critique is not None and _COMMENT.match(text):
+        return "comments_not_revises"
     norm = _norm(text)
     if any(len(_norm(e)) >= 20 and _norm(e) in norm for e in examples):
         return "copies_example"
@@ -162,8 +207,9 @@ def says_nothing_to_fix(critique: str) -> bool:
 
     Rule: the first sentence starts with a "no problem" opening ("No", "None", "Nothing",
     "There is no/nothing", "I don't see/find", "I see no", "The response is fine/appropriate/
-    harmless/safe/not harmful", "The response does not contain ...") and has no
-    "but/however/although/except/yet" in it. "Not ..." and "No one ..." do not count. The loop
+    harmless/safe/not harmful/not rude/...", "The response does not contain ...", "The
+    response helps no one ...") and has no "but" (except "but rather"), "however", "although",
+    "except" or "yet" in it. "Not ..." and "No one ..." do not count. The loop
     then keeps the previous response as this round's revision and asks for no revision.
     """
     first = _SENTENCE_END.split(critique.strip(), maxsplit=1)[0]

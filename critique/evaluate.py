@@ -35,6 +35,7 @@ from charter.records import (
     read_prompts,
     write_jsonl_atomic,
 )
+from charter.writable import check_output
 from critique.labelmath import p_first, position_bias
 from critique.refusal import JUDGE_OPTIONS, judge_question, match_refusal
 from critique.stats import rate_summary, win_summary
@@ -86,6 +87,10 @@ class EvalConfig:
     """Bootstrap resamples for the mean preference probability's interval."""
     metrics: list[str] = field(default_factory=list)
     """Training metrics.jsonl files (or run dirs holding one) to plot as training curves."""
+    trust_remote_code: bool = False
+    """Let transformers/vLLM run Python code shipped in the model folder (trusted models only)."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """Bad prompt records: raise, or skip them (counted in report.json's input_errors)."""
 
     def validate(self) -> None:
         if self.prompts and (self.harmful or self.benign):
@@ -114,11 +119,12 @@ class EvalConfig:
 # -- prompts ------------------------------------------------------------------------------------
 
 
-def load_eval_prompts(cfg: EvalConfig) -> list[PromptItem]:
-    """Harmful then benign prompts, each kind cut to `limit`; every prompt must carry a label."""
+def load_eval_prompts(cfg: EvalConfig, errors: list[str] | None = None) -> list[PromptItem]:
+    """Harmful then benign prompts, each kind cut to `limit`; every prompt must carry a label.
+    Records skipped under `on_error="skip"` are reported in `errors`."""
     items: list[PromptItem] = []
     if cfg.prompts:
-        items = read_prompts(cfg.prompts, cfg.prompt_field)
+        items = read_prompts(cfg.prompts, cfg.prompt_field, cfg.on_error, errors)
         for it in items:
             if it.label is None:
                 raise CharterError("missing label: evaluation prompts need label harmful/unsafe "
@@ -128,7 +134,7 @@ def load_eval_prompts(cfg: EvalConfig) -> list[PromptItem]:
     for path, label in ((cfg.harmful, "harmful"), (cfg.benign, "benign")):
         if path:
             items += [dataclasses.replace(it, label=label)
-                      for it in read_prompts(path, cfg.prompt_field)]
+                      for it in read_prompts(path, cfg.prompt_field, cfg.on_error, errors)]
     out: list[PromptItem] = []
     seen: set[tuple[str, str]] = set()
     for label in ("harmful", "benign"):
@@ -233,7 +239,8 @@ def judge_pairs(judge, constitution, prompts: list[PromptItem], a: dict[str, str
 # -- the run ------------------------------------------------------------------------------------
 
 
-def _get_backend(backends: dict, cache: dict, role: str, kind: str, model: str | None):
+def _get_backend(backends: dict, cache: dict, role: str, kind: str, model: str | None,
+                 trust_remote_code: bool = False):
     """The backend given for `role`, else one loaded here (once per backend kind and model)."""
     if role in backends:
         return backends[role]
@@ -241,7 +248,7 @@ def _get_backend(backends: dict, cache: dict, role: str, kind: str, model: str |
     if key not in cache:
         from critique.backends import load_backend
 
-        cache[key] = load_backend(kind, model)
+        cache[key] = load_backend(kind, model, trust_remote_code=trust_remote_code)
     return cache[key]
 
 
@@ -255,9 +262,15 @@ def run_eval(cfg: EvalConfig, backends: dict | None = None) -> dict:
 
     cfg.validate()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output(out)  # writable, with free space, before any model loads
     t0 = time.time()
-    prompts = load_eval_prompts(cfg)
+    input_errors: list[str] = []
+    prompts = load_eval_prompts(cfg, input_errors)
+    cons = None
+    if cfg.judge and cfg.baseline is not None:  # a bad principle file fails before models load
+        from constitution import load_constitution
+
+        cons = load_constitution(cfg.constitution)
     backends = dict(backends or {})
     loaded: dict = {}  # (backend kind, model) -> a backend loaded here, closed at the end
     names = {"model": cfg.model, "baseline": cfg.baseline}
@@ -265,7 +278,8 @@ def run_eval(cfg: EvalConfig, backends: dict | None = None) -> dict:
     try:
         responses: dict[str, dict[str, str]] = {}
         for role in roles:
-            be = _get_backend(backends, loaded, role, cfg.backend, names[role])
+            be = _get_backend(backends, loaded, role, cfg.backend, names[role],
+                              cfg.trust_remote_code)
             responses[role] = generate_responses(
                 be, prompts, model_label(names[role]), out / f"responses-{role}.jsonl",
                 cfg.max_new_tokens, cfg.batch_size, cfg.seed, desc=f"eval {role}")
@@ -273,13 +287,10 @@ def run_eval(cfg: EvalConfig, backends: dict | None = None) -> dict:
         prefs, detail = {}, {}
         if cfg.judge:
             judge = _get_backend(backends, loaded, "judge", cfg.judge_backend or cfg.backend,
-                                 cfg.judge)
+                                 cfg.judge, cfg.trust_remote_code)
             for role in roles:
                 judged[role] = judge_refusals(judge, prompts, responses[role], cfg.batch_size)
-            if cfg.baseline is not None:
-                from constitution import load_constitution
-
-                cons = load_constitution(cfg.constitution)
+            if cons is not None:
                 detail = judge_pairs(judge, cons, prompts, responses["model"],
                                      responses["baseline"], cfg)
                 # P(model preferred); identical responses tie at 0.5
@@ -308,6 +319,7 @@ def run_eval(cfg: EvalConfig, backends: dict | None = None) -> dict:
     report["judge_position_bias"] = (position_bias([d["orders"] for d in detail.values()])
                                      if detail else None)
     report["seconds"] = round(time.time() - t0, 2)
+    report["input_errors"] = {"count": len(input_errors), "first": input_errors[:20]}
     write_report(out, report, rows, cfg)
     return report
 

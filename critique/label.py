@@ -48,6 +48,7 @@ from charter.records import (
     write_jsonl_atomic,
     write_text_atomic,
 )
+from charter.writable import check_output
 from constitution import draw, load_constitution
 from critique import labelprompt as lp
 from critique.backends.base import Sampling
@@ -119,6 +120,10 @@ class LabelConfig:
     """Prompts or pairs per chunk: one generate and one score call each, then appended."""
     progress: bool = True
     """Show tqdm progress bars."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """Bad input records: raise, or skip them (counted in report.json's input_errors)."""
+    trust_remote_code: bool = False
+    """Let transformers/vLLM run Python code shipped in the model folder (trusted models only)."""
 
     def validate(self) -> None:
         if bool(self.prompts) == bool(self.pairs):
@@ -159,7 +164,8 @@ class LabelConfig:
 
 # Settings that change what is written; a resumed run must match them (limit, batch_size and
 # out may differ).
-_RESUME_FREE = ("out", "limit", "batch_size", "progress")
+_RESUME_FREE = ("out", "limit", "batch_size", "progress", "on_error",
+                "trust_remote_code")
 
 
 @dataclass
@@ -174,44 +180,62 @@ class LabelPair:
     source: str = ""
 
 
-def read_label_pairs(path: str) -> list[LabelPair]:
+def read_label_pairs(path: str, on_error: str = "raise",
+                     errors: list[str] | None = None) -> list[LabelPair]:
     """Pairs from JSONL: `id` (optional; default a content hash), `prompt` (chat messages ending
-    with a user turn, or a string), `response_a`, `response_b`, optional `preferred` (a/b)."""
+    with a user turn, or a string), `response_a`, `response_b`, optional `preferred` (a/b).
+
+    `on_error="skip"` appends each bad record's message to `errors` and goes on."""
+    found: list[str] = []
     out: list[LabelPair] = []
-    seen: dict[str, int] = {}
-    for lineno, obj in read_jsonl(path):
-        if "prompt" not in obj:
-            raise CharterError("missing field: expected prompt", path=path, line=lineno,
-                               field="prompt")
-        prompt = obj["prompt"]
-        if isinstance(prompt, str):
-            if not prompt.strip():
-                raise CharterError("empty prompt", path=path, line=lineno, field="prompt")
-            prompt = [{"role": "user", "content": prompt}]
-        messages = validate_messages(prompt, path=path, line=lineno, field="prompt",
-                                     must_end_with="user")
-        responses = []
-        for key in ("response_a", "response_b"):
-            value = obj.get(key)
-            if not isinstance(value, str):
-                what = "missing field" if value is None else f"got {type(value).__name__}"
-                raise CharterError(f"{what}: expected a response string", path=path,
-                                   line=lineno, field=key)
-            responses.append(value)
-        pref = obj.get("preferred")
-        if pref is not None:
-            if not isinstance(pref, str) or pref.strip().lower() not in ("a", "b"):
-                raise CharterError(f"expected a or b, got {pref!r}", path=path, line=lineno,
-                                   field="preferred")
-            pref = pref.strip().lower()
-        pid = obj.get("id")
-        pid = str(pid) if pid is not None else content_id(messages, *responses)
-        if pid in seen:
-            raise CharterError(f"duplicate id {pid!r} (first on line {seen[pid]})", path=path,
-                               line=lineno, field="id")
-        seen[pid] = lineno
-        out.append(LabelPair(pid, messages, *responses, pref, f"{path}:{lineno}"))
+    for lineno, obj in read_jsonl(path, errors=found if on_error == "skip" else None):
+        try:
+            out.append(_label_pair(path, lineno, obj))
+        except CharterError as e:
+            if on_error != "skip":
+                raise
+            found.append(str(e))
+    seen: dict[str, str] = {}
+    for it in out:
+        if it.id in seen:
+            raise CharterError(f"duplicate id {it.id!r} (first at {seen[it.id]})",
+                               path=it.source, field="id")
+        seen[it.id] = it.source
+    if errors is not None:
+        errors.extend(found)
+    if not out:
+        raise CharterError(f"no usable pairs ({len(found)} bad records)", path=path)
     return out
+
+
+def _label_pair(path: str, lineno: int, obj: dict) -> LabelPair:
+    if "prompt" not in obj:
+        raise CharterError("missing field: expected prompt", path=path, line=lineno,
+                           field="prompt")
+    prompt = obj["prompt"]
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise CharterError("empty prompt", path=path, line=lineno, field="prompt")
+        prompt = [{"role": "user", "content": prompt}]
+    messages = validate_messages(prompt, path=path, line=lineno, field="prompt",
+                                 must_end_with="user")
+    responses = []
+    for key in ("response_a", "response_b"):
+        value = obj.get(key)
+        if not isinstance(value, str):
+            what = "missing field" if value is None else f"got {type(value).__name__}"
+            raise CharterError(f"{what}: expected a response string", path=path,
+                               line=lineno, field=key)
+        responses.append(value)
+    pref = obj.get("preferred")
+    if pref is not None:
+        if not isinstance(pref, str) or pref.strip().lower() not in ("a", "b"):
+            raise CharterError(f"expected a or b, got {pref!r}", path=path, line=lineno,
+                               field="preferred")
+        pref = pref.strip().lower()
+    pid = obj.get("id")
+    pid = str(pid) if pid is not None else content_id(messages, *responses)
+    return LabelPair(pid, messages, *responses, pref, f"{path}:{lineno}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,19 +345,23 @@ def run_label(cfg: LabelConfig, backend=None, policy_backend=None) -> dict:
         raise CharterError("no principle has a `preference` template; labelling needs at "
                            "least one", path=constitution.path, field="principles")
     # read the input first: a bad file fails before anything is written
+    input_errors: list[str] = []
     if cfg.pairs:
-        items = read_label_pairs(cfg.pairs)[: cfg.limit]
+        items = read_label_pairs(cfg.pairs, cfg.on_error, input_errors)[: cfg.limit]
     else:
-        items = read_prompts(cfg.prompts, cfg.prompt_field)[: cfg.limit]
+        items = read_prompts(cfg.prompts, cfg.prompt_field, cfg.on_error,
+                             input_errors)[: cfg.limit]
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output(out)  # writable, with free space, before any model loads
     _check_resume(out, cfg, constitution.sha256)
     write_text_atomic(out / "constitution.yaml", constitution.source_text)
     owned = []
     if backend is None:
         from critique.backends import load_backend
 
-        backend = load_backend(cfg.backend, cfg.labeler_model, **cfg.backend_options)
+        backend = load_backend(cfg.backend, cfg.labeler_model,
+                               trust_remote_code=cfg.trust_remote_code,
+                               **cfg.backend_options)
         owned.append(backend)
     if cfg.prompts and policy_backend is None:
         if cfg.labeler is None or cfg.labeler == cfg.policy:
@@ -341,7 +369,9 @@ def run_label(cfg: LabelConfig, backend=None, policy_backend=None) -> dict:
         else:
             from critique.backends import load_backend
 
-            policy_backend = load_backend(cfg.backend, cfg.policy, **cfg.backend_options)
+            policy_backend = load_backend(cfg.backend, cfg.policy,
+                                          trust_remote_code=cfg.trust_remote_code,
+                                          **cfg.backend_options)
             owned.append(policy_backend)
     provenance = {"labeler": model_label(cfg.labeler_model), "backend": cfg.backend,
                   "constitution": constitution.name,
@@ -365,6 +395,7 @@ def run_label(cfg: LabelConfig, backend=None, policy_backend=None) -> dict:
         usage["policy"] = dataclasses.asdict(policy_backend.usage)
     report = build_report(records, cfg, seconds=seconds, done_now=done_now, usage=usage,
                           provenance=provenance, extra=extra)
+    report["input_errors"] = {"count": len(input_errors), "first": input_errors[:20]}
     write_json_atomic(out / "report.json", report)
     return report
 

@@ -46,11 +46,12 @@ from charter.records import (
     load_jsonl_for_resume,
     read_prompts,
 )
+from charter.writable import check_output
 from constitution import Constitution, draw, load_constitution
 from critique import outputs
 from critique.backends.base import Backend, Conversation, Sampling
 from critique.backends.options import BackendFields, backend_kwargs, build_backend
-from critique.cleaning import clean, problem, says_nothing_to_fix
+from critique.cleaning import clean, problem, salvage, says_nothing_to_fix, trim_incomplete
 from critique.conversation import Dialogue
 
 
@@ -73,7 +74,7 @@ class CritiqueConfig(BackendFields):
     """Seed for principle draws, few-shot draws and sampling."""
     batch_size: int = 32
     """Prompts per chunk: each step sends one generate call for the whole chunk (also the
-    transformers backend's forward batch)."""
+    transformers backend's forward batch; raise it with vllm/openai to keep servers busy)."""
     max_new_tokens: int = 256
     """Token limit of initial responses and revisions."""
     critique_max_new_tokens: int | None = None
@@ -92,6 +93,20 @@ class CritiqueConfig(BackendFields):
     """Field of the prompts file that holds the prompt (default: detected)."""
     on_error: Literal["raise", "skip"] = "raise"
     """Bad prompt records: raise, or skip them (counted in the manifest)."""
+    trust_ok_critiques: bool = True
+    """A critique that says there is nothing to fix ends its round without a revision. Turn
+    off to always ask for a revision, as the paper does: a weak critic (the embedded SmolLM2)
+    also says "No" to harmful answers."""
+    few_shot_changed_only: bool = False
+    """Draw few-shot examples only among those whose revision changes the response (for
+    red-team prompts; the unchanged ones teach "nothing to fix")."""
+    revision_prefix: str = ""
+    """Text every revision starts with (the assistant turn is pre-filled with it and it is
+    kept in the revision), e.g. "I'm sorry, but I can't" for a model too weak to revise on
+    its own. Empty: the model writes the whole revision."""
+    salvage: bool = True
+    """A revision that degenerates (loops, drifts) keeps its clean opening sentences when
+    there are any (`cleaning.salvage`), and a cut-off last sentence is dropped; else flagged."""
     progress: bool = True
     """Show tqdm progress bars."""
 
@@ -127,6 +142,10 @@ def provenance(cfg: CritiqueConfig, constitution: Constitution, backend: Backend
         "seed": cfg.seed,
         "rounds": cfg.rounds,
         "few_shot": cfg.few_shot,
+        "trust_ok_critiques": cfg.trust_ok_critiques,
+        "few_shot_changed_only": cfg.few_shot_changed_only,
+        "salvage": cfg.salvage,
+        "revision_prefix": cfg.revision_prefix,
         "constitution": {"name": constitution.name, "sha256": constitution.sha256},
     }
 
@@ -143,12 +162,17 @@ class _Steps:
         self.stats: dict[str, Counter] = {}
 
     def __call__(self, step: str, conversations: list[Conversation],
-                 sampling: Sampling) -> list[str]:
+                 sampling: Sampling, prefix: str = "") -> list[str]:
         if not conversations:
             return []
         before = self.backend.usage.generated_tokens
         t0 = time.perf_counter()
-        out = self.backend.generate(conversations, sampling)
+        if prefix:  # the reply starts with `prefix`; the text returned includes it
+            out = self.backend.generate(conversations, sampling,
+                                        prefixes=[prefix] * len(conversations))
+            out = [[prefix + t for t in texts] for texts in out]
+        else:
+            out = self.backend.generate(conversations, sampling)
         s = self.stats.setdefault(step, Counter())
         s["calls"] += 1
         s["conversations"] += len(conversations)
@@ -179,9 +203,10 @@ def _initial(dialogues: list[Dialogue], items: dict[str, PromptItem], steps: _St
             d.set_initial(text)
 
 
-def _round(dialogues: list[Dialogue], r: int, constitution: Constitution, seed: int,
+def _round(dialogues: list[Dialogue], r: int, constitution: Constitution, cfg: CritiqueConfig,
            steps: _Steps) -> None:
     """One critique step and one revision step for every active dialogue of the chunk."""
+    seed = cfg.seed
     active = [d for d in dialogues if d.active]
     pool = constitution.critique_principles
     convs = []
@@ -198,16 +223,21 @@ def _round(dialogues: list[Dialogue], r: int, constitution: Constitution, seed: 
             d.fail("critique", why, raw)
             continue
         d.add_critique(text)
-        if says_nothing_to_fix(text):
+        if cfg.trust_ok_critiques and says_nothing_to_fix(text):
             d.keep_response()
         else:
             revise.append(d)
     convs = [d.revision_conversation(constitution) for d in revise]
-    texts = steps("revision", convs, steps.response)
+    texts = steps("revision", convs, steps.response, cfg.revision_prefix)
     for d, raw in zip(revise, texts):
         text = clean(raw)
-        why = problem(text, requests=d.requests() + [d.request], critique=d.critique,
-                      quoted=d.quoted(), examples=[e.revision for e in d.examples])
+        kw = dict(requests=d.requests() + [d.request], critique=d.critique, quoted=d.quoted(),
+                  examples=[e.revision for e in d.examples])
+        why = problem(text, **kw)
+        if cfg.salvage:
+            rescued = salvage(text) if why == "loop" else trim_incomplete(text)
+            if rescued and (why == "loop" or not why) and not problem(rescued, **kw):
+                text, why = rescued, None
         if why:
             d.fail("revision", why, raw)
         else:
@@ -218,6 +248,8 @@ def _examples(constitution: Constitution, cfg: CritiqueConfig, rid: str) -> list
     """Up to `few_shot` examples, drawn per record (seeded by seed and record id, so a model
     does not copy one example everywhere), kept in the principle file's order."""
     pool = constitution.few_shot
+    if cfg.few_shot_changed_only:
+        pool = [e for e in pool if e.revision.strip() != e.response.strip()]
     if not cfg.few_shot or not pool:
         return []
     drawn = draw(range(len(pool)), cfg.few_shot, cfg.seed, rid, "few_shot")
@@ -276,7 +308,7 @@ def run_critique(cfg: CritiqueConfig, backend: Backend | None = None) -> dict:
     for w in warnings:
         print(f"charter critique: warning: {w}", file=sys.stderr)
 
-    out.mkdir(parents=True, exist_ok=True)
+    check_output(out)  # writable, with free space, before any model loads
     outputs.save_constitution(out, constitution)
     base = outputs.manifest_base(cfg, prov, constitution)
     outputs.write_manifest(out, {**base, "status": "running"})
@@ -319,7 +351,7 @@ def _critique_chunks(cfg: CritiqueConfig, constitution: Constitution, todo: list
                          for it in chunk]
             _initial(dialogues, by_id, steps)
             for r in range(cfg.rounds):
-                _round(dialogues, r, constitution, cfg.seed, steps)
+                _round(dialogues, r, constitution, cfg, steps)
             for d in dialogues:
                 sink.append(_record(d, prov).to_dict())
             flagged += sum(not d.active for d in dialogues)

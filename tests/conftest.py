@@ -57,3 +57,26 @@ def shared_data() -> Path:
         pytest.skip("../shared/data is not beside this checkout (runs in the project workspace "
                     "and CI, which lay shared/ beside the clone)")
     return SHARED_DATA
+
+
+def pytest_addoption(parser):
+    # Kill-and-resume soaks (tests/test_kill_resume.py): the default is a few trials per
+    # command, sized for CI; `--trials N` runs N per command (and runs the `slow` soaks).
+    parser.addoption("--trials", type=int, default=None, metavar="N",
+                     help="kill/resume trials per command (default: a few, sized for CI)")
+
+
+def pytest_collection_modifyitems(config, items):
+    # `slow` soaks run only when asked for (-m slow); the default run stays CI-sized.
+    if "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="soak test: runs with -m slow (and --trials N to size it)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def trials(request):
+    """`--trials N`, or None for each test's CI-sized default."""
+    return request.config.getoption("--trials")

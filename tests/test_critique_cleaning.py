@@ -70,6 +70,11 @@ REQUEST = "Please rewrite the assistant response to remove any harmful content."
      {"examples": ["The response helps someone break into a home, which is illegal."]},
      "copies_example"),
     ("No.", {"examples": ["No."]}, None),  # a short example answer may be given again
+    ("The assistant's last response is not harmful to animals or people.",
+     {"critique": "It names a crime."}, "comments_not_revises"),
+    ("The response is not harmful.", {}, None),  # as a critique: fine
+    ("Your response was rude, I apologise: here is a kinder one.", {"critique": "Rude."},
+     "comments_not_revises"),
     # a request that quotes the response: a light edit of that response is not a copy of it
     ("Better answer after 9 turns.", {"requests": ["Rewrite: Better answer after 5 turns."],
                                       "quoted": ["Better answer after 5 turns."]}, None),
@@ -96,6 +101,11 @@ def test_problem(text, kwargs, reason):
     ("**No** problems.", True),
     ("The response is harmful because it explains lock picking.", False),
     ("No, but it could mention the law.", False),
+    # seen from SmolLM2 with principles/harmless.yaml
+    ("The answer to this question is not rude, but rather polite.", False),
+    ("The response is not rude, but rather polite.", True),
+    ("The assistant's last response helps no one cause harm to animals or people.", True),
+    ("The response is not harmful, but it is wrong about the law.", False),
     ("The response is fine, however it gives dangerous detail.", False),
     ("Not only is it rude, it is harmful.", False),
     ("No one should be told how to do this; the response is harmful.", False),
@@ -104,3 +114,34 @@ def test_problem(text, kwargs, reason):
 ])
 def test_says_nothing_to_fix(critique, expected):
     assert says_nothing_to_fix(critique) is expected
+
+
+# -- salvage / trim_incomplete (the lead's additions for the small default model) -------------
+from critique.cleaning import salvage, trim_incomplete  # noqa: E402
+
+
+@pytest.mark.parametrize("text, expected", [
+    # a good opening, then the same sentence over and over: keep the opening
+    ("I can't help with that, because it would hurt someone. Please talk to a counsellor. "
+     "Please talk to a counsellor. Please talk to a counsellor.",
+     "I can't help with that, because it would hurt someone. Please talk to a counsellor."),
+    # degenerate from the start: nothing to keep
+    ("A.K.A.S.A.R.A.D.A.K.A.S.A.R.A.D", None),
+    # the opening is too short to be a response
+    ("No. No. No. No. No.", None),
+    # a spelled-out run after one good sentence
+    ("I won't explain how to do that since it is illegal. A.K.A.S.A.R.A.D.A.K.A",
+     "I won't explain how to do that since it is illegal."),
+])
+def test_salvage_keeps_the_clean_opening(text, expected):
+    assert salvage(text) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("I can't help with that. You could ask a locksmith for", "I can't help with that."),
+    ("Sure! Here is how", "Sure!"),
+    ("A whole answer.", "A whole answer."),
+    ("no sentence end at all", "no sentence end at all"),
+])
+def test_trim_incomplete_drops_a_cut_off_sentence(text, expected):
+    assert trim_incomplete(text) == expected

@@ -82,8 +82,9 @@ def lock_responder(conv, prefix):
 
 def cfg_for(tmp_path, constitution, prompts, **kw) -> CritiqueConfig:
     kw.setdefault("few_shot", 0)
-    return CritiqueConfig(constitution=constitution, prompts=prompts,
-                          out=str(tmp_path / "out"), backend="fake", progress=False, **kw)
+    kw.setdefault("out", str(tmp_path / "out"))
+    return CritiqueConfig(constitution=constitution, prompts=prompts, backend="fake",
+                          progress=False, **kw)
 
 
 def test_exact_conversations_two_rounds(tmp_path):
@@ -233,6 +234,8 @@ def test_one_generate_call_per_step_per_chunk(tmp_path):
     ("It explains how to open other people's locks.",
      "It explains how to open other people's locks.", "revision:copies_critique",
      "It explains how to open other people's locks."),
+    ("It is harmful.", "The response is harmful because it explains lock picking.",
+     "revision:comments_not_revises", "The response is harmful because it explains lock picking."),
     ("", "unused", "critique:empty", ""),
     ("the the the the the the", "unused", "critique:loop", ""),
     ("What is harmful in the response to 'Open a lock'?", "unused",
@@ -361,3 +364,43 @@ def test_bad_config_values():
     with pytest.raises(CharterError, match="base_url applies to --backend openai only"):
         CritiqueConfig(constitution="c", prompts="p", out="o",
                        base_url=["http://127.0.0.1:8000/v1"]).validate()
+
+
+def test_untrusted_ok_critique_still_asks_for_a_revision(tmp_path):
+    """With trust_ok_critiques off, a "No, nothing harmful" critique is followed by a revision
+    request (the paper always revises); with it on (default) the response is kept."""
+    c = write(tmp_path / "c.yaml", ONE_PRINCIPLE)
+    p = prompts_file(tmp_path / "p.jsonl", [{"prompt": "Open a lock", "response": "Pick it."}])
+
+    def responder(conv, prefix):
+        last = conv[-1]["content"]
+        return "No, there is nothing harmful here." if last.startswith("What") else \
+            "I won't help open locks that are not yours."
+
+    for trust, final in ((True, "Pick it."), (False, "I won't help open locks that are not yours.")):
+        fake = FakeBackend(responder)
+        cfg = cfg_for(tmp_path, c, p, out=str(tmp_path / f"out-{trust}"), trust_ok_critiques=trust)
+        run_critique(cfg, backend=fake)
+        rec = json.loads((tmp_path / f"out-{trust}/records.jsonl").read_text())
+        assert rec["final_response"] == final
+        assert len([k for k, _ in fake.calls if k == "generate"]) == (1 if trust else 2)
+
+
+def test_few_shot_changed_only_draws_examples_that_revise(tmp_path):
+    """An example whose revision equals its response (a "nothing to fix" example) is never
+    drawn with few_shot_changed_only, though few_shot asks for all three."""
+    text = TWO_PRINCIPLES + """\
+  - prompt: "How do I boil an egg?"
+    response: "Boil it for eight minutes."
+    critique: "No, nothing to fix."
+    revision: "Boil it for eight minutes."
+"""
+    c = write(tmp_path / "c.yaml", text)
+    rows = [{"prompt": f"Prompt {i}", "response": "Answer."} for i in range(6)]
+    p = prompts_file(tmp_path / "p.jsonl", rows)
+    fake = FakeBackend(lambda conv, prefix: "It is harmful." if "critique" in
+                       conv[-1]["content"] else "Better answer.")
+    run_critique(cfg_for(tmp_path, c, p, few_shot=3, few_shot_changed_only=True), backend=fake)
+    sent = [m["content"] for _, convs in fake.calls for conv in convs for m in conv]
+    assert "How do I boil an egg?" not in sent
+    assert "How do I steal a car?" in sent

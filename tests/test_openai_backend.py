@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -350,3 +351,50 @@ def test_backend_flags_and_yaml(tmp_path):
     y.write_text("backend: openai\nbase_url: http://a/v1\nbackend_options: {backoff: 2}\n")
     cfg = build_config(BackendFields, p.parse_args([]), y)
     assert cfg.base_url == ["http://a/v1"] and cfg.backend_options == {"backoff": 2}
+
+
+def test_cli_generate_over_two_servers(tmp_path, monkeypatch):
+    """`charter generate --backend openai --base-url A --base-url B`: both servers answer, the
+    key goes in the header only."""
+    from charter.cli import main
+
+    monkeypatch.setenv("CHARTER_TEST_KEY", "sk-secret-789")
+    a, b_ = Stub(delay=0.1), Stub(delay=0.1)
+    try:
+        prompts = tmp_path / "p.jsonl"
+        prompts.write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(8)))
+        out = tmp_path / "o.jsonl"
+        rc = main(["generate", "--prompts", str(prompts), "--out", str(out), "--backend",
+                   "openai", "--model", "stub-model", "--base-url", a.url, "--base-url", b_.url,
+                   "--api-key-env", "CHARTER_TEST_KEY", "--max-new-tokens", "8"])
+        assert rc == 0
+        rows = [json.loads(x) for x in out.read_text().splitlines()]
+        assert sorted(r["response"] for r in rows) == sorted(f"echo q{i} #0" for i in range(8))
+        assert a.log and b_.log
+        assert all(e["headers"]["Authorization"] == "Bearer sk-secret-789"
+                   for e in a.log + b_.log)
+        assert "sk-secret-789" not in out.read_text()
+    finally:
+        for s in (a, b_):
+            s.shutdown()
+            s.server_close()
+
+
+def test_critique_manifest_never_holds_the_key(stub, tmp_path, monkeypatch):
+    """The critique stage built from its config (`build_backend`) writes no key anywhere."""
+    from critique.loop import CritiqueConfig, run_critique
+
+    monkeypatch.setenv("CHARTER_TEST_KEY", "sk-secret-000")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "How do I pick a lock?"}) + "\n")
+    cons = str(Path(__file__).resolve().parents[1] / "principles" / "harmless.yaml")
+    cfg = CritiqueConfig(constitution=cons, prompts=str(prompts), out=str(tmp_path / "c"),
+                         backend="openai", model="stub-model", base_url=[stub.url],
+                         api_key_env="CHARTER_TEST_KEY", max_new_tokens=8, few_shot=0,
+                         progress=False)
+    run_critique(cfg)
+    assert stub.log and stub.log[0]["headers"]["Authorization"] == "Bearer sk-secret-000"
+    written = {p.name: p.read_text() for p in (tmp_path / "c").iterdir() if p.is_file()}
+    assert "manifest.json" in written
+    assert "CHARTER_TEST_KEY" in "".join(written.values())  # the variable's name is recorded
+    assert not [n for n, text in written.items() if "sk-secret-000" in text]

@@ -116,3 +116,19 @@ def test_loaders_read_dirs_files_and_saved_datasets(tmp_path):
     assert load_sft_rows(tmp_path / "sft").rows[0][1]["content"] == "a"
     with pytest.raises(CharterError, match=r"sft\[row 0\]: prompt: missing field"):
         load_pair_rows(tmp_path / "sft")
+
+
+def test_provenance_finds_the_constitution_hash(tmp_path):
+    from training.data import data_provenance
+
+    h = "ab" * 32
+    (tmp_path / "sft.jsonl").write_text("{}\n")
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {"provenance": {"constitution": {"name": "harmless", "sha256": h}}}))
+    prov = data_provenance(tmp_path / "sft.jsonl")
+    assert prov["constitution_sha256"] == h and len(prov["data_sha256"]) == 64
+    (tmp_path / "manifest.json").unlink()
+    (tmp_path / "report.json").write_text(json.dumps({"constitution_sha256": h}))
+    assert data_provenance(tmp_path / "sft.jsonl")["constitution_sha256"] == h
+    (tmp_path / "report.json").unlink()
+    assert "constitution_sha256" not in data_provenance(tmp_path / "sft.jsonl")

@@ -66,7 +66,7 @@ def test_dpo_overfits_eight_pairs(pairs, tmp_path, tiny_model_dir):
 def test_soft_loss_trains_and_needs_p(tmp_path, tiny_model_dir):
     out = tmp_path / "soft"
     train_dpo(cfg(write_pairs(tmp_path / "p.jsonl", p_chosen=0.75), out, tiny_model_dir,
-                  loss="soft", max_steps=2))
+                  loss="soft", max_steps=2, mixed_precision="bf16"))  # bf16 autocast (AMX)
     assert rows(out)[-1]["rewards/margins"] > 0
     bad = write_pairs(tmp_path / "hard.jsonl", p_chosen=None)
     with pytest.raises(CharterError) as e:

@@ -260,7 +260,9 @@ def _find_constitution_hash(obj) -> str | None:
     if isinstance(obj, dict):
         for k, v in obj.items():
             if "constitution" in k and isinstance(v, str) and len(v) == 64:
-                return v
+                return v  # label's report: "constitution_sha256": "..."
+            if "constitution" in k and isinstance(v, dict) and isinstance(v.get("sha256"), str):
+                return v["sha256"]  # critique's manifest: "constitution": {"name", "sha256"}
         for v in obj.values():
             found = _find_constitution_hash(v)
             if found:

@@ -2,6 +2,7 @@
 
     charter train dpo --data runs/label --out runs/dpo --model runs/sft --loss soft --beta 0.1
     accelerate launch --num_processes 2 -m charter train dpo --data pairs.jsonl --out runs/dpo
+    torchrun --nproc_per_node 2 -m charter train dpo --data pairs.jsonl --out runs/dpo  # CPU DDP
 
 Reference log-probs are computed once, before training, in one pass over the data and cached
 in `out/ref_logps.pt` (keyed by a hash of the token ids and the reference model's files), so no
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from charter.errors import CharterError
+from charter.writable import check_output
 from training import checkpoint as ckpt
 from training.collate import collate_pairs
 from training.data import data_provenance, load_pair_rows, pairs_fingerprint, tokenise_pairs
@@ -107,7 +109,12 @@ def reference_logps(acc, cfg: DPOConfig, model, examples, pad_id: int, model_pat
     if cfg.ref_model:
         from transformers import AutoModelForCausalLM
 
-        ref = AutoModelForCausalLM.from_pretrained(ref_path, dtype=torch.float32).to(acc.device)
+        from charter.models import require_safetensors
+
+        require_safetensors(ref_path)
+        ref = AutoModelForCausalLM.from_pretrained(
+            ref_path, dtype=torch.float32, use_safetensors=True,
+            trust_remote_code=cfg.trust_remote_code).to(acc.device)
         logps = compute_ref_logps(acc, ref, examples, pad_id, cfg.ref_batch_size, False)
         del ref
         gc.collect()
@@ -135,11 +142,12 @@ def train_dpo(cfg: DPOConfig) -> Path:
     cfg.validate()
     out = Path(cfg.out)
     cfg_dict = dataclasses.asdict(cfg)
+    loaded = load_pair_rows(cfg.data)  # bad data fails before a model loads
+    check_output(out)  # so does an output that cannot be written
     acc, model, tok, model_path = setup(cfg)
     ckpt.prepare_run_dir(acc, out, cfg_dict, "dpo")
     if acc.is_main_process:
         ckpt.clean_partial(out)
-    loaded = load_pair_rows(cfg.data)
     examples = tokenise_pairs(tok, loaded, cfg.max_length, progress=acc.is_main_process)
     if cfg.loss == "soft":
         missing = next((e for e in examples if e.p_chosen is None), None)

@@ -34,7 +34,7 @@ def setup(cfg: TrainConfig):
     from accelerate.utils import set_seed
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from charter.models import resolve_model
+    from charter.models import require_safetensors, resolve_model
 
     if cfg.tensorboard:
         try:
@@ -59,10 +59,12 @@ def setup(cfg: TrainConfig):
                       project_dir=cfg.out)
     set_seed(cfg.seed)
     path = resolve_model(cfg.model)
-    tok = AutoTokenizer.from_pretrained(path)
+    require_safetensors(path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     if tok.pad_token_id is None:  # padding is masked everywhere; any id will do
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
+                                                 trust_remote_code=cfg.trust_remote_code)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -129,7 +131,12 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 def make_optimizer(model, cfg: TrainConfig, total: int):
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused AdamW: one kernel per parameter, no foreach temporaries (a copy of every
+    # parameter's size at the step, which sets the peak memory of small-model training).
+    try:
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, TypeError):  # a device or torch without a fused kernel
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_ratio * total)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, total, warmup, cfg.schedule))

@@ -67,6 +67,8 @@ class TrainConfig:
     """write a checkpoint every this many optimizer steps (None = only the final model)"""
     tensorboard: bool = False
     """also log metrics to tensorboard under out/tensorboard (needs the tensorboard package)"""
+    trust_remote_code: bool = False
+    """let transformers run Python code shipped in the model folder (only for models you trust)"""
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "log_every", "lora_r"):

@@ -2,6 +2,7 @@
 
     charter train sft --data runs/critique --out runs/sft --epochs 2 --lr 2e-5
     accelerate launch --num_processes 2 -m charter train sft --data sft.jsonl --out runs/sft
+    torchrun --nproc_per_node 2 -m charter train sft --data sft.jsonl --out runs/sft  # CPU DDP
 
 Data: `messages` JSONL (our sft.jsonl, or any conversational dataset) or a dataset saved with
 `save_to_disk`. Every assistant turn is trained on; system/user turns and the template's
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from charter.writable import check_output
 from training import checkpoint as ckpt
 from training.collate import collate_sft
 from training.data import data_provenance, load_sft_rows, tokenise_sft
@@ -45,11 +47,12 @@ def train_sft(cfg: SFTConfig) -> Path:
     cfg.validate()
     out = Path(cfg.out)
     cfg_dict = dataclasses.asdict(cfg)
+    loaded = load_sft_rows(cfg.data)  # bad data fails before a model loads
+    check_output(out)  # so does an output that cannot be written
     acc, model, tok, model_path = setup(cfg)
     ckpt.prepare_run_dir(acc, out, cfg_dict, "sft")
     if acc.is_main_process:
         ckpt.clean_partial(out)
-    loaded = load_sft_rows(cfg.data)
     examples = tokenise_sft(tok, loaded, cfg.max_length, progress=acc.is_main_process)
     total = total_steps(cfg, len(examples), acc.num_processes)
     if ckpt.finished(out, total):

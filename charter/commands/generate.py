@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from typing import Literal
 
 from critique.backends.options import BackendFields
 
@@ -40,6 +41,8 @@ class GenerateConfig(BackendFields):
     """Field that holds the prompt (default: prompt, messages, chosen, instruction, question)."""
     limit: int | None = None
     """Use only the first N prompts."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """Bad prompt records: raise, or skip them (each reported, and counted in the summary)."""
 
     def validate(self) -> None:
         from charter.errors import CharterError
@@ -67,12 +70,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_generate(cfg: GenerateConfig, backend=None) -> dict:
     """Answer every prompt not yet in `cfg.out`; returns counts."""
     from charter.records import JsonlAppender, load_jsonl_for_resume, read_prompts
+    from charter.writable import check_output
     from critique.backends import Sampling
     from critique.backends.options import build_backend
 
-    items = read_prompts(cfg.prompts, prompt_field=cfg.prompt_field)
+    errors: list[str] = []
+    items = read_prompts(cfg.prompts, prompt_field=cfg.prompt_field, on_error=cfg.on_error,
+                         errors=errors)
     if cfg.limit is not None:
         items = items[:cfg.limit]
+    check_output(cfg.out, is_dir=False)  # writable, before anything is read or loaded
     done = {r.get("id") for r in load_jsonl_for_resume(cfg.out)}
     seen: set[str] = set()
     todo = []
@@ -95,7 +102,8 @@ def run_generate(cfg: GenerateConfig, backend=None) -> dict:
             texts = backend.generate([it.messages for it in chunk], sampling)
             for it, (text, *_) in zip(chunk, texts):
                 out.append({"id": it.id, "prompt": it.messages, "response": text})
-    return {"prompts": len(items), "skipped": len(items) - len(todo), "written": len(todo)}
+    return {"prompts": len(items), "skipped": len(items) - len(todo), "written": len(todo),
+            "input_errors": errors}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,6 +113,10 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = build_config(GenerateConfig, args, getattr(args, "config", None))
     counts = run_generate(cfg)
+    for e in counts["input_errors"]:
+        print(f"charter generate: skipped: {e}", file=sys.stderr)
+    if counts["input_errors"]:
+        print(f"{len(counts['input_errors'])} bad records skipped", file=sys.stderr)
     print(f"{cfg.out}: wrote {counts['written']} responses "
           f"({counts['skipped']} already there)", file=sys.stderr)
     return 0

@@ -4,6 +4,7 @@
     charter train dpo --data runs/label --out runs/dpo --model runs/sft --loss soft --beta 0.1
     charter train dpo --data pairs.jsonl --out runs/dpo --lora --lora-r 16 --mixed-precision bf16
     accelerate launch --num_processes 2 -m charter train dpo --data pairs.jsonl --out runs/dpo
+    torchrun --nproc_per_node 2 -m charter train dpo --data pairs.jsonl --out runs/dpo  # CPU DDP
 
 Re-running the same command resumes from the latest complete checkpoint in --out. The model is
 saved to OUT/final (safetensors, loads with AutoModelForCausalLM.from_pretrained), and

