@@ -333,12 +333,14 @@ def test_eval_on_error_skip_counts(tmp_path, capsys):
     assert f"{p}:2" in report["input_errors"]["first"][0]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file whatever its mode; runs "
-                    "where tests run as a regular user (developer machines)")
-def test_unreadable_file(tmp_path, capsys):
+def test_unreadable_file(tmp_path, capsys, monkeypatch):
     p = tmp_path / "secret.jsonl"
     p.write_text('{"prompt": "hi"}\n')
     p.chmod(0)
+    if os.geteuid() == 0:  # root reads any file: make the permission check see what a user would
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode, *a, **k:
+                            False if str(path) == str(p) else real(path, mode, *a, **k))
     rc, err = run_cli(["generate", "--prompts", str(p), "--out", str(tmp_path / "o.jsonl"),
                        "--backend", "fake"], capsys)
     assert rc == 1 and f"{p}: prompts file is not readable" in err, err
