@@ -130,8 +130,9 @@ def plot_refusals(report: dict, path: Path) -> Path | None:
                 continue
             xs.append(j + (i - (len(roles) - 1) / 2) * width)
             ys.append(100 * s["rate"])
-            errs[0].append(100 * (s["rate"] - s["ci95"][0]))
-            errs[1].append(100 * (s["ci95"][1] - s["rate"]))
+            # max(0, ...): at a rate of 0 or 1 the Wilson bound equals it up to rounding
+            errs[0].append(max(0.0, 100 * (s["rate"] - s["ci95"][0])))
+            errs[1].append(max(0.0, 100 * (s["ci95"][1] - s["rate"])))
         ax.bar(xs, ys, width, yerr=errs, capsize=4, label=f"{role}: {models[role]['name']}"[:48])
     ax.set_xticks([0, 1], ["harmful prompts\n(higher is better)", "benign prompts\n"
                                                                     "(lower is better)"])
@@ -151,8 +152,9 @@ def plot_win_rate(report: dict, path: Path) -> Path | None:
     labels = list(wins)
     for y, label in enumerate(labels):
         w = wins[label]
-        ax.errorbar(100 * w["win_rate"], y, xerr=[[100 * (w["win_rate"] - w["win_ci95"][0])],
-                                                   [100 * (w["win_ci95"][1] - w["win_rate"])]],
+        lo = max(0.0, 100 * (w["win_rate"] - w["win_ci95"][0]))  # rounding at 0 and 1
+        hi = max(0.0, 100 * (w["win_ci95"][1] - w["win_rate"]))
+        ax.errorbar(100 * w["win_rate"], y, xerr=[[lo], [hi]],
                     fmt="o", capsize=5)
     ax.axvline(50, color="grey", linestyle="--", linewidth=1)
     ax.set_yticks(range(len(labels)), [f"{lb} (n={wins[lb]['n']})" for lb in labels])

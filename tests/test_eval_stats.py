@@ -66,3 +66,14 @@ def test_rate_summary():
     s = rate_summary([True, True, False, True])
     assert s == {"n": 4, "count": 3, "rate": 0.75, "ci95": list(wilson_interval(3, 4))}
     assert rate_summary([])["rate"] is None
+
+
+def test_wilson_interval_contains_the_rate_at_0_and_1():
+    """k = 0: centre - half is 0 exactly in arithmetic (1.4e-17 in floats, seen on 0/24, which
+    made the refusal plot's error bar negative); the bound must be 0, and 1 for k = n."""
+    from critique.stats import wilson_interval
+
+    assert wilson_interval(0, 24)[0] == 0.0
+    assert wilson_interval(24, 24)[1] == 1.0
+    lo, hi = wilson_interval(0, 24)
+    assert 0.13 < hi < 0.14  # z²/(n+z²) = 3.8415/27.8415 = 0.1380
