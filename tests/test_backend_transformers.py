@@ -319,3 +319,21 @@ def test_unshareable_cache_falls_back(tiny_model_dir, unshared, monkeypatch):
     assert max_diff(b.score(convs, options, prefixes),
                     unshared.score(convs, options, prefixes)) <= 1e-4
     assert b.share_prefix is False  # remembered: later calls skip the attempt
+
+
+def test_rows_that_finish_early_leave_the_batch_without_changing_the_others(tiny_model_dir):
+    """With max_length, longer prompts get fewer new tokens, so rows finish at different steps
+    and are dropped from the batch (and its KV cache) as they do; every row must still equal
+    its one-at-a-time decoding, greedy and sampled."""
+    from critique.backends.transformers_backend import TransformersBackend
+
+    kw = dict(progress=False, device="cpu")
+    probe = TransformersBackend(str(tiny_model_dir), batch_size=4, **kw)
+    plen = [len(probe._encode(probe.prompt_text(c, ""))) for c in CONVS]
+    max_length = max(plen) + 2  # the longest prompt gets 2 new tokens, shorter ones more
+    assert len({min(8, max_length - n) for n in plen}) > 1, plen
+    batched = TransformersBackend(str(tiny_model_dir), batch_size=4, max_length=max_length, **kw)
+    single = TransformersBackend(str(tiny_model_dir), batch_size=1, max_length=max_length, **kw)
+    for sampling in (Sampling(max_new_tokens=8), Sampling(max_new_tokens=8, temperature=1.0,
+                                                          seed=4)):
+        assert batched.generate(CONVS, sampling) == single.generate(CONVS, sampling)

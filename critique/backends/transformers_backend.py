@@ -222,30 +222,41 @@ class TransformersBackend:
         cache = None
         step_ids = ids
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) positions that skip the padding
+        rows = list(range(B))  # the original row of each row still in the tensors
         with torch.inference_mode():
             while not all(done):
                 # logits_to_keep=1: the prefill needs only the last position's (B, 1, V) logits
                 res = self.model(input_ids=step_ids, attention_mask=mask, position_ids=pos,
                                  past_key_values=cache, use_cache=True, logits_to_keep=1)
                 cache = res.past_key_values
-                logits = res.logits[:, -1, :].float()  # (B, V)
-                nxt = self._pick(logits, gens, sampling)  # (B,)
+                logits = res.logits[:, -1, :].float()  # (b, V), b = rows still decoding
+                nxt = self._pick(logits, [gens[r] for r in rows], sampling)  # (b,)
                 hit_eos = torch.isin(nxt, eos).tolist()
                 nxt_list = nxt.tolist()
-                for b in range(B):
-                    if done[b]:
+                for i, b in enumerate(rows):
+                    if done[b]:  # no room for any token (max_length) from the start
                         continue
-                    if hit_eos[b]:
+                    if hit_eos[i]:
                         done[b] = True
                         continue
-                    out[b].append(nxt_list[b])
+                    out[b].append(nxt_list[i])
                     if len(out[b]) >= limit[b]:
                         done[b] = True
                     elif stop and cut_at_stop(self.tokenizer.decode(out[b][-tail:]), stop)[1]:
                         done[b] = True
-                # finished rows keep decoding (their tokens are ignored) so shapes stay (B, 1)
-                step_ids = nxt.view(B, 1)
-                mask = torch.cat([mask, mask.new_ones((B, 1))], dim=1)
+                keep = [i for i, b in enumerate(rows) if not done[b]]
+                if not keep:
+                    break
+                if len(keep) < len(rows) and hasattr(cache, "batch_select_indices"):
+                    # drop finished rows from the batch (a short "No." critique then costs
+                    # less than a long revision); each row's own generator keeps its sequence
+                    sel = torch.tensor(keep, device=dev)
+                    cache.batch_select_indices(sel)
+                    nxt, mask, pos = nxt[sel], mask[sel], pos[sel]
+                    rows = [rows[i] for i in keep]
+                n = len(rows)
+                step_ids = nxt.view(n, 1)
+                mask = torch.cat([mask, mask.new_ones((n, 1))], dim=1)
                 pos = pos[:, -1:] + 1
         self.usage.generated_tokens += sum(len(o) for o in out)
         return [cut_at_stop(self.tokenizer.decode(o, skip_special_tokens=True), stop)[0]
