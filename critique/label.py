@@ -41,26 +41,20 @@ from charter.records import (
     JsonlAppender,
     content_id,
     load_jsonl_for_resume,
-    read_jsonl,
     read_prompts,
-    validate_messages,
     write_json_atomic,
     write_jsonl_atomic,
     write_text_atomic,
 )
 from charter.writable import check_output
 from constitution import draw, load_constitution
-from critique import labelprompt as lp
 from critique.backends.base import Sampling
+from critique.labelinput import LabelPair, read_label_pairs  # noqa: F401  (re-exported)
 from critique.labelmath import (
-    clamp,
-    ensemble,
     low_margin,
-    p_first,
-    rating_expectation,
-    swap_average,
 )
 from critique.labelreport import build_report
+from critique.labelscore import compare_pairs, rate_responses  # noqa: F401  (re-exported)
 
 
 @dataclass(kw_only=True)
@@ -166,143 +160,6 @@ class LabelConfig:
 # out may differ).
 _RESUME_FREE = ("out", "limit", "batch_size", "progress", "on_error",
                 "trust_remote_code")
-
-
-@dataclass
-class LabelPair:
-    """One pair to label (pairs mode input)."""
-
-    id: str
-    messages: list[dict[str, str]]
-    response_a: str
-    response_b: str
-    preferred: str | None = None
-    source: str = ""
-
-
-def read_label_pairs(path: str, on_error: str = "raise",
-                     errors: list[str] | None = None) -> list[LabelPair]:
-    """Pairs from JSONL: `id` (optional; default a content hash), `prompt` (chat messages ending
-    with a user turn, or a string), `response_a`, `response_b`, optional `preferred` (a/b).
-
-    `on_error="skip"` appends each bad record's message to `errors` and goes on."""
-    found: list[str] = []
-    out: list[LabelPair] = []
-    for lineno, obj in read_jsonl(path, errors=found if on_error == "skip" else None):
-        try:
-            out.append(_label_pair(path, lineno, obj))
-        except CharterError as e:
-            if on_error != "skip":
-                raise
-            found.append(str(e))
-    seen: dict[str, str] = {}
-    for it in out:
-        if it.id in seen:
-            raise CharterError(f"duplicate id {it.id!r} (first at {seen[it.id]})",
-                               path=it.source, field="id")
-        seen[it.id] = it.source
-    if errors is not None:
-        errors.extend(found)
-    if not out:
-        raise CharterError(f"no usable pairs ({len(found)} bad records)", path=path)
-    return out
-
-
-def _label_pair(path: str, lineno: int, obj: dict) -> LabelPair:
-    if "prompt" not in obj:
-        raise CharterError("missing field: expected prompt", path=path, line=lineno,
-                           field="prompt")
-    prompt = obj["prompt"]
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise CharterError("empty prompt", path=path, line=lineno, field="prompt")
-        prompt = [{"role": "user", "content": prompt}]
-    messages = validate_messages(prompt, path=path, line=lineno, field="prompt",
-                                 must_end_with="user")
-    responses = []
-    for key in ("response_a", "response_b"):
-        value = obj.get(key)
-        if not isinstance(value, str):
-            what = "missing field" if value is None else f"got {type(value).__name__}"
-            raise CharterError(f"{what}: expected a response string", path=path,
-                               line=lineno, field=key)
-        responses.append(value)
-    pref = obj.get("preferred")
-    if pref is not None:
-        if not isinstance(pref, str) or pref.strip().lower() not in ("a", "b"):
-            raise CharterError(f"expected a or b, got {pref!r}", path=path, line=lineno,
-                               field="preferred")
-        pref = pref.strip().lower()
-    pid = obj.get("id")
-    pid = str(pid) if pid is not None else content_id(messages, *responses)
-    return LabelPair(pid, messages, *responses, pref, f"{path}:{lineno}")
-
-
-# ---------------------------------------------------------------------------------------------
-# the labelling calls (one score call per chunk, both orders of every pair in it)
-
-
-def compare_pairs(backend, constitution, jobs: list[tuple], cfg: LabelConfig) -> list[dict]:
-    """Label `jobs` = [(messages, response_a, response_b, [principles])] in both orders.
-
-    Returns per job: p_a, orders, votes (principle id → p_a), vote_orders, and with CoT the
-    reasoning (principle id → [given order, swapped order]).
-    """
-    convs, keys = [], []
-    for j, (messages, ra, rb, principles) in enumerate(jobs):
-        for pr in principles:
-            for order, (first, second) in enumerate(((ra, rb), (rb, ra))):
-                convs.append(lp.comparison(constitution, pr, messages, first, second,
-                                           0 if cfg.cot else cfg.few_shot))
-                keys.append((j, pr.id, order))
-    if cfg.cot:
-        # Few-shot answers carry no reasoning, so under CoT they would teach skipping it.
-        greedy = Sampling(temperature=0.0, max_new_tokens=cfg.cot_max_new_tokens,
-                          seed=cfg.seed, stop=list(lp.COT_STOP))
-        texts = backend.generate(convs, greedy, prefixes=[lp.COT_PREFIX] * len(convs))
-        reasoning = [t[0] for t in texts]
-        prefixes = [lp.cot_answer_prefix(r) for r in reasoning]
-    else:
-        reasoning, prefixes = [], [lp.ANSWER_PREFIX] * len(convs)
-    scores = backend.score(convs, [list(lp.OPTIONS)] * len(convs), prefixes)
-    firsts: dict[tuple, float] = {}
-    for key, (la, lb) in zip(keys, scores):
-        p = p_first(la, lb)  # normalised P("(A)") over the two options (Bai et al. 2022 §4.1)
-        # CoT labels are clamped per read (Bai et al. 2022 §4.1: 40-60% there; a flag here)
-        firsts[key] = clamp(p, cfg.clamp_low, cfg.clamp_high) if cfg.cot else p
-    results = []
-    for j, (_, _, _, principles) in enumerate(jobs):
-        votes, vote_orders = {}, {}
-        for pr in principles:
-            # both orders averaged: cancels position bias (Lee et al. 2023, "Addressing Position Bias")
-            votes[pr.id], vote_orders[pr.id] = swap_average(firsts[(j, pr.id, 0)],
-                                                            firsts[(j, pr.id, 1)])
-        n = len(principles)
-        res = {"p_a": ensemble(votes),  # principle ensemble (Bai et al. 2022 §4.1)
-               "orders": [sum(o[k] for o in vote_orders.values()) / n for k in (0, 1)],
-               "votes": votes, "vote_orders": vote_orders}
-        if cfg.cot:
-            res["reasoning"] = {pr.id: [reasoning[i] for i, k in enumerate(keys)
-                                        if k[0] == j and k[1] == pr.id] for pr in principles}
-        results.append(res)
-    return results
-
-
-def rate_responses(backend, constitution, jobs: list[tuple]) -> list[dict]:
-    """Rate `jobs` = [(messages, response, [principles])]: per job the mean expected rating
-    and each principle's rating."""
-    convs, keys = [], []
-    for j, (messages, response, principles) in enumerate(jobs):
-        for pr in principles:
-            convs.append(lp.rating(constitution, pr, messages, response))
-            keys.append((j, pr.id))
-    scores = backend.score(convs, [list(lp.RATING_OPTIONS)] * len(convs), None)
-    nested = lp.ratings_nested(getattr(backend, "tokenizer", None))
-    per: dict[int, dict[str, float]] = {}
-    for (j, pid), logps in zip(keys, scores):
-        per.setdefault(j, {})[pid] = rating_expectation(logps, lp.RATING_LOW, nested)
-    return [{"rating": sum(per[j].values()) / len(per[j]), "votes": per[j]}
-            for j in range(len(jobs))]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,77 @@
+"""The labelling calls: one `score` call per chunk with both orders of every pair (and every
+drawn principle) in it, and the rating call of rating mode. Shared by `charter label` and the
+judge of `charter eval`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from critique import labelprompt as lp
+from critique.backends.base import Sampling
+from critique.labelmath import clamp, ensemble, p_first, rating_expectation, swap_average
+
+if TYPE_CHECKING:  # the config's fields read here: cot, few_shot, cot_max_new_tokens, seed, clamp_*
+    from critique.label import LabelConfig
+
+
+def compare_pairs(backend, constitution, jobs: list[tuple], cfg: LabelConfig) -> list[dict]:
+    """Label `jobs` = [(messages, response_a, response_b, [principles])] in both orders.
+
+    Returns per job: p_a, orders, votes (principle id → p_a), vote_orders, and with CoT the
+    reasoning (principle id → [given order, swapped order]).
+    """
+    convs, keys = [], []
+    for j, (messages, ra, rb, principles) in enumerate(jobs):
+        for pr in principles:
+            for order, (first, second) in enumerate(((ra, rb), (rb, ra))):
+                convs.append(lp.comparison(constitution, pr, messages, first, second,
+                                           0 if cfg.cot else cfg.few_shot))
+                keys.append((j, pr.id, order))
+    if cfg.cot:
+        # Few-shot answers carry no reasoning, so under CoT they would teach skipping it.
+        greedy = Sampling(temperature=0.0, max_new_tokens=cfg.cot_max_new_tokens,
+                          seed=cfg.seed, stop=list(lp.COT_STOP))
+        texts = backend.generate(convs, greedy, prefixes=[lp.COT_PREFIX] * len(convs))
+        reasoning = [t[0] for t in texts]
+        prefixes = [lp.cot_answer_prefix(r) for r in reasoning]
+    else:
+        reasoning, prefixes = [], [lp.ANSWER_PREFIX] * len(convs)
+    scores = backend.score(convs, [list(lp.OPTIONS)] * len(convs), prefixes)
+    firsts: dict[tuple, float] = {}
+    for key, (la, lb) in zip(keys, scores):
+        p = p_first(la, lb)  # normalised P("(A)") over the two options (Bai et al. 2022 §4.1)
+        # CoT labels are clamped per read (Bai et al. 2022 §4.1: 40-60% there; a flag here)
+        firsts[key] = clamp(p, cfg.clamp_low, cfg.clamp_high) if cfg.cot else p
+    results = []
+    for j, (_, _, _, principles) in enumerate(jobs):
+        votes, vote_orders = {}, {}
+        for pr in principles:
+            # both orders averaged: cancels position bias (Lee et al. 2023, "Addressing Position Bias")
+            votes[pr.id], vote_orders[pr.id] = swap_average(firsts[(j, pr.id, 0)],
+                                                            firsts[(j, pr.id, 1)])
+        n = len(principles)
+        res = {"p_a": ensemble(votes),  # principle ensemble (Bai et al. 2022 §4.1)
+               "orders": [sum(o[k] for o in vote_orders.values()) / n for k in (0, 1)],
+               "votes": votes, "vote_orders": vote_orders}
+        if cfg.cot:
+            res["reasoning"] = {pr.id: [reasoning[i] for i, k in enumerate(keys)
+                                        if k[0] == j and k[1] == pr.id] for pr in principles}
+        results.append(res)
+    return results
+
+
+def rate_responses(backend, constitution, jobs: list[tuple]) -> list[dict]:
+    """Rate `jobs` = [(messages, response, [principles])]: per job the mean expected rating
+    and each principle's rating."""
+    convs, keys = [], []
+    for j, (messages, response, principles) in enumerate(jobs):
+        for pr in principles:
+            convs.append(lp.rating(constitution, pr, messages, response))
+            keys.append((j, pr.id))
+    scores = backend.score(convs, [list(lp.RATING_OPTIONS)] * len(convs), None)
+    nested = lp.ratings_nested(getattr(backend, "tokenizer", None))
+    per: dict[int, dict[str, float]] = {}
+    for (j, pid), logps in zip(keys, scores):
+        per.setdefault(j, {})[pid] = rating_expectation(logps, lp.RATING_LOW, nested)
+    return [{"rating": sum(per[j].values()) / len(per[j]), "votes": per[j]}
+            for j in range(len(jobs))]
