@@ -52,6 +52,46 @@ class Usage:
     score_seconds: float = 0.0
 
 
+def generate_args(conversations: Sequence[Conversation], sampling: Sampling,
+                  prefixes: Sequence[str] | None, check_ranges: bool = True) -> list[str]:
+    """Check `generate`'s arguments (shared by the backends); returns one prefix per
+    conversation ("" where none was given)."""
+    from charter.errors import CharterError
+
+    if sampling.n < 1 or sampling.max_new_tokens < 0:
+        raise CharterError("sampling needs n >= 1 and max_new_tokens >= 0", field="sampling")
+    if check_ranges and (sampling.temperature < 0 or not 0 < sampling.top_p <= 1):
+        raise CharterError("sampling needs temperature >= 0 and 0 < top_p <= 1",
+                           field="sampling")
+    out = list(prefixes) if prefixes is not None else [""] * len(conversations)
+    if len(out) != len(conversations):
+        raise CharterError("prefixes must have one entry per conversation", field="prefixes")
+    return out
+
+
+def score_args(conversations: Sequence[Conversation], options: Sequence[Sequence[str]],
+               prefixes: Sequence[str] | None) -> list[str]:
+    """Check `score`'s arguments; returns one prefix per conversation."""
+    from charter.errors import CharterError
+
+    out = list(prefixes) if prefixes is not None else [""] * len(conversations)
+    if len(out) != len(conversations) or len(options) != len(conversations):
+        raise CharterError("options and prefixes must have one entry per conversation",
+                           field="options")
+    return out
+
+
+def finish_score(usage: Usage, rows: Sequence[tuple[list[int], int]], scores: Sequence[float],
+                 options: Sequence[Sequence[str]], seconds: float) -> list[list[float]]:
+    """Count a score call in `usage` and regroup the flat per-option `scores` by conversation
+    (`rows`: the (ids, first scored position) that were run)."""
+    usage.score_calls += 1
+    usage.scored_tokens += sum(len(f) for f, _ in rows)
+    usage.score_seconds += seconds
+    it = iter(scores)
+    return [[next(it) for _ in opts] for opts in options]
+
+
 @runtime_checkable
 class Backend(Protocol):
     name: str

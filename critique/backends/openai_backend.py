@@ -42,7 +42,14 @@ import time
 from collections.abc import Sequence
 
 from charter.errors import CharterError
-from critique.backends.base import Conversation, Sampling, Usage
+from critique.backends.base import (
+    Conversation,
+    Sampling,
+    Usage,
+    finish_score,
+    generate_args,
+    score_args,
+)
 from critique.backends.vllm_backend import common_prefix_len
 
 RETRY_STATUS = frozenset({408, 409, 429})
@@ -223,11 +230,7 @@ class OpenAIBackend:
     def generate(self, conversations: Sequence[Conversation], sampling: Sampling,
                  prefixes: Sequence[str] | None = None) -> list[list[str]]:
         """`sampling.n` completions per conversation through /v1/chat/completions."""
-        if sampling.n < 1 or sampling.max_new_tokens < 0:
-            raise CharterError("sampling needs n >= 1 and max_new_tokens >= 0", field="sampling")
-        prefixes = list(prefixes) if prefixes is not None else [""] * len(conversations)
-        if len(prefixes) != len(conversations):
-            raise CharterError("prefixes must have one entry per conversation", field="prefixes")
+        prefixes = generate_args(conversations, sampling, prefixes, check_ranges=False)
         if sampling.max_new_tokens == 0:
             return [[""] * sampling.n for _ in conversations]
         t0 = time.perf_counter()
@@ -289,10 +292,7 @@ class OpenAIBackend:
               prefixes: Sequence[str] | None = None) -> list[list[float]]:
         """Summed log-prob of each option's tokens (see the module docstring)."""
         t0 = time.perf_counter()
-        prefixes = list(prefixes) if prefixes is not None else [""] * len(conversations)
-        if len(prefixes) != len(conversations) or len(options) != len(conversations):
-            raise CharterError("options and prefixes must have one entry per conversation",
-                               field="options")
+        prefixes = score_args(conversations, options, prefixes)
         tok = self.tokenizer
         rows: list[tuple[list[int], int]] = []
         for conv, opts, prefix in zip(conversations, options, prefixes):
@@ -303,13 +303,7 @@ class OpenAIBackend:
                 full = tok(text + opt, add_special_tokens=False)["input_ids"]
                 rows.append((full, max(common_prefix_len(p_ids, full), 1)))
         scores = self._gather([self._score_row(full, start) for full, start in rows], "score")
-        self.usage.score_calls += 1
-        self.usage.scored_tokens += sum(len(f) for f, _ in rows)
-        self.usage.score_seconds += time.perf_counter() - t0
-        out, it = [], iter(scores)
-        for opts in options:
-            out.append([next(it) for _ in opts])
-        return out
+        return finish_score(self.usage, rows, scores, options, time.perf_counter() - t0)
 
     async def _score_row(self, full: list[int], start: int) -> float:
         body = {"model": self.served_model, "prompt": full, "max_tokens": 1, "temperature": 0,

