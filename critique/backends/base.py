@@ -44,6 +44,7 @@ class Usage:
     """Counters a backend keeps, for manifests and benchmarks."""
 
     prompt_tokens: int = 0
+    reused_prompt_tokens: int = 0  # of prompt_tokens, read from a cache instead of run
     generated_tokens: int = 0
     scored_tokens: int = 0
     generate_calls: int = 0

@@ -76,7 +76,8 @@ class TransformersBackend:
 
     def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "auto",
                  batch_size: int = 32, trust_remote_code: bool = False, progress: bool = True,
-                 max_length: int | None = None, share_prefix: bool = True):
+                 max_length: int | None = None, share_prefix: bool = True,
+                 kv_store_mb: float = 1024):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -93,8 +94,14 @@ class TransformersBackend:
         self.dtype = dtype
         self.batch_size = batch_size
         self.progress = progress
-        # score(): run each batch's shared token prefixes once (critique/backends/prefix_cache.py)
+        # Run shared token prefixes once: score() within a batch (prefix_cache.py); generate()
+        # within a batch and across calls, from the last call's caches (kv_reuse.py), which
+        # may hold up to kv_store_mb MiB
         self.share_prefix = share_prefix
+        if kv_store_mb < 0:
+            raise CharterError(f"kv_store_mb must be >= 0, got {kv_store_mb}", field="kv_store_mb")
+        self.kv_store_mb = kv_store_mb
+        self._store = None  # kv_reuse.KVStore of the last generate call
         self.usage = Usage()
         path = resolve_model(model)
         require_safetensors(path)
@@ -185,11 +192,16 @@ class TransformersBackend:
         rows = [(i, j) for i in range(len(prompts)) for j in range(k)]
         order = sorted(range(len(rows)), key=lambda r: len(prompts[rows[r][0]]))
         texts: list[str] = [""] * len(rows)
+        from critique.backends.kv_reuse import KVStore
+
+        old, self._store = self._store, None  # the old store is freed when this call ends
+        new = KVStore(int(self.kv_store_mb * 2**20)) if self.share_prefix else None
         for batch in self._bar(self._batches(order), "generate"):
             ids = [prompts[rows[r][0]] for r in batch]
             seeds = [_row_seed(sampling.seed, prompts[rows[r][0]], rows[r][1]) for r in batch]
-            for r, text in zip(batch, self._generate_batch(ids, seeds, sampling)):
+            for r, text in zip(batch, self._generate_batch(ids, seeds, sampling, old, new)):
                 texts[r] = text
+        self._store = new if self.share_prefix else None
         self.usage.generate_calls += 1
         self.usage.prompt_tokens += sum(len(p) for p in prompts) * k
         self.usage.generate_seconds += time.perf_counter() - t0
@@ -198,18 +210,54 @@ class TransformersBackend:
             out[i].append(text)
         return [o * sampling.n if greedy else o for o in out]
 
+    def _reused(self, prompts: list[list[int]], old) -> tuple[list[int], list[list]]:
+        """Per row, how many leading prompt tokens come from a cache (the last call's store, or
+        this batch's common prefix run once) and those caches' segments."""
+        from critique.backends import kv_reuse
+
+        B = len(prompts)
+        lengths, segs = [0] * B, [[] for _ in range(B)]
+        if not self.share_prefix:
+            return lengths, segs
+        if old is not None:
+            for b, p in enumerate(prompts):
+                lengths[b], segs[b] = old.lookup(p)
+        g = min(kv_reuse.batch_prefix(prompts), min(len(p) for p in prompts) - 1)
+        if g >= kv_reuse.MIN_REUSE and any(n < g for n in lengths):
+            seg = kv_reuse.run_prefix(self.model, prompts[0][:g], self.device)
+            if seg is None:  # this model's cache cannot be reused: stop trying
+                self.share_prefix = False
+                return [0] * B, [[] for _ in range(B)]
+            for b in range(B):
+                if lengths[b] < g:
+                    lengths[b], segs[b] = g, [seg]
+        return lengths, segs
+
     def _generate_batch(self, prompts: list[list[int]], seeds: list[int],
-                        sampling: Sampling) -> list[str]:
+                        sampling: Sampling, old=None, new=None) -> list[str]:
         import torch
 
+        from critique.backends import kv_reuse
+
         dev = self.device
-        B, T = len(prompts), max(len(p) for p in prompts)
+        B = len(prompts)
+        reused, segs = self._reused(prompts, old)
+        R = max(reused)  # columns of reused cache in front of the new tokens
+        cache = None
+        past_mask = torch.zeros((B, 0), dtype=torch.long, device=dev)
+        if R:
+            cache, past_mask = kv_reuse.build_past(segs, reused, dev)
+            self.usage.reused_prompt_tokens += sum(reused)
+        suffixes = [p[n:] for p, n in zip(prompts, reused)]
+        T = max(len(p) for p in suffixes)
         ids = torch.full((B, T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((B, T), dtype=torch.long)
-        for b, p in enumerate(prompts):  # left padding: the last column is every row's last token
+        new_mask = torch.zeros((B, T), dtype=torch.long)
+        for b, p in enumerate(suffixes):  # left padding: the last column is every row's last token
             ids[b, T - len(p):] = torch.tensor(p)
-            mask[b, T - len(p):] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
+            new_mask[b, T - len(p):] = 1
+        ids, new_mask = ids.to(dev), new_mask.to(dev)
+        mask = torch.cat([past_mask, new_mask], dim=1)
+        start = torch.tensor(reused, device=dev)[:, None]
         limit = [sampling.max_new_tokens] * B
         if self.max_length:
             limit = [min(sampling.max_new_tokens, self.max_length - len(p)) for p in prompts]
@@ -219,9 +267,8 @@ class TransformersBackend:
         done = [lim <= 0 for lim in limit]
         stop = [s for s in sampling.stop if s]
         tail = max((len(s) for s in stop), default=0) + 2  # tokens that can hold a stop string
-        cache = None
         step_ids = ids
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) positions that skip the padding
+        pos = start + (new_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) real positions
         rows = list(range(B))  # the original row of each row still in the tensors
         with torch.inference_mode():
             while not all(done):
@@ -229,6 +276,8 @@ class TransformersBackend:
                 res = self.model(input_ids=step_ids, attention_mask=mask, position_ids=pos,
                                  past_key_values=cache, use_cache=True, logits_to_keep=1)
                 cache = res.past_key_values
+                if new is not None and not kv_reuse._shareable(cache):
+                    self.share_prefix, new = False, None  # e.g. a sliding-window cache
                 logits = res.logits[:, -1, :].float()  # (b, V), b = rows still decoding
                 nxt = self._pick(logits, [gens[r] for r in rows], sampling)  # (b,)
                 hit_eos = torch.isin(nxt, eos).tolist()
@@ -236,14 +285,18 @@ class TransformersBackend:
                 for i, b in enumerate(rows):
                     if done[b]:  # no room for any token (max_length) from the start
                         continue
+                    fed = out[b]  # the tokens the cache holds after the prompt
                     if hit_eos[i]:
                         done[b] = True
-                        continue
-                    out[b].append(nxt_list[i])
-                    if len(out[b]) >= limit[b]:
-                        done[b] = True
-                    elif stop and cut_at_stop(self.tokenizer.decode(out[b][-tail:]), stop)[1]:
-                        done[b] = True
+                    else:
+                        out[b] = fed + [nxt_list[i]]  # picked, not fed yet
+                        if len(out[b]) >= limit[b]:
+                            done[b] = True
+                        elif stop and cut_at_stop(self.tokenizer.decode(out[b][-tail:]),
+                                                  stop)[1]:
+                            done[b] = True
+                    if done[b] and new is not None:
+                        self._keep(new, cache, i, R, mask[i], prompts[b] + fed, segs[b])
                 keep = [i for i, b in enumerate(rows) if not done[b]]
                 if not keep:
                     break
@@ -261,6 +314,15 @@ class TransformersBackend:
         self.usage.generated_tokens += sum(len(o) for o in out)
         return [cut_at_stop(self.tokenizer.decode(o, skip_special_tokens=True), stop)[0]
                 for o in out]
+
+    @staticmethod
+    def _keep(store, cache, row: int, start: int, mask_row, ids: list[int], segs: list) -> None:
+        """Store a finished row's cache: its reused segments, then the columns from `start`."""
+        from critique.backends import kv_reuse
+
+        seg = kv_reuse.tail(cache, row, start, mask_row)
+        if sum(s.n for s in segs) + seg.n == len(ids):  # else something is off: keep nothing
+            store.add(ids, [*segs, seg])
 
     @staticmethod
     def _pick(logits, gens, sampling: Sampling):

@@ -1,0 +1,161 @@
+"""Prefix reuse for the transformers backend's `generate`: run no token twice when we can help it.
+
+The critique loop re-sends each conversation with one more turn (initial answer → critique
+request → revision request ...), and every prompt may open with the same few-shot turns. So:
+
+- across calls, `KVStore` keeps the key/value cache of each conversation of the last `generate`
+  call (prompt + generated tokens). A prompt of the next call that starts with one of them (by
+  token ids: the longest common prefix, found by bisection in the sorted store) starts from that
+  cache and runs only its new tokens;
+- within a batch, the prompts' common token prefix (system prompt, few-shot turns) runs once.
+
+Entries are lists of `Segment`s (per-layer key/value views), so a prefix shared by many rows
+(the few-shot turns) is held once, not once per row. Storage is capped at a byte budget; rows
+over it are simply not stored (their next turn runs in full).
+
+The reused keys sit left-padded in front of each row's new tokens; the attention mask hides the
+padding and explicit position ids count only real tokens, as in `prefix_cache`. Only a plain
+`DynamicCache` of full-attention layers is reused (a sliding window would see the holes as
+positions): with any other cache the backend turns reuse off.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from critique.backends.prefix_cache import _shareable
+from critique.backends.transformers_backend import common_prefix_len
+
+MIN_REUSE = 16  # fewer reusable tokens than this are not worth the copying
+
+
+@dataclass(frozen=True)
+class Segment:
+    """`n` consecutive positions of one conversation's cache: per layer (keys, values), each
+    (heads, n, head_dim). Views: slicing a segment copies nothing."""
+    kv: tuple[tuple[Any, Any], ...]
+    n: int
+
+    def head(self, n: int) -> Segment:
+        return self if n >= self.n else Segment(
+            tuple((k[:, :n], v[:, :n]) for k, v in self.kv), n)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() * 2 for k, _ in self.kv)
+
+
+def take(segments: Sequence[Segment], n: int) -> list[Segment]:
+    """The first `n` positions of a list of segments."""
+    out: list[Segment] = []
+    for s in segments:
+        if n <= 0:
+            break
+        out.append(s.head(n))
+        n -= s.n
+    return out
+
+
+@dataclass
+class KVStore:
+    """The caches of the last call's conversations, sorted by token ids, within `budget` bytes."""
+    budget: int
+    keys: list[tuple[int, ...]] = field(default_factory=list)
+    values: list[list[Segment]] = field(default_factory=list)
+    used: int = 0
+    _seen: set[int] = field(default_factory=set)  # ids of segment objects already counted
+
+    def lookup(self, ids: Sequence[int]) -> tuple[int, list[Segment]]:
+        """The most tokens of `ids` held (at most len(ids) - 1: the last prompt token always
+        runs, its logits pick the first new token), and their segments; (0, []) below
+        MIN_REUSE."""
+        if not self.keys:
+            return 0, []
+        key = tuple(ids)
+        i = bisect.bisect_left(self.keys, key)
+        best, segs = 0, []
+        for j in (i - 1, i):  # in sorted order, the longest common prefix is a neighbour
+            if 0 <= j < len(self.keys):
+                n = common_prefix_len(self.keys[j], key)
+                if n > best:
+                    best, segs = n, self.values[j]
+        best = min(best, len(ids) - 1)
+        return (best, take(segs, best)) if best >= MIN_REUSE else (0, [])
+
+    def add(self, ids: Sequence[int], segments: list[Segment]) -> bool:
+        """Keep `segments` (covering `ids`) if the budget allows; segments already held by an
+        earlier entry (a shared prefix) cost nothing again."""
+        new = [s for s in segments if id(s.kv) not in self._seen]
+        cost = sum(s.nbytes for s in new)
+        if self.used + cost > self.budget:
+            return False
+        self.used += cost
+        self._seen.update(id(s.kv) for s in new)
+        key = tuple(ids)
+        i = bisect.bisect_left(self.keys, key)
+        self.keys.insert(i, key)
+        self.values.insert(i, segments)
+        return True
+
+
+def batch_prefix(prompts: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common token prefix of all prompts (0 for fewer than two)."""
+    if len(prompts) < 2:
+        return 0
+    lo, hi = min(prompts), max(prompts)  # lexicographic extremes bound every pair's prefix
+    return common_prefix_len(lo, hi)
+
+
+def run_prefix(model, ids: Sequence[int], device: str) -> Segment | None:
+    """Run `ids` (batch 1) and return their cache as one segment, or None when the model's cache
+    cannot be reused."""
+    import torch
+
+    with torch.inference_mode():
+        cache = model(input_ids=torch.tensor([list(ids)], device=device), use_cache=True,
+                      logits_to_keep=1).past_key_values
+    if not _shareable(cache):
+        return None
+    return Segment(tuple((la.keys[0], la.values[0]) for la in cache.layers), len(ids))
+
+
+def build_past(rows: Sequence[list[Segment]], lengths: Sequence[int], device: str):
+    """A DynamicCache holding each row's segments (`lengths[b]` positions), left-padded to the
+    longest, and its (B, R) attention mask."""
+    import torch
+    from transformers.cache_utils import DynamicCache
+
+    B, R = len(rows), max(lengths)
+    first = next(s for segs in rows for s in segs)
+    layers = []
+    for li, (k0, _) in enumerate(first.kv):
+        H, _, D = k0.shape
+        K = k0.new_zeros((B, H, R, D))
+        V = k0.new_zeros((B, H, R, D))
+        for b, segs in enumerate(rows):
+            at = R - lengths[b]
+            for s in segs:
+                k, v = s.kv[li]
+                K[b, :, at:at + s.n] = k
+                V[b, :, at:at + s.n] = v
+                at += s.n
+        layers.append((K, V))
+    mask = torch.zeros((B, R), dtype=torch.long, device=device)
+    for b, n in enumerate(lengths):
+        if n:
+            mask[b, R - n:] = 1
+    return DynamicCache(layers), mask
+
+
+def tail(cache, row: int, start: int, mask_row) -> Segment:
+    """The positions of cache row `row` from column `start` on that the mask marks real, as one
+    segment (a copy: the batch's cache is freed when the call ends)."""
+    import torch
+
+    idx = torch.nonzero(mask_row[start:], as_tuple=True)[0] + start
+    kv = tuple((la.keys[row].index_select(1, idx), la.values[row].index_select(1, idx))
+               for la in cache.layers)
+    return Segment(kv, int(idx.numel()))
