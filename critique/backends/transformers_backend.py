@@ -130,6 +130,15 @@ class TransformersBackend:
         except (RuntimeError, AssertionError) as e:
             raise CharterError(f"cannot use device {self.device!r}: {e}", field="device") from None
         self.model.eval()
+        from critique.backends.kv_reuse import plain_cache_model
+
+        # full attention everywhere: generate runs on preallocated cache layers and may reuse
+        # caches across calls (kv_reuse.py); other models keep their own cache
+        self._plain_cache = plain_cache_model(self.model.config)
+        if self._plain_cache:  # one-token decode steps without SDPA's head repeat
+            from critique.backends import decode_attention
+
+            decode_attention.use(self.model)
         tok = self.tokenizer
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
@@ -195,7 +204,8 @@ class TransformersBackend:
         from critique.backends.kv_reuse import KVStore
 
         old, self._store = self._store, None  # the old store is freed when this call ends
-        new = KVStore(int(self.kv_store_mb * 2**20)) if self.share_prefix else None
+        new = (KVStore(int(self.kv_store_mb * 2**20)) if self.share_prefix and self._plain_cache
+               else None)
         for batch in self._bar(self._batches(order), "generate"):
             ids = [prompts[rows[r][0]] for r in batch]
             seeds = [_row_seed(sampling.seed, prompts[rows[r][0]], rows[r][1]) for r in batch]
@@ -217,7 +227,7 @@ class TransformersBackend:
 
         B = len(prompts)
         lengths, segs = [0] * B, [[] for _ in range(B)]
-        if not self.share_prefix:
+        if not (self.share_prefix and self._plain_cache):
             return lengths, segs
         if old is not None:
             for b, p in enumerate(prompts):
@@ -243,13 +253,16 @@ class TransformersBackend:
         B = len(prompts)
         reused, segs = self._reused(prompts, old)
         R = max(reused)  # columns of reused cache in front of the new tokens
-        cache = None
-        past_mask = torch.zeros((B, 0), dtype=torch.long, device=dev)
-        if R:
-            cache, past_mask = kv_reuse.build_past(segs, reused, dev)
-            self.usage.reused_prompt_tokens += sum(reused)
         suffixes = [p[n:] for p, n in zip(prompts, reused)]
         T = max(len(p) for p in suffixes)
+        cache = None
+        past_mask = torch.zeros((B, 0), dtype=torch.long, device=dev)
+        if R:  # room for the suffixes and the new tokens: no copy of the cache per step
+            cache, past_mask = kv_reuse.build_past(segs, reused, dev,
+                                                   reserve=T + sampling.max_new_tokens)
+            self.usage.reused_prompt_tokens += sum(reused)
+        elif self._plain_cache:
+            cache = kv_reuse.new_cache(sampling.max_new_tokens)
         ids = torch.full((B, T), self.pad_id, dtype=torch.long)
         new_mask = torch.zeros((B, T), dtype=torch.long)
         for b, p in enumerate(suffixes):  # left padding: the last column is every row's last token
