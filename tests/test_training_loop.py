@@ -33,3 +33,43 @@ def test_lr_schedule_values():
     assert lr_factor(6, 10, 2, "linear") == pytest.approx(0.5)
     assert lr_factor(4, 10, 2, "linear") == pytest.approx(0.75)
     assert lr_factor(9, 10, 2, "constant") == 1.0
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6, 0.0])
+def test_clip_and_step_equals_clip_then_step(max_norm):
+    """The clipping factor folded into the fused AdamW kernel (grad_scale) gives the weights
+    that torch's clip_grad_norm_ followed by the step gives, with clipping active (0.5), idle
+    (1e6: the norm is far below) and off (0)."""
+    import copy
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from training.loop import clip_and_step
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    acc = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    b = copy.deepcopy(a)
+    opt_a = torch.optim.AdamW(a.parameters(), lr=0.05, fused=True)
+    opt_b = torch.optim.AdamW(b.parameters(), lr=0.05, fused=True)
+    x, y = torch.randn(32, 8), torch.randn(32, 3)
+    for _ in range(4):
+        for m in (a, b):
+            (10 * (m(x) - y) ** 2).mean().backward()
+        want = torch.nn.utils.clip_grad_norm_(a.parameters(), max_norm) if max_norm else None
+        opt_a.step()
+        got = clip_and_step(acc, b, opt_b, max_norm)
+        if max_norm:
+            assert float(got) == pytest.approx(float(want), rel=1e-6)
+            assert opt_b.grad_scale is None  # not left behind for a later step
+        else:
+            assert got is None
+        for o in (opt_a, opt_b):
+            o.zero_grad(set_to_none=True)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert float((pa - pb).abs().max()) <= 1e-6
+    if max_norm == 0.5:  # clipping was active: without it the weights would differ
+        assert float(want) > 0.5

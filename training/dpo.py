@@ -31,6 +31,7 @@ from training.collate import collate_pairs
 from training.data import data_provenance, load_pair_rows, pairs_fingerprint, tokenise_pairs
 from training.loop import (
     MetricsLog,
+    clip_and_step,
     forward_logps,
     log,
     make_optimizer,
@@ -223,10 +224,8 @@ def run_steps(acc, cfg: DPOConfig, model, opt, sched, examples, ref, pad_id, sta
                                   (cr > rj).float().sum(), (cr - rj).sum(),
                                   pc.detach().sum(), pr.detach().sum(), n], dtype=torch.float64)
         raise_if_nonfinite(acc, bad is not None, bad, step + 1, last_ckpt)
-        grad_norm = (acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                     if cfg.max_grad_norm else None)
         lr = sched.get_last_lr()[0]
-        opt.step()
+        grad_norm = clip_and_step(acc, model, opt, cfg.max_grad_norm)
         sched.step()
         opt.zero_grad(set_to_none=True)
         bar.update(1)

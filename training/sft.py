@@ -26,6 +26,7 @@ from training.collate import collate_sft
 from training.data import data_provenance, load_sft_rows, tokenise_sft
 from training.loop import (
     MetricsLog,
+    clip_and_step,
     forward_logps,
     log,
     make_optimizer,
@@ -110,10 +111,8 @@ def run_steps(acc, cfg: SFTConfig, model, opt, sched, examples, pad_id, start, t
             nll_sum += float(-total_lp.detach().sum())
             tokens += int(batch["attention_mask"].sum())
         raise_if_nonfinite(acc, bad is not None, bad, step + 1, last_ckpt)
-        grad_norm = (acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                     if cfg.max_grad_norm else None)
         lr = sched.get_last_lr()[0]
-        opt.step()
+        grad_norm = clip_and_step(acc, model, opt, cfg.max_grad_norm)
         sched.step()
         opt.zero_grad(set_to_none=True)
         bar.update(1)
