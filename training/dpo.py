@@ -8,7 +8,8 @@ Reference log-probs are computed once, before training, in one pass over the dat
 in `out/ref_logps.pt` (keyed by a hash of the token ids and the reference model's files), so no
 reference model is in memory while training: the reference is the starting policy, or with
 `--lora` the base with the adapter disabled, or `--ref-model`. Chosen and rejected go through the
-model in one concatenated forward pass. Writes out/metrics.jsonl, out/metrics.png,
+model in one concatenated forward pass, or, on one process, the prompt runs once and both
+responses run on its cache (training/shared_prompt.py). Writes out/metrics.jsonl, out/metrics.png,
 out/checkpoint-STEP/ and out/final/ (safetensors, loadable with AutoModelForCausalLM).
 """
 
@@ -27,6 +28,7 @@ import torch
 from charter.errors import CharterError
 from charter.writable import check_output
 from training import checkpoint as ckpt
+from training import shared_prompt
 from training.collate import collate_pairs
 from training.data import data_provenance, load_pair_rows, pairs_fingerprint, tokenise_pairs
 from training.loop import (
@@ -61,15 +63,32 @@ def _model_identity(path: str) -> str:
     return h.hexdigest()
 
 
+def pair_batch(examples, pad_id: int, share: bool, device) -> dict:
+    """The concatenated batch, plus the shared-prompt tensors when `share` and they save
+    tokens (training/shared_prompt.py)."""
+    batch = collate_pairs(examples, pad_id)
+    if share and shared_prompt.worth_it(examples):
+        batch.update(shared_prompt.collate(examples, pad_id))
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def pair_forward(model, batch: dict):
+    """(summed, mean, count) log-probs of chosen rows then rejected rows."""
+    if "prompt_ids" in batch:
+        return shared_prompt.pair_logps(model, batch)
+    return forward_logps(model, batch)
+
+
 @torch.no_grad()
 def compute_ref_logps(acc, model, examples, pad_id: int, batch_size: int,
-                      adapter_off: bool) -> torch.Tensor:
+                      adapter_off: bool, share: bool = False) -> torch.Tensor:
     """(N, 2) summed log-probs of chosen and rejected under the reference; each process
     scores every world-th pair, then all are gathered on every process."""
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
     mine = list(range(acc.process_index, len(examples), acc.num_processes))
+    share = share and shared_prompt.usable(model)
     was_training = model.training
     model.eval()
     rows: list[tuple[int, float, float]] = []
@@ -78,10 +97,9 @@ def compute_ref_logps(acc, model, examples, pad_id: int, batch_size: int,
         for s in tqdm(range(0, len(mine), batch_size), desc="reference log-probs",
                       disable=not acc.is_main_process):
             idx = mine[s:s + batch_size]
-            batch = {k: v.to(acc.device) for k, v in
-                     collate_pairs([examples[i] for i in idx], pad_id).items()}
+            batch = pair_batch([examples[i] for i in idx], pad_id, share, acc.device)
             with acc.autocast():
-                total, _, _ = forward_logps(model, batch)
+                total, _, _ = pair_forward(model, batch)
             n = len(idx)
             rows += [(i, float(total[j]), float(total[n + j])) for j, i in enumerate(idx)]
     model.train(was_training)
@@ -116,12 +134,14 @@ def reference_logps(acc, cfg: DPOConfig, model, examples, pad_id: int, model_pat
         ref = AutoModelForCausalLM.from_pretrained(
             ref_path, dtype=torch.float32, use_safetensors=True,
             trust_remote_code=cfg.trust_remote_code).to(acc.device)
-        logps = compute_ref_logps(acc, ref, examples, pad_id, cfg.ref_batch_size, False)
+        logps = compute_ref_logps(acc, ref, examples, pad_id, cfg.ref_batch_size, False,
+                                  cfg.share_prompt and acc.num_processes == 1)
         del ref
         gc.collect()
     else:
         model.to(acc.device)
-        logps = compute_ref_logps(acc, model, examples, pad_id, cfg.ref_batch_size, cfg.lora)
+        logps = compute_ref_logps(acc, model, examples, pad_id, cfg.ref_batch_size, cfg.lora,
+                                  cfg.share_prompt and acc.num_processes == 1)
     if acc.is_main_process:
         tmp = cache.with_suffix(".tmp")
         torch.save({"key": key, "logps": logps}, tmp)
@@ -190,6 +210,9 @@ def run_steps(acc, cfg: DPOConfig, model, opt, sched, examples, ref, pad_id, sta
     from tqdm.auto import tqdm
 
     model.train()
+    # one process only: under DDP a module runs one forward per backward
+    share = (cfg.share_prompt and acc.num_processes == 1
+             and shared_prompt.usable(acc.unwrap_model(model)))
     bar = tqdm(total=total, initial=start, desc="dpo", disable=not acc.is_main_process)
     t0, tokens = time.perf_counter(), 0
     history: list[tuple[float, float]] = []  # logged (rewards/chosen, rewards/rejected)
@@ -200,11 +223,10 @@ def run_steps(acc, cfg: DPOConfig, model, opt, sched, examples, ref, pad_id, sta
         sums = torch.zeros(len(METRICS) + 1, dtype=torch.float64)  # metric sums, pair count
         bad = None
         for a, idx in enumerate(micro):
-            batch = {k: v.to(acc.device) for k, v in
-                     collate_pairs([examples[i] for i in idx], pad_id).items()}
+            batch = pair_batch([examples[i] for i in idx], pad_id, share, acc.device)
             sync = a == len(micro) - 1
             with (contextlib.nullcontext() if sync else acc.no_sync(model)), acc.autocast():
-                total_lp, _, count = forward_logps(model, batch)  # (2B,)
+                total_lp, _, count = pair_forward(model, batch)  # (2B,)
                 n = len(idx)
                 pc, pr = total_lp[:n], total_lp[n:]
                 rc = rr = None

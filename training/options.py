@@ -113,6 +113,9 @@ class DPOConfig(TrainConfig):
     """reference model (default: the starting policy; with --lora, the base without adapter)"""
     ref_batch_size: int = 8
     """pairs per forward pass when computing reference log-probs (no gradients)"""
+    share_prompt: bool = True
+    """run each pair's prompt once and both responses on its cache (one process, no gradient
+    checkpointing; else the concatenated pass)"""
 
     def validate(self) -> None:
         super().validate()
