@@ -26,7 +26,9 @@ from charter.records import write_json_atomic, write_text_atomic
 
 CONFIG_NAME = "train_config.json"  # not config.json: that name marks a model directory
 # Settings that may change between a run and its resumption.
-RESUMABLE = {"save_every", "log_every", "tensorboard", "epochs", "max_steps", "trust_remote_code"}
+# share_prompt only changes how the same log-probs are computed.
+RESUMABLE = {"save_every", "log_every", "tensorboard", "epochs", "max_steps", "trust_remote_code",
+             "share_prompt"}
 
 
 def prepare_run_dir(acc, out: Path, cfg_dict: dict, stage: str) -> None:
