@@ -47,13 +47,15 @@ def test_collate_literal():
 def test_worth_it():
     from training.shared_prompt import worth_it
 
-    assert worth_it(examples())  # P + 2R = 8 + 10 < 2T = 2 * 10
+    # B=3, P=8, R=5, T=11 (8 + 3): 2BT - (BP + 2BR) = 66 - (24 + 30) = 12 tokens saved
+    assert worth_it(examples(), min_saved=12) and not worth_it(examples(), min_saved=13)
+    assert not worth_it(examples())  # the default wants 256 saved tokens
     # a long prompt with short responses and a short prompt with long ones: padding to the
     # longest prompt and the longest response costs more than it saves (30 + 60 > 64)
     skew = [PairExample(prompt_ids=list(range(30)), chosen_ids=[1, 2], rejected_ids=[3]),
             PairExample(prompt_ids=[1, 2], chosen_ids=list(range(30)), rejected_ids=[4])]
-    assert not worth_it(skew)
-    assert not worth_it([PairExample(prompt_ids=[1, 2], chosen_ids=[], rejected_ids=[])])
+    assert not worth_it(skew, min_saved=0)
+    assert not worth_it([PairExample(prompt_ids=[1, 2], chosen_ids=[], rejected_ids=[])], 0)
 
 
 def test_same_logps_and_gradients_as_the_concatenated_pass(model):
@@ -81,11 +83,17 @@ def test_same_logps_and_gradients_as_the_concatenated_pass(model):
         assert float((g1[name] - g0[name]).abs().max()) / scale <= 1e-3, name
 
 
-def test_dpo_with_and_without_sharing_train_alike(tmp_path, tiny_model_dir):
+def test_dpo_with_and_without_sharing_train_alike(tmp_path, tiny_model_dir, monkeypatch):
     import json
 
+    from training import shared_prompt
     from training.dpo import train_dpo
     from training.options import DPOConfig
+
+    monkeypatch.setattr(shared_prompt, "MIN_SAVED", 1)  # these small pairs save a few tokens
+    calls = []
+    real = shared_prompt.pair_logps
+    monkeypatch.setattr(shared_prompt, "pair_logps", lambda m, b: calls.append(1) or real(m, b))
 
     data = tmp_path / "pairs.jsonl"
     rows = [{"prompt": [{"role": "user", "content": f"Question number {i} about rivers?"}],
@@ -99,6 +107,8 @@ def test_dpo_with_and_without_sharing_train_alike(tmp_path, tiny_model_dir):
                             batch_size=4, max_steps=2, lr=1e-3, save_every=None,
                             share_prompt=share))
         logs.append([json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()])
+        assert bool(calls) == share  # the shared pass ran (reference and policy) or did not
+        calls.clear()
     for a, b in zip(*logs):
         for k in ("loss", "logps/chosen", "logps/rejected", "rewards/margins"):
             assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-4), k

@@ -35,12 +35,20 @@ def usable(model) -> bool:
     return all(type(la) is DynamicLayer for la in cache.layers)
 
 
-def worth_it(examples: list[PairExample]) -> bool:
-    """Fewer padded tokens than the concatenated batch: B·P + 2B·R < 2B·T."""
+MIN_SAVED = 256  # padded tokens; below this the second pass's overhead outweighs the saving
+
+
+def worth_it(examples: list[PairExample], min_saved: int | None = None) -> bool:
+    """Whether the shared layout runs at least `min_saved` fewer padded tokens than the
+    concatenated batch: 2B·T - (B·P + 2B·R) >= min_saved. Measured with SmolLM2, bf16 autocast,
+    CPU (2026-11-25): 2 pairs of ~110 tokens (110 saved) ran 12% slower shared, 4 pairs of
+    ~240 tokens (~500 saved) 2-3% faster with 8% less peak memory."""
+    min_saved = MIN_SAVED if min_saved is None else min_saved
+    B = len(examples)
     P = max(len(e.prompt_ids) for e in examples)
     R = max(max(len(e.chosen_ids), len(e.rejected_ids)) for e in examples)
     T = max(len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in examples)
-    return R > 0 and P + 2 * R < 2 * T
+    return R > 0 and 2 * B * T - (B * P + 2 * B * R) >= min_saved
 
 
 def collate(examples: list[PairExample], pad_id: int) -> dict[str, torch.Tensor]:
