@@ -44,18 +44,19 @@ def test_collate_literal():
                                            [1, 1, 0, 0, 0]]
 
 
-def test_worth_it():
-    from training.shared_prompt import worth_it
+def test_decide(tiny_model_dir, model):
+    from types import SimpleNamespace
 
-    # B=3, P=8, R=5, T=11 (8 + 3): 2BT - (BP + 2BR) = 66 - (24 + 30) = 12 tokens saved
-    assert worth_it(examples(), min_saved=12) and not worth_it(examples(), min_saved=13)
-    assert not worth_it(examples())  # the default wants 256 saved tokens
-    # a long prompt with short responses and a short prompt with long ones: padding to the
-    # longest prompt and the longest response costs more than it saves (30 + 60 > 64)
-    skew = [PairExample(prompt_ids=list(range(30)), chosen_ids=[1, 2], rejected_ids=[3]),
-            PairExample(prompt_ids=[1, 2], chosen_ids=list(range(30)), rejected_ids=[4])]
-    assert not worth_it(skew, min_saved=0)
-    assert not worth_it([PairExample(prompt_ids=[1, 2], chosen_ids=[], rejected_ids=[])], 0)
+    from training.shared_prompt import MIN_SAVED, decide
+
+    ex = examples()  # mean prompt length (8 + 4 + 6) / 3 = 6 tokens
+    on = SimpleNamespace(share_prompt=True, batch_size=MIN_SAVED // 6 + 1)
+    assert decide(on, 1, model, ex)  # 43 x 6 = 258 >= 256
+    assert not decide(SimpleNamespace(share_prompt=True, batch_size=MIN_SAVED // 6 - 1), 1,
+                      model, ex)  # 41 x 6 = 246
+    assert not decide(on, 2, model, ex)  # DDP: one forward per backward
+    assert not decide(SimpleNamespace(share_prompt=False, batch_size=1000), 1, model, ex)
+    assert not decide(on, 1, model, [])
 
 
 def test_same_logps_and_gradients_as_the_concatenated_pass(model):
@@ -90,7 +91,7 @@ def test_dpo_with_and_without_sharing_train_alike(tmp_path, tiny_model_dir, monk
     from training.dpo import train_dpo
     from training.options import DPOConfig
 
-    monkeypatch.setattr(shared_prompt, "MIN_SAVED", 1)  # these small pairs save a few tokens
+    monkeypatch.setattr(shared_prompt, "MIN_SAVED", 1)  # these small prompts would not pay
     calls = []
     real = shared_prompt.pair_logps
     monkeypatch.setattr(shared_prompt, "pair_logps", lambda m, b: calls.append(1) or real(m, b))

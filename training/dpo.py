@@ -64,10 +64,10 @@ def _model_identity(path: str) -> str:
 
 
 def pair_batch(examples, pad_id: int, share: bool, device) -> dict:
-    """The concatenated batch, plus the shared-prompt tensors when `share` and they save
-    tokens (training/shared_prompt.py)."""
+    """The concatenated batch, plus the shared-prompt tensors when `share` (the run's decision,
+    `shared_prompt.decide`: the reference and the policy pass take the same path)."""
     batch = collate_pairs(examples, pad_id)
-    if share and shared_prompt.worth_it(examples):
+    if share and any(e.chosen_ids or e.rejected_ids for e in examples):
         batch.update(shared_prompt.collate(examples, pad_id))
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -88,7 +88,7 @@ def compute_ref_logps(acc, model, examples, pad_id: int, batch_size: int,
     from tqdm.auto import tqdm
 
     mine = list(range(acc.process_index, len(examples), acc.num_processes))
-    share = share and shared_prompt.usable(model)
+    share = share and shared_prompt.usable(model)  # a --ref-model may have another cache
     was_training = model.training
     model.eval()
     rows: list[tuple[int, float, float]] = []
@@ -109,8 +109,8 @@ def compute_ref_logps(acc, model, examples, pad_id: int, batch_size: int,
     return out
 
 
-def reference_logps(acc, cfg: DPOConfig, model, examples, pad_id: int, model_path: str
-                    ) -> torch.Tensor | None:
+def reference_logps(acc, cfg: DPOConfig, model, examples, pad_id: int, model_path: str,
+                    share: bool = False) -> torch.Tensor | None:
     """Cached (N, 2) reference log-probs, or None for the reference-free SimPO."""
     if cfg.loss == "simpo":
         return None
@@ -135,13 +135,13 @@ def reference_logps(acc, cfg: DPOConfig, model, examples, pad_id: int, model_pat
             ref_path, dtype=torch.float32, use_safetensors=True,
             trust_remote_code=cfg.trust_remote_code).to(acc.device)
         logps = compute_ref_logps(acc, ref, examples, pad_id, cfg.ref_batch_size, False,
-                                  cfg.share_prompt and acc.num_processes == 1)
+                                  share)
         del ref
         gc.collect()
     else:
         model.to(acc.device)
         logps = compute_ref_logps(acc, model, examples, pad_id, cfg.ref_batch_size, cfg.lora,
-                                  cfg.share_prompt and acc.num_processes == 1)
+                                  share)
     if acc.is_main_process:
         tmp = cache.with_suffix(".tmp")
         torch.save({"key": key, "logps": logps}, tmp)
@@ -179,7 +179,8 @@ def train_dpo(cfg: DPOConfig) -> Path:
     if ckpt.finished(out, total):
         log(acc, f"{out / 'final'} is already trained ({total} steps); nothing to do")
         return out / "final"
-    ref = reference_logps(acc, cfg, model, examples, tok.pad_token_id, model_path)
+    share = shared_prompt.decide(cfg, acc.num_processes, model, examples)
+    ref = reference_logps(acc, cfg, model, examples, tok.pad_token_id, model_path, share)
     opt, sched = make_optimizer(model, cfg, total)
     model, opt = acc.prepare(model, opt)
     start, last = 0, ckpt.latest_checkpoint(out)
@@ -211,8 +212,7 @@ def run_steps(acc, cfg: DPOConfig, model, opt, sched, examples, ref, pad_id, sta
 
     model.train()
     # one process only: under DDP a module runs one forward per backward
-    share = (cfg.share_prompt and acc.num_processes == 1
-             and shared_prompt.usable(acc.unwrap_model(model)))
+    share = shared_prompt.decide(cfg, acc.num_processes, acc.unwrap_model(model), examples)
     bar = tqdm(total=total, initial=start, desc="dpo", disable=not acc.is_main_process)
     t0, tokens = time.perf_counter(), 0
     history: list[tuple[float, float]] = []  # logged (rewards/chosen, rewards/rejected)

@@ -7,7 +7,8 @@ rows) run on top of the prompts' key/value cache, repeated for the two sides; gr
 through the cache into the prompt's pass. The first response token is predicted by the
 prompt's last position, the others by the response positions. Same log-probs as the
 concatenated forward up to float rounding (tests/test_training_shared_prompt.py); it saves
-B·(prompt length) tokens of forward and backward per batch, when padding does not eat that.
+B·(prompt length) tokens of forward and backward per batch; `decide` turns it on for a run
+whose micro-batches hold enough prompt tokens for that to pay.
 
 Used by the DPO stage (policy pass and reference pass) on one process: under DDP a module must
 run one forward per backward, so the concatenated pass stays there, and with gradient
@@ -35,20 +36,21 @@ def usable(model) -> bool:
     return all(type(la) is DynamicLayer for la in cache.layers)
 
 
-MIN_SAVED = 256  # padded tokens; below this the second pass's overhead outweighs the saving
+# Tokens a micro-batch's prompts must hold for the shared pass to pay. Measured with SmolLM2,
+# bf16 autocast, CPU (2026-11-25): 2 pairs of ~110 tokens (~110 prompt tokens saved) ran 12%
+# slower shared, 4 pairs of ~240 tokens (~500 saved) 2-3% faster with 8% less peak memory.
+MIN_SAVED = 256
 
 
-def worth_it(examples: list[PairExample], min_saved: int | None = None) -> bool:
-    """Whether the shared layout runs at least `min_saved` fewer padded tokens than the
-    concatenated batch: 2B·T - (B·P + 2B·R) >= min_saved. Measured with SmolLM2, bf16 autocast,
-    CPU (2026-11-25): 2 pairs of ~110 tokens (110 saved) ran 12% slower shared, 4 pairs of
-    ~240 tokens (~500 saved) 2-3% faster with 8% less peak memory."""
-    min_saved = MIN_SAVED if min_saved is None else min_saved
-    B = len(examples)
-    P = max(len(e.prompt_ids) for e in examples)
-    R = max(max(len(e.chosen_ids), len(e.rejected_ids)) for e in examples)
-    T = max(len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in examples)
-    return R > 0 and 2 * B * T - (B * P + 2 * B * R) >= min_saved
+def decide(cfg, num_processes: int, model, examples: list[PairExample]) -> bool:
+    """The run's choice, made once so that the reference pass and the policy pass compute
+    every pair the same way: shared when allowed (`share_prompt`, one process, a usable cache)
+    and a micro-batch's prompts hold at least MIN_SAVED tokens on average (batch_size x mean
+    prompt length: the tokens the second run of each prompt would cost)."""
+    if not (cfg.share_prompt and num_processes == 1 and examples and usable(model)):
+        return False
+    mean_prompt = sum(len(e.prompt_ids) for e in examples) / len(examples)
+    return cfg.batch_size * mean_prompt >= MIN_SAVED
 
 
 def collate(examples: list[PairExample], pad_id: int) -> dict[str, torch.Tensor]:

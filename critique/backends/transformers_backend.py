@@ -459,6 +459,7 @@ class TransformersBackend:
 
     def close(self) -> None:
         self.model = None
+        self._store = None  # the last call's KV caches
         if self.device.startswith("cuda"):
             import torch
 
