@@ -38,6 +38,10 @@ quickstart: setup
 
 bench: setup
 	$(PY) benchmarks/critique_throughput.py --quick --backends transformers,vllm
+	# vLLM as `--backend vllm` runs it on a CPU (bf16), on a batch big enough to pay (README)
+	$(PY) benchmarks/critique_throughput.py --prompts 128 --max-new-tokens 64 --naive-prompts 8 \
+		--batch-size 128 --backends vllm --caching-rounds 0 \
+		--backend-options '{"vllm": {"dtype": "bfloat16"}}'
 	$(PY) benchmarks/label_throughput.py --quick
 	$(PY) benchmarks/dpo_vs_trl.py --quick
 
