@@ -108,9 +108,6 @@ class NaiveBackend:
         self.usage.generate_seconds += time.perf_counter() - t0
         return out
 
-    def score(self, conversations, options, prefixes=None):
-        raise NotImplementedError("the benchmark baseline only generates")
-
     def close(self):
         pass
 

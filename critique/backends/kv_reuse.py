@@ -220,6 +220,34 @@ def batch_prefix(prompts: Sequence[Sequence[int]]) -> int:
     return common_prefix_len(lo, hi)
 
 
+def reused(model, prompts: list[list[int]], old: KVStore | None, device: str):
+    """Per row, how many leading prompt tokens come from a cache (the last call's store `old`,
+    or this batch's common prefix run once) and those caches' segments; (None, None) when the
+    model's cache cannot be reused."""
+    B = len(prompts)
+    lengths, segs = [0] * B, [[] for _ in range(B)]
+    if old is not None:
+        for b, p in enumerate(prompts):
+            lengths[b], segs[b] = old.lookup(p)
+    g = min(batch_prefix(prompts), min(len(p) for p in prompts) - 1)
+    if g >= MIN_REUSE and any(n < g for n in lengths):
+        seg = run_prefix(model, prompts[0][:g], device)
+        if seg is None:
+            return None, None
+        for b in range(B):
+            if lengths[b] < g:
+                lengths[b], segs[b] = g, [seg]
+    return lengths, segs
+
+
+def keep(store: KVStore, cache, row: int, start: int, mask_row, ids: list[int],
+         segs: list[Segment]) -> None:
+    """Store a finished row's cache: its reused segments, then its columns from `start`."""
+    seg = tail(cache, row, start, mask_row)
+    if sum(s.n for s in segs) + seg.n == len(ids):  # else something is off: keep nothing
+        store.add(ids, [*segs, seg])
+
+
 def run_prefix(model, ids: Sequence[int], device: str) -> Segment | None:
     """Run `ids` (batch 1) and return their cache as one segment, or None when the model's cache
     cannot be reused."""

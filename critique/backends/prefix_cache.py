@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from critique.backends.kv_reuse import _shareable  # noqa: F401 - used (and patched) here
 from critique.backends.transformers_backend import common_prefix_len as lcp
 
 MIN_SHARED = 16  # fewer shared tokens than this are not worth an extra forward pass
@@ -82,12 +83,6 @@ def plan(rows: Sequence[tuple[Sequence[int], int]], min_shared: int = MIN_SHARED
         ext.append(shared - g)  # a single row runs all of its shareable tokens in stage 2
         j = i
     return Plan(g, groups[::-1], ext[::-1])
-
-
-def _shareable(cache: Any) -> bool:
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-
-    return type(cache) is DynamicCache and all(type(la) is DynamicLayer for la in cache.layers)
 
 
 def _left_padded(seqs: list[Sequence[int]], pad_id: int):

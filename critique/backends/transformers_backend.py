@@ -220,29 +220,6 @@ class TransformersBackend:
             out[i].append(text)
         return [o * sampling.n if greedy else o for o in out]
 
-    def _reused(self, prompts: list[list[int]], old) -> tuple[list[int], list[list]]:
-        """Per row, how many leading prompt tokens come from a cache (the last call's store, or
-        this batch's common prefix run once) and those caches' segments."""
-        from critique.backends import kv_reuse
-
-        B = len(prompts)
-        lengths, segs = [0] * B, [[] for _ in range(B)]
-        if not (self.share_prefix and self._plain_cache):
-            return lengths, segs
-        if old is not None:
-            for b, p in enumerate(prompts):
-                lengths[b], segs[b] = old.lookup(p)
-        g = min(kv_reuse.batch_prefix(prompts), min(len(p) for p in prompts) - 1)
-        if g >= kv_reuse.MIN_REUSE and any(n < g for n in lengths):
-            seg = kv_reuse.run_prefix(self.model, prompts[0][:g], self.device)
-            if seg is None:  # this model's cache cannot be reused: stop trying
-                self.share_prefix = False
-                return [0] * B, [[] for _ in range(B)]
-            for b in range(B):
-                if lengths[b] < g:
-                    lengths[b], segs[b] = g, [seg]
-        return lengths, segs
-
     def _generate_batch(self, prompts: list[list[int]], seeds: list[int],
                         sampling: Sampling, old=None, new=None) -> list[str]:
         import torch
@@ -251,7 +228,12 @@ class TransformersBackend:
 
         dev = self.device
         B = len(prompts)
-        reused, segs = self._reused(prompts, old)
+        if self.share_prefix and self._plain_cache:
+            reused, segs = kv_reuse.reused(self.model, prompts, old, self.device)
+            if reused is None:  # this model's cache cannot be reused: stop trying
+                self.share_prefix = False
+        if not (self.share_prefix and self._plain_cache):
+            reused, segs = [0] * B, [[] for _ in range(B)]
         R = max(reused)  # columns of reused cache in front of the new tokens
         suffixes = [p[n:] for p, n in zip(prompts, reused)]
         T = max(len(p) for p in suffixes)
@@ -289,8 +271,9 @@ class TransformersBackend:
                 res = self.model(input_ids=step_ids, attention_mask=mask, position_ids=pos,
                                  past_key_values=cache, use_cache=True, logits_to_keep=1)
                 cache = res.past_key_values
-                if new is not None and not kv_reuse._shareable(cache):
-                    self.share_prefix, new = False, None  # e.g. a sliding-window cache
+                if new is not None and step_ids is ids and not kv_reuse._shareable(cache):
+                    self.share_prefix, new = False, None  # e.g. a sliding-window cache (the
+                    # cache's type is set by the prefill: checked once)
                 logits = res.logits[:, -1, :].float()  # (b, V), b = rows still decoding
                 nxt = self._pick(logits, [gens[r] for r in rows], sampling)  # (b,)
                 hit_eos = torch.isin(nxt, eos).tolist()
@@ -309,7 +292,7 @@ class TransformersBackend:
                                                   stop)[1]:
                             done[b] = True
                     if done[b] and new is not None:
-                        self._keep(new, cache, i, R, mask[i], prompts[b] + fed, segs[b])
+                        kv_reuse.keep(new, cache, i, R, mask[i], prompts[b] + fed, segs[b])
                 keep = [i for i, b in enumerate(rows) if not done[b]]
                 if not keep:
                     break
@@ -327,15 +310,6 @@ class TransformersBackend:
         self.usage.generated_tokens += sum(len(o) for o in out)
         return [cut_at_stop(self.tokenizer.decode(o, skip_special_tokens=True), stop)[0]
                 for o in out]
-
-    @staticmethod
-    def _keep(store, cache, row: int, start: int, mask_row, ids: list[int], segs: list) -> None:
-        """Store a finished row's cache: its reused segments, then the columns from `start`."""
-        from critique.backends import kv_reuse
-
-        seg = kv_reuse.tail(cache, row, start, mask_row)
-        if sum(s.n for s in segs) + seg.n == len(ids):  # else something is off: keep nothing
-            store.add(ids, [*segs, seg])
 
     @staticmethod
     def _pick(logits, gens, sampling: Sampling):
