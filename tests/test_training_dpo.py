@@ -74,6 +74,20 @@ def test_soft_loss_trains_and_needs_p(tmp_path, tiny_model_dir):
     assert e.value.field == "p_chosen" and str(e.value).startswith(f"{bad}:1:")
 
 
+def test_only_the_newest_checkpoints_are_kept(pairs, tmp_path, tiny_model_dir):
+    """save_every 1 over 4 steps writes checkpoints 1-3 (the last step writes final/); with
+    keep_checkpoints 2 only 2 and 3 remain, with None all three."""
+    kept = tmp_path / "kept"
+    train_dpo(cfg(pairs, kept, tiny_model_dir, save_every=1, keep_checkpoints=2))
+    assert sorted(d.name for d in kept.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    every = tmp_path / "all"
+    train_dpo(cfg(pairs, every, tiny_model_dir, save_every=1, keep_checkpoints=None))
+    assert sorted(d.name for d in every.glob("checkpoint-*")) == [
+        "checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    with pytest.raises(CharterError, match="must be >= 1"):
+        train_dpo(cfg(pairs, tmp_path / "bad", tiny_model_dir, keep_checkpoints=0))
+
+
 def test_resume_gives_the_same_result(pairs, tmp_path, tiny_model_dir, monkeypatch):
     """Kill after the step-2 checkpoint (plus a half-written one), re-run: same weights and
     metrics as an uninterrupted run, each step logged once."""

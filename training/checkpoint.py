@@ -28,7 +28,7 @@ CONFIG_NAME = "train_config.json"  # not config.json: that name marks a model di
 # Settings that may change between a run and its resumption.
 # share_prompt only changes how the same log-probs are computed.
 RESUMABLE = {"save_every", "log_every", "tensorboard", "epochs", "max_steps", "trust_remote_code",
-             "share_prompt"}
+             "share_prompt", "keep_checkpoints"}
 
 
 def prepare_run_dir(acc, out: Path, cfg_dict: dict, stage: str) -> None:
@@ -86,8 +86,20 @@ def save_checkpoint(acc, model, opt, sched, step: int, out: Path, cfg_dict: dict
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        prune_checkpoints(out, cfg_dict.get("keep_checkpoints"))
     acc.wait_for_everyone()
     return final
+
+
+def prune_checkpoints(out: Path, keep: int | None) -> None:
+    """Delete all but the newest `keep` complete checkpoints (None: keep all). Called after a
+    new one is complete, so a resume always has the latest."""
+    if not keep:
+        return
+    done = sorted((int(d.name.removeprefix("checkpoint-")), d) for d in out.glob("checkpoint-*")
+                  if d.name.removeprefix("checkpoint-").isdigit() and (d / "state.json").exists())
+    for _, d in done[:-keep]:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def load_checkpoint(acc, model, opt, sched, ckpt: Path) -> int:

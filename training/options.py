@@ -65,6 +65,9 @@ class TrainConfig:
     """write metrics every this many optimizer steps"""
     save_every: int | None = 100
     """write a checkpoint every this many optimizer steps (None = only the final model)"""
+    keep_checkpoints: int | None = 2
+    """keep only the newest this many checkpoints (each holds the weights and the optimizer
+    state, ~3x the model's size); None = keep all"""
     tensorboard: bool = False
     """also log metrics to tensorboard under out/tensorboard (needs the tensorboard package)"""
     trust_remote_code: bool = False
@@ -74,7 +77,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "grad_accum", "log_every", "lora_r"):
             if getattr(self, name) < 1:
                 raise CharterError(f"must be >= 1, got {getattr(self, name)}", field=name)
-        for name in ("max_steps", "save_every"):
+        for name in ("max_steps", "save_every", "keep_checkpoints"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise CharterError(f"must be >= 1 (or unset), got {v}", field=name)
