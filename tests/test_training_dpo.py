@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 from training import checkpoint
 from training.dpo import DPOConfig, train_dpo
 

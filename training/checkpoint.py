@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from charter.errors import CharterError
-from charter.records import write_json_atomic, write_text_atomic
+from charter.core.errors import CharterError
+from charter.core.records import write_json_atomic, write_text_atomic
 
 CONFIG_NAME = "train_config.json"  # not config.json: that name marks a model directory
 # Settings that may change between a run and its resumption.

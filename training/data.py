@@ -28,8 +28,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from charter.errors import CharterError
-from charter.records import read_pairs, read_sft, validate_messages
+from charter.core.errors import CharterError
+from charter.core.records import read_pairs, read_sft, validate_messages
 
 IGNORE = -100
 
@@ -93,7 +93,7 @@ def _disk_rows(d: Path) -> list[dict]:
 def load_sft_rows(path: str | os.PathLike) -> Loaded:
     p = resolve_data_path(path, "sft")
     if p.is_file():
-        from charter.records import read_jsonl
+        from charter.core.records import read_jsonl
 
         lines = [ln for ln, _ in read_jsonl(p)]
         return Loaded(read_sft(p), [(str(p), ln) for ln in lines], p)
@@ -112,7 +112,7 @@ def load_pair_rows(path: str | os.PathLike) -> Loaded:
     if p.is_dir():  # a saved dataset: write it as JSONL rows and read it with the one validator
         import tempfile
 
-        from charter.records import write_jsonl_atomic
+        from charter.core.records import write_jsonl_atomic
 
         with tempfile.TemporaryDirectory() as tmp:
             rows = [dict(r) for r in _disk_rows(p)]
@@ -124,7 +124,7 @@ def load_pair_rows(path: str | os.PathLike) -> Loaded:
                 raise CharterError(e.detail, path=f"{p}[row {(e.line or 1) - 1}]",
                                    field=e.field) from None
         return Loaded(pairs, [(f"{p}[row {i}]", None) for i in range(len(pairs))], p)
-    from charter.records import read_jsonl
+    from charter.core.records import read_jsonl
 
     lines = [ln for ln, _ in read_jsonl(p)]
     return Loaded(read_pairs(p), [(str(p), ln) for ln in lines], p)

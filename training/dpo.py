@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from charter.errors import CharterError
-from charter.writable import check_output
+from charter.core.errors import CharterError
+from charter.core.writable import check_output
 from training import checkpoint as ckpt
 from training import shared_prompt
 from training.collate import collate_pairs
@@ -114,7 +114,7 @@ def reference_logps(acc, cfg: DPOConfig, model, examples, pad_id: int, model_pat
     """Cached (N, 2) reference log-probs, or None for the reference-free SimPO."""
     if cfg.loss == "simpo":
         return None
-    from charter.models import resolve_model
+    from charter.core.models import resolve_model
 
     ref_path = resolve_model(cfg.ref_model) if cfg.ref_model else model_path
     key = hashlib.sha256(json.dumps([pairs_fingerprint(examples), _model_identity(ref_path),
@@ -128,7 +128,7 @@ def reference_logps(acc, cfg: DPOConfig, model, examples, pad_id: int, model_pat
     if cfg.ref_model:
         from transformers import AutoModelForCausalLM
 
-        from charter.models import require_safetensors
+        from charter.core.models import require_safetensors
 
         require_safetensors(ref_path)
         ref = AutoModelForCausalLM.from_pretrained(
