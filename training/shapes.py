@@ -280,6 +280,9 @@ def _p_chosen(row: dict, where: Source) -> float | None:
 def split_implicit(chosen: list[Message], rejected: list[Message], where: Source
                    ) -> tuple[list[Message], list[Message], list[Message]]:
     """TRL's `extract_prompt` on message lists: the longest common run of turns is the prompt."""
+    if chosen == rejected:
+        raise CharterError("chosen and rejected are the same conversation", path=where[0],
+                           line=where[1], field="rejected")
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
@@ -289,8 +292,8 @@ def split_implicit(chosen: list[Message], rejected: list[Message], where: Source
         raise CharterError("chosen and rejected share no opening user turn, so there is no "
                            "implicit prompt", path=where[0], line=where[1], field="chosen")
     if n == len(chosen) or n == len(rejected):
-        raise CharterError("chosen and rejected are the same conversation", path=where[0],
-                           line=where[1], field="rejected")
+        raise CharterError("one response is empty after the shared prompt", path=where[0],
+                           line=where[1], field="chosen" if n == len(chosen) else "rejected")
     return chosen[:n], chosen[n:], rejected[n:]
 
 
@@ -359,12 +362,22 @@ def convert(rows: Rows, kind: str, hh_transcripts: str = "chat") -> tuple[list, 
                            line=where0[1], field="data")
     out = []
     for row, where in zip(rows.rows, rows.sources):
+        missing = [k for k in SHAPE_KEYS[shape] if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise CharterError(f"missing field: the first row is {name} data, which needs "
+                               f"{', '.join(SHAPE_KEYS[shape])} in every row", path=where[0],
+                               line=where[1], field=missing[0])
         got = detect(row, where)
         if got != shape:
-            missing = [k for k in SHAPE_KEYS[shape] if k not in row]
-            raise CharterError(f"this row is {got}, the first row {shape}: every row must have "
-                               "one shape", path=where[0], line=where[1],
-                               field=missing[0] if missing else got)
+            raise CharterError(f"this row is {got} data, the first row {shape}: every row must "
+                               "have one shape", path=where[0], line=where[1],
+                               field=SHAPE_KEYS[got][-1])
+        for k in SHAPE_KEYS[shape]:  # conversational and standard values are not mixed
+            if _conversational(row[k]) != _conversational(first[k]):
+                want = ("a chat-message list" if _conversational(first[k]) else "a string")
+                raise CharterError(f"expected {want} like the first row's, got "
+                                   f"{type(row[k]).__name__}", path=where[0], line=where[1],
+                                   field=k)
         out.append(to_sft(row, shape, where) if kind == "sft"
                    else to_pair(row, shape, where, hh_transcripts))
     return out, name
