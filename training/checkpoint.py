@@ -38,7 +38,7 @@ FORMAT = "charter-checkpoint/1"
 # share_prompt only changes how the same log-probs are computed; `out` is where the run is, not
 # what it is (a moved folder resumes).
 RESUMABLE = {"save_every", "log_every", "tensorboard", "epochs", "max_steps", "trust_remote_code",
-             "share_prompt", "keep_checkpoints", "out"}
+             "share_prompt", "keep_checkpoints", "out", "chunked_logps"}
 PATH_FIELDS = ("data", "model", "ref_model")  # compared by what they hold, not how spelled
 
 
