@@ -253,29 +253,35 @@ def data_provenance(path: Path | str) -> dict:
         if not f.is_file():
             continue
         try:
-            found = _find_constitution_hash(json.loads(f.read_text(encoding="utf-8")))
+            found = find_constitution(json.loads(f.read_text(encoding="utf-8")))
         except (OSError, ValueError):
             continue
         if found:
-            out["constitution_sha256"] = found
+            out["constitution_sha256"] = found["sha256"]
+            if "name" in found:
+                out["constitution_name"] = found["name"]
             break
     return out
 
 
-def _find_constitution_hash(obj) -> str | None:
+def find_constitution(obj) -> dict | None:
+    """{"sha256", "name"?} of the constitution named anywhere in a manifest or report."""
     if isinstance(obj, dict):
         for k, v in obj.items():
             if "constitution" in k and isinstance(v, str) and len(v) == 64:
-                return v  # label's report: "constitution_sha256": "..."
+                out = {"sha256": v}  # label's report: "constitution_sha256", "constitution"
+                name = obj.get("constitution_name", obj.get("constitution"))
+                return {**out, "name": name} if isinstance(name, str) and name != v else out
             if "constitution" in k and isinstance(v, dict) and isinstance(v.get("sha256"), str):
-                return v["sha256"]  # critique's manifest: "constitution": {"name", "sha256"}
-        for v in obj.values():
-            found = _find_constitution_hash(v)
-            if found:
-                return found
+                # critique's manifest: "constitution": {"name", "sha256"}
+                return {k2: v[k2] for k2 in ("sha256", "name") if isinstance(v.get(k2), str)}
+        children = obj.values()
     elif isinstance(obj, list):
-        for v in obj:
-            found = _find_constitution_hash(v)
-            if found:
-                return found
+        children = obj
+    else:
+        return None
+    for v in children:
+        found = find_constitution(v)
+        if found:
+            return found
     return None

@@ -201,7 +201,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
                      out / "metrics.png", f"DPO ({cfg.loss}, β={cfg.beta})")
     card = ckpt.model_card("dpo", cfg_dict, data_provenance(loaded.path), model_path,
                            {"steps": total, **summary})
-    final = ckpt.save_final(acc, model, tok, out, card, total)
+    final = ckpt.save_final(acc, model, tok, out, card, total, merge=cfg.merge)
     acc.end_training()
     log(acc, f"saved {final}")
     return final

@@ -63,8 +63,18 @@ def setup(cfg: TrainConfig):
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     if tok.pad_token_id is None:  # padding is masked everywhere; any id will do
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
-                                                 trust_remote_code=cfg.trust_remote_code)
+    if Path(path, "adapter_config.json").exists() and not Path(path, "config.json").exists():
+        # a LoRA run's final/ (a peft adapter): train on from its base with the adapter merged
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, use_safetensors=True,
+            trust_remote_code=cfg.trust_remote_code).merge_and_unload()
+        model.requires_grad_(True)  # peft froze the base; all of it trains from here
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, use_safetensors=True,
+            trust_remote_code=cfg.trust_remote_code)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -49,7 +49,9 @@ class TrainConfig:
     max_length: int = 1024
     """tokens per sequence; longer ones keep the prompt's end and the response's start"""
     lora: bool = False
-    """train a LoRA adapter (peft) instead of all weights; merged into final/"""
+    """train a LoRA adapter (peft) instead of all weights; final/ is the peft adapter"""
+    merge: bool = False
+    """with lora: save final/ as the merged model (the adapter kept in final/adapter/)"""
     lora_r: int = 16
     """LoRA rank"""
     lora_alpha: int = 32

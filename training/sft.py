@@ -77,7 +77,7 @@ def train_sft(cfg: SFTConfig) -> Path:
         plot_metrics(rows, ["loss", "lr", "tokens_per_s"], out / "metrics.png", "SFT")
     summary = {"steps": total, "final loss": rows[-1]["loss"] if rows else None}
     card = ckpt.model_card("sft", cfg_dict, data_provenance(loaded.path), model_path, summary)
-    final = ckpt.save_final(acc, model, tok, out, card, total)
+    final = ckpt.save_final(acc, model, tok, out, card, total, merge=cfg.merge)
     acc.end_training()
     log(acc, f"saved {final}")
     return final
