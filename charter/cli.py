@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "label": ("charter.commands.label", "AI preference labels from the constitution"),
     "train": ("charter.commands.train", "SFT and DPO training"),
     "eval": ("charter.commands.eval", "refusal rates and AI-judge win rate"),
+    "export": ("charter.commands.export", "a run's data in TRL's formats, with a dataset card"),
     "run": ("charter.commands.run", "the whole pipeline from one YAML file"),
 }
 
