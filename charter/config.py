@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import difflib
 import inspect
 import os
 import textwrap
@@ -181,12 +182,19 @@ def config_from_dict(cls: type, values: dict, *, source: str | None = None,
     """Build `cls` from a mapping: unknown keys, wrong types and missing values are errors."""
     lines = lines or {}
     names = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    translate = getattr(cls, "translate_keys", None)  # e.g. TRL's key names in training configs
+    if translate is not None:
+        values, lines = translate(values, set(names), source, lines)
     hints = _field_types(cls)
     kwargs = {}
     for key, value in values.items():
         if key not in names:
+            near = getattr(cls, "nearest_key", None)
+            near = near(str(key), set(names)) if near else (difflib.get_close_matches(
+                str(key), sorted(names), n=1) or [None])[0]
+            hint = f" (did you mean {near!r}?)" if near else ""
             raise CharterError(
-                f"unknown config key {key!r}; expected one of {', '.join(sorted(names))}",
+                f"unknown config key {key!r}{hint}; expected one of {', '.join(sorted(names))}",
                 path=source, line=lines.get(key), field=str(key))
         try:
             kwargs[key] = _coerce(value, hints[key], key)
@@ -219,8 +227,12 @@ def build_config(cls: type, args: argparse.Namespace | dict | None = None,
             cli[k] = _coerce(v, hints[k], k)
         except ValueError as e:
             raise CharterError(str(e), field="--" + k.replace("_", "-")) from None
-    merged = {**values, **cli}
     src = str(config_path) if config_path else None
+    translate = getattr(cls, "translate_keys", None)
+    if translate is not None and values:  # the file's TRL key names first, so flags win
+        values, lines = translate(values, {f.name for f in dataclasses.fields(cls) if f.init},
+                                  src, lines)
+    merged = {**values, **cli}
     return config_from_dict(cls, merged, source=src,
                             lines={k: v for k, v in lines.items() if k not in cli})
 

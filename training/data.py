@@ -186,7 +186,8 @@ def _text_pair_ids(tok, pair: shapes.TextPair) -> tuple[list[int], list[int], li
 
 
 def encode_pair(tok, pair, source: tuple[str, int | None],
-                max_length: int | None = None) -> PairExample:
+                max_length: int | None = None, max_prompt_length: int | None = None
+                ) -> PairExample:
     """Prompt ids and each response's ids, the boundary checked for both responses; standard
     (string) pairs as plain text, as TRL tokenises them."""
     if isinstance(pair, shapes.TextPair):
@@ -199,6 +200,8 @@ def encode_pair(tok, pair, source: tuple[str, int | None],
             _check_prefix(tok, prompt, full, source, f"prompt (with the {name} response)")
             parts.append(full[len(prompt):])
         chosen, rejected = parts
+    if max_prompt_length and len(prompt) > max_prompt_length:  # keep the end, as TRL does
+        prompt = prompt[len(prompt) - max_prompt_length:]
     if not chosen or not rejected:
         raise CharterError("empty response after templating", path=source[0], line=source[1],
                            field="chosen" if not chosen else "rejected")
@@ -222,12 +225,12 @@ def tokenise_sft(tok, loaded: Loaded, max_length: int | None, progress: bool = T
             tqdm(it, total=len(loaded.rows), desc="tokenise", disable=not progress)]
 
 
-def tokenise_pairs(tok, loaded: Loaded, max_length: int | None, progress: bool = True
-                   ) -> list[PairExample]:
+def tokenise_pairs(tok, loaded: Loaded, max_length: int | None, progress: bool = True,
+                   max_prompt_length: int | None = None) -> list[PairExample]:
     from tqdm.auto import tqdm
 
     it = zip(loaded.rows, loaded.sources)
-    return [encode_pair(tok, p, s, max_length) for p, s in
+    return [encode_pair(tok, p, s, max_length, max_prompt_length) for p, s in
             tqdm(it, total=len(loaded.rows), desc="tokenise", disable=not progress)]
 
 

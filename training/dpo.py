@@ -180,7 +180,8 @@ def train_dpo(cfg: DPOConfig) -> Path:
     ckpt.prepare_run_dir(acc, out, cfg_dict, "dpo")
     if acc.is_main_process:
         ckpt.clean_partial(out)
-    examples = tokenise_pairs(tok, loaded, cfg.max_length, progress=acc.is_main_process)
+    examples = tokenise_pairs(tok, loaded, cfg.max_length, progress=acc.is_main_process,
+                              max_prompt_length=cfg.max_prompt_length)
     if cfg.loss == "soft":
         missing = next((e for e in examples if e.p_chosen is None), None)
         if missing:
