@@ -38,7 +38,7 @@ FORMAT = "charter-checkpoint/1"
 # Settings that may change between a run and its resumption.
 # share_prompt only changes how the same log-probs are computed; `out` is where the run is, not
 # what it is (a moved folder resumes).
-RESUMABLE = {"save_every", "log_every", "tensorboard", "epochs", "max_steps", "trust_remote_code",
+RESUMABLE = {"save_every", "log_every", "report_to", "epochs", "max_steps", "trust_remote_code",
              "share_prompt", "keep_checkpoints", "out", "merge"}
 PATH_FIELDS = ("data", "model", "ref_model")  # compared by what they hold, not how spelled
 

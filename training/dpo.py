@@ -46,6 +46,7 @@ from training.loop import (
 )
 from training.losses import preference_loss
 from training.options import DPOConfig
+from training.trackers import start_trackers
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
            "logps/chosen", "logps/rejected")
@@ -199,8 +200,8 @@ def train_dpo(cfg: DPOConfig) -> Path:
     if last is not None:
         start = ckpt.load_checkpoint(acc, model, opt, sched, last)
         log(acc, f"resuming from {last} (step {start} of {total})")
-    if cfg.tensorboard:
-        acc.init_trackers("tensorboard")
+    if cfg.report_to:
+        start_trackers(acc, cfg_dict, "dpo")
     metrics = MetricsLog(acc, out, start)
     run_steps(acc, cfg, model, opt, sched, examples, ref, tok.pad_token_id, start, total,
               metrics, out, cfg_dict, last)

@@ -35,13 +35,9 @@ def setup(cfg: TrainConfig):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from charter.models import require_safetensors, resolve_model
+    from training.trackers import log_with
 
-    if cfg.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise CharterError("needs the tensorboard package: pip install tensorboard",
-                               field="tensorboard") from None
+    trackers = log_with(cfg.report_to, cfg.out)  # a missing package fails before any work
     if cfg.mixed_precision == "fp16" and (cfg.cpu or not torch.cuda.is_available()):
         raise CharterError("fp16 autocast needs a GPU; use bf16 on CPUs",
                            field="mixed_precision")
@@ -55,7 +51,7 @@ def setup(cfg: TrainConfig):
     # so a machine with no accelerator is a CPU run, launched alone or under torchrun.
     no_accel = not (torch.cuda.is_available() or torch.backends.mps.is_available())
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu or no_accel,
-                      log_with="tensorboard" if cfg.tensorboard else None,
+                      log_with=trackers or None,
                       project_dir=cfg.out)
     set_seed(cfg.seed)
     path = resolve_model(cfg.model)

@@ -76,8 +76,9 @@ class TrainConfig:
     keep_checkpoints: int | None = 2
     """keep only the newest this many checkpoints (each holds the weights and the optimizer
     state, ~3x the model's size); None = keep all"""
-    tensorboard: bool = False
-    """also log metrics to tensorboard under out/tensorboard (needs the tensorboard package)"""
+    report_to: list[str] = field(default_factory=list)
+    """trackers for the metrics besides out/metrics.jsonl: tensorboard, wandb, csv (TRL's
+    metric names; none by default)"""
     trust_remote_code: bool = False
     """let transformers run Python code shipped in the model folder (only for models you trust)"""
 

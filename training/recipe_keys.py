@@ -96,6 +96,7 @@ ALIASES: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "lora_target_modules": ("lora_targets", _targets),
     "use_cpu": ("cpu", _same),
     "optim": ("", _optim),
+    "tensorboard": ("report_to", lambda v: ["tensorboard"] if v else None),  # our old flag
     "bf16": ("mixed_precision", lambda v: "bf16" if v else None),
     "fp16": ("mixed_precision", lambda v: "fp16" if v else None),
 }

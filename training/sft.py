@@ -37,6 +37,7 @@ from training.loop import (
     total_steps,
 )
 from training.options import SFTConfig
+from training.trackers import start_trackers
 
 
 def _label_tokens(examples, idx: list[int]) -> int:
@@ -67,8 +68,8 @@ def train_sft(cfg: SFTConfig) -> Path:
     if last is not None:
         start = ckpt.load_checkpoint(acc, model, opt, sched, last)
         log(acc, f"resuming from {last} (step {start} of {total})")
-    if cfg.tensorboard:
-        acc.init_trackers("tensorboard")
+    if cfg.report_to:
+        start_trackers(acc, cfg_dict, "sft")
     metrics = MetricsLog(acc, out, start)
     run_steps(acc, cfg, model, opt, sched, examples, tok.pad_token_id, start, total, metrics,
               out, cfg_dict, last)
