@@ -41,14 +41,14 @@ def test_model_card_front_matter(tmp_path):
     prov = {"data": "runs/critique/sft.jsonl", "constitution_sha256": "ab" * 32,
             "constitution_name": "harmless"}
     card = model_card("dpo", {"model": None, "lora": False}, prov,
-                      "/root/.cache/charter/models/smollm2", {"steps": 3},
+                      "/var/cache/charter/models/smollm2", {"steps": 3},
                       roles={"policy": "smollm2", "labeller": "org/judge-70b"},
                       headline={"harmful refusal": "25.0% -> 57.5%"})
     meta = meta_of(card, tmp_path)
     assert meta["base_model"] == EMBEDDED_HUB_ID and meta["library_name"] == "transformers"
     assert {"dpo", "charter", "constitutional-ai"} <= set(meta["tags"])
     assert "datasets" not in meta  # a local file is no Hub dataset
-    assert "/root/" not in card.split("## Config")[0]  # no local cache path above the config
+    assert "/var/cache/" not in card.split("## Config")[0]  # no local cache path above the config
     assert f"`harmless`, sha256 `{'ab' * 32}`" in card
     assert "| labeller | `org/judge-70b` |" in card and "harmful refusal: 25.0% -> 57.5%" in card
     hub = model_card("sft", {"model": "org/base", "lora": True}, {"data": "org/prefs"}, "org/base",

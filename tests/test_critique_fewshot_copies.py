@@ -12,8 +12,8 @@ import pytest
 
 from constitution import load_constitution
 from critique.backends.fake import FakeBackend
-from critique.cleaning import copied_example, problem, shared_phrases
-from critique.loop import CritiqueConfig, _example_texts, run_critique
+from critique.revise.cleaning import copied_example, problem, shared_phrases
+from critique.revise.run import CritiqueConfig, _example_texts, run_critique
 
 ROOT = Path(__file__).resolve().parents[1]
 CONS = load_constitution(ROOT / "principles" / "harmless.yaml")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from charter.cli import main
-from charter.errors import CharterError
-from charter.records import PreferencePair
+from charter.core.errors import CharterError
+from charter.core.records import PreferencePair
 from training.export import ExportConfig, orient, pair_row, transcript
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from charter.config import build_config
-from charter.errors import CharterError
+from charter.core.config import build_config
+from charter.core.errors import CharterError
 from training.options import DPOConfig, SFTConfig
 
 # An alignment-handbook-style DPO recipe (model, data and trainer arguments in one flat file).

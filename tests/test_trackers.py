@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 from training.trackers import CSVTracker, log_with
 
 

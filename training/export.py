@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from charter.errors import CharterError
-from charter.records import (
+from charter.core.errors import CharterError
+from charter.core.records import (
     Message,
     PreferencePair,
     read_pairs,

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 
 
 def _same(v):

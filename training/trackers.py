@@ -14,7 +14,7 @@ import csv
 import io
 from pathlib import Path
 
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 
 REPORT_TO = ("tensorboard", "wandb", "csv")
 NEEDS = {"tensorboard": ("tensorboard", "pip install tensorboard"),
@@ -72,7 +72,7 @@ class CSVTracker(_tracker_base()):
             w = csv.DictWriter(buf, fieldnames=self.columns)
             w.writeheader()
             w.writerows(self.rows)
-            from charter.records import write_text_atomic
+            from charter.core.records import write_text_atomic
 
             write_text_atomic(self.path, buf.getvalue())
         else:

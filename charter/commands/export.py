@@ -15,7 +15,7 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from charter.config import add_config_args
+    from charter.core.config import add_config_args
     from training.export import ExportConfig
 
     p.add_argument("run", help="a pipeline run folder, or a critique or label stage's folder")
@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from charter.config import build_config
+    from charter.core.config import build_config
     from training.export import ExportConfig, export
 
     got = export(build_config(ExportConfig, args, args.config))
