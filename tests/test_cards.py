@@ -69,3 +69,18 @@ def test_dataset_card_front_matter(tmp_path):
     assert meta["configs"][1] == {"config_name": "preference", "data_files": [
         {"split": "train", "path": "preference/train.jsonl"}]}
     assert "`harmless`, sha256 `" + "cd" * 32 in card and "runs/quick" in card
+
+
+def test_roles_and_eval_headline_go_into_an_existing_card(tmp_path):
+    from training.cards import add_to_card
+
+    readme = tmp_path / "README.md"
+    readme.write_text(model_card("dpo", {"model": None}, {"data": "d"}, "p", {"steps": 2}))
+    assert add_to_card(readme, roles={"labeller": "org/big"},
+                       headline={"model_harmful_refusal": 0.575})
+    assert add_to_card(readme, headline={"model_harmful_refusal": 0.6})  # replaced, not added
+    text = readme.read_text()
+    assert text.count("## Evaluation") == 1 and "model_harmful_refusal: 0.6\n" in text
+    assert text.index("## Roles") < text.index("## Evaluation") < text.index("## Result")
+    assert read_front_matter(readme)["base_model"] == EMBEDDED_HUB_ID
+    assert not add_to_card(tmp_path / "missing" / "README.md", headline={"a": 1})

@@ -78,7 +78,32 @@ def eval_lines(headline: dict | None) -> list[str]:
     """Card lines for the evaluation headline (metric → value), where an eval ran."""
     if not headline:
         return []
-    return ["## Evaluation", ""] + [f"- {k}: {v}" for k, v in headline.items()] + [""]
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else v  # noqa: E731
+    return ["## Evaluation", ""] + [f"- {k}: {fmt(v)}" for k, v in headline.items()] + [""]
+
+
+def add_to_card(readme: Path, roles: dict[str, str] | None = None,
+                headline: dict | None = None) -> bool:
+    """Put the roles' models and/or the eval headline into a trained model's card (before its
+    "## Result"; a section already there is replaced). False when there is no card."""
+    from charter.core.records import write_text_atomic
+
+    try:
+        text = readme.read_text(encoding="utf-8")
+    except OSError:
+        return False
+    for title, lines in (("## Roles", roles_lines(roles)), ("## Evaluation", eval_lines(headline))):
+        if not lines:
+            continue
+        start = text.find(title + "\n")
+        if start >= 0:  # replace the old section (up to the next heading)
+            end = text.find("\n## ", start + len(title))
+            text = text[:start] + text[end + 1:] if end >= 0 else text[:start]
+        at = text.find("## Result")
+        block = "\n".join(lines) + "\n"
+        text = text[:at] + block + text[at:] if at >= 0 else text.rstrip("\n") + "\n\n" + block
+    write_text_atomic(readme, text)
+    return True
 
 
 def model_card(stage: str, cfg_dict: dict, provenance: dict, model_path: str, summary: dict,
