@@ -152,12 +152,13 @@ def read_yaml_config(path: str | os.PathLike) -> tuple[dict, dict[str, int]]:
     principle file (size cap, UTF-8, safe loader, duplicate keys and Python tags refused with
     their line); an empty file sets nothing."""
     from charter.reader import read_bytes
+    from constitution.loader import MAX_FILE_BYTES
     from constitution.source import read_yaml
 
     path = Path(path)
     if not path.exists():
         raise CharterError("config file not found", path=path)
-    raw = read_bytes(path, "YAML file")
+    raw = read_bytes(path, "YAML file", cap=MAX_FILE_BYTES)
     try:
         text = raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:

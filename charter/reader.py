@@ -45,11 +45,14 @@ def max_input_bytes() -> int:
 
 
 def _cap_message(n: int) -> str:
-    return (f"input larger than the cap of {n >> 20} MB; raise it with --max-input-mb "
+    if n != max_input_bytes():  # a fixed limit for this kind of file (YAML: 1 MB)
+        return f"file too large (at most {n} bytes for this kind of file)"
+    return (f"input larger than the cap of {n / (1 << 20):g} MB; raise it with --max-input-mb "
             "(e.g. charter --max-input-mb 4096 ...) if this file is meant to be this big")
 
 
-def check_readable(path: str | os.PathLike, what: str = "file") -> Path:
+def check_readable(path: str | os.PathLike, what: str = "file", cap: int | None = None
+                   ) -> Path:
     """An input path that exists, is not a directory, is readable and (a regular file) is
     within the size cap. Devices and FIFOs pass here and are capped while read."""
     path = Path(path)
@@ -65,8 +68,9 @@ def check_readable(path: str | os.PathLike, what: str = "file") -> Path:
         raise CharterError(f"expected a {what}, found a socket", path=path)
     if not os.access(path, os.R_OK):
         raise CharterError(f"{what} is not readable (permissions)", path=path)
-    if stat.S_ISREG(st.st_mode) and st.st_size > max_input_bytes():
-        raise CharterError(f"{st.st_size} bytes: {_cap_message(max_input_bytes())}", path=path)
+    if stat.S_ISREG(st.st_mode) and st.st_size > (cap := max_input_bytes() if cap is None
+                                                  else cap):
+        raise CharterError(f"{st.st_size} bytes: {_cap_message(cap)}", path=path)
     return path
 
 
@@ -96,21 +100,23 @@ def _gz_error(e: BaseException, path: Path, where: str) -> CharterError:
                         ".gz file", path=path)
 
 
-def open_input(path: str | os.PathLike, what: str = "file") -> io.BufferedReader:
+def open_input(path: str | os.PathLike, what: str = "file", cap: int | None = None
+               ) -> io.BufferedReader:
     """A capped binary stream of the file's content (gunzipped for `.gz`)."""
-    path = check_readable(path, what)
+    path = check_readable(path, what, cap)
+    cap = max_input_bytes() if cap is None else cap
     try:
         raw = open(path, "rb")
     except OSError as e:
         raise CharterError(f"cannot read: {e.strerror or e}", path=path) from None
     f = gzip.GzipFile(fileobj=raw, mode="rb") if path.suffix == ".gz" else raw
-    return io.BufferedReader(_Capped(f, path, max_input_bytes()), 1 << 16)
+    return io.BufferedReader(_Capped(f, path, cap), 1 << 16)
 
 
-def read_bytes(path: str | os.PathLike, what: str = "file") -> bytes:
+def read_bytes(path: str | os.PathLike, what: str = "file", cap: int | None = None) -> bytes:
     """The whole (capped, gunzipped) content of an input file."""
     path = Path(path)
-    with open_input(path, what) as f:
+    with open_input(path, what, cap) as f:
         try:
             return f.read()
         except (OSError, EOFError, zlib.error) as e:
@@ -149,12 +155,18 @@ def read_text_lines(path: str | os.PathLike, what: str = "file") -> Iterator[tup
     """
     path = Path(path)
     lineno, offset = 0, 0
+    max_line = max(max_input_bytes() // 32, 1 << 16)
     with open_input(path, what) as f:
         try:
-            for lineno, raw in enumerate(f, start=1):
+            while raw := f.readline(max_line + 1):
+                lineno += 1
                 if b"\x00" in raw:
                     raise CharterError("binary content (NUL byte); expected UTF-8 text",
                                        path=path, line=lineno)
+                if len(raw) > max_line and not raw.endswith(b"\n"):
+                    raise CharterError(f"line longer than {max_line >> 20} MB (1/32 of the "
+                                       "input cap, raised with --max-input-mb); expected "
+                                       "one record a line", path=path, line=lineno)
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
