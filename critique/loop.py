@@ -50,6 +50,7 @@ from charter.writable import check_output
 from constitution import Constitution, draw, load_constitution
 from critique import outputs
 from critique.backends.base import Backend, Conversation, Sampling
+from critique.backends.context import check_context
 from critique.backends.options import BackendFields, backend_kwargs, build_backend
 from critique.cleaning import clean, problem, salvage, says_nothing_to_fix, trim_incomplete
 from critique.conversation import Dialogue
@@ -277,6 +278,7 @@ def _selection(path: str, cfg: CritiqueConfig, limit: int | None, errors: list[s
     items = read_prompts(path, cfg.prompt_field if kind == "critique" else None,
                          cfg.on_error, errors)
     items = items[:limit] if limit else items
+    items = check_context(items, cfg, cfg.on_error, errors)  # each fits, before the model loads
     seen: dict[str, PromptItem] = {}
     for it in items:
         rid = content_id(kind, it.messages, it.response if kind == "critique" else None, prov)

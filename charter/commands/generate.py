@@ -111,6 +111,7 @@ def run_generate(cfg: GenerateConfig, backend=None) -> dict:
     from charter.records import JsonlAppender, load_jsonl_for_resume, read_prompts
     from charter.writable import check_output
     from critique.backends import Sampling
+    from critique.backends.context import check_context
     from critique.backends.options import build_backend
 
     errors: list[str] = []
@@ -128,6 +129,7 @@ def run_generate(cfg: GenerateConfig, backend=None) -> dict:
             todo.append(it)
             seen.add(it.id)
     if todo and backend is None:
+        todo = check_context(todo, cfg, cfg.on_error, errors)  # before the model loads
         backend = build_backend(cfg)
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p,
                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
