@@ -141,11 +141,32 @@ def run_generate(cfg: GenerateConfig, backend=None) -> dict:
         bar = tqdm(chunks, desc="prompts", unit="batch")
     with JsonlAppender(cfg.out) as out:
         for chunk in bar:
-            texts = backend.generate([it.messages for it in chunk], sampling)
-            for it, (text, *_) in zip(chunk, texts):
-                out.append({"id": it.id, "prompt": it.messages, "response": text})
+            for it, texts in zip(chunk, _answers(backend, chunk, sampling, cfg, errors)):
+                if texts is not None:
+                    out.append({"id": it.id, "prompt": it.messages, "response": texts[0]})
     return {"prompts": len(items), "skipped": len(items) - len(todo), "written": len(todo),
             "input_errors": errors}
+
+
+def _answers(backend, chunk: list, sampling, cfg: GenerateConfig, errors: list[str]) -> list:
+    """The backend's answers to a chunk. With --on-error skip, a reply that stays malformed
+    after the backend's retries is reported for its record (FILE:LINE) and skipped (None); an
+    unreachable server still stops the run (the re-run resumes)."""
+    from critique.backends.openai_backend import ReplyError
+
+    try:
+        return backend.generate([it.messages for it in chunk], sampling)
+    except ReplyError:
+        if cfg.on_error != "skip":
+            raise
+    out = []
+    for it in chunk:  # one by one, to find the records whose replies are bad
+        try:
+            out.extend(backend.generate([it.messages], sampling))
+        except ReplyError as e:
+            errors.append(f"{it.source}: server reply: {e}")
+            out.append(None)
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
