@@ -19,7 +19,7 @@ import os
 import sys
 import traceback
 
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args, debug)
     finally:
-        from charter.runlock import release_all
+        from charter.core.runlock import release_all
 
         release_all()
         if old_cap is None:

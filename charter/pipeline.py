@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from charter.config import config_from_dict
-from charter.errors import CharterError
+from charter.core.config import config_from_dict
+from charter.core.errors import CharterError
+from charter.core.records import write_json_atomic, write_jsonl_atomic
+from charter.core.writable import check_output
 from charter.pipeline_file import PipelineFile, load_pipeline_file, split_data
-from charter.records import write_json_atomic, write_jsonl_atomic
-from charter.writable import check_output
 
 
 @dataclass
@@ -64,7 +64,7 @@ class Context:
         self._backends: dict[tuple[str, str], Any] = {}
 
     def backend(self, kind: str, model: str | None, options: dict | None = None):
-        from charter.models import model_label
+        from charter.core.models import model_label
         from critique.backends import load_backend
 
         key = (kind, model_label(model), json.dumps(options or {}, sort_keys=True))
@@ -88,7 +88,7 @@ class Context:
 
 def _run_critique(cfg, ctx: Context) -> dict:
     from critique.backends.options import backend_kwargs
-    from critique.loop import run_critique
+    from critique.revise.run import run_critique
 
     # every backend field of the stage's section (dtype, batch_size, server URLs...) applies
     manifest = run_critique(cfg, backend=ctx.backend(cfg.backend, cfg.model,
@@ -106,7 +106,7 @@ def _train(fn: str) -> Callable[[Any, Context], dict]:
     def run(cfg, ctx: Context) -> dict:
         module, name = fn.split(":")
         final = getattr(importlib.import_module(module), name)(cfg)
-        from critique.eval_report import read_metrics
+        from critique.evaluate.report import read_metrics
 
         rows = read_metrics(cfg.out)
         last = {k: v for k, v in (rows[-1] if rows else {}).items() if isinstance(v, float)}
@@ -117,7 +117,7 @@ def _train(fn: str) -> Callable[[Any, Context], dict]:
 
 def _run_label(cfg, ctx: Context) -> dict:
     from critique.backends.options import backend_kwargs
-    from critique.label import run_label
+    from critique.label.run import run_label
 
     policy = ctx.backend(cfg.backend, cfg.policy, backend_kwargs(cfg))
     labeler = ctx.backend(cfg.backend, cfg.labeler_model, backend_kwargs(cfg))
@@ -130,7 +130,7 @@ def _run_label(cfg, ctx: Context) -> dict:
 
 
 def _run_eval(cfg, ctx: Context) -> dict:
-    from critique.evaluate import run_eval
+    from critique.evaluate.run import run_eval
 
     backends = {"model": ctx.backend(cfg.backend, cfg.model)}
     if cfg.baseline is not None:
@@ -155,15 +155,15 @@ def eval_headline(report: dict) -> dict:
 
 
 STAGE_KINDS: dict[str, StageKind] = {
-    "critique": StageKind("critique.loop:CritiqueConfig", _run_critique,
+    "critique": StageKind("critique.revise.run:CritiqueConfig", _run_critique,
                           ("constitution", "prompts", "helpful_prompts", "out", "model")),
     "sft": StageKind("training.options:SFTConfig", _train("training.sft:train_sft"),
                      ("data", "out", "model")),
-    "label": StageKind("critique.label:LabelConfig", _run_label,
+    "label": StageKind("critique.label.run:LabelConfig", _run_label,
                        ("constitution", "prompts", "pairs", "policy", "labeler", "out")),
     "dpo": StageKind("training.options:DPOConfig", _train("training.dpo:train_dpo"),
                      ("data", "out", "model")),
-    "eval": StageKind("critique.evaluate:EvalConfig", _run_eval,
+    "eval": StageKind("critique.evaluate.run:EvalConfig", _run_eval,
                       ("model", "baseline", "prompts", "harmful", "benign", "out", "judge",
                        "constitution", "metrics")),
 }

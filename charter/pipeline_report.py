@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from charter.records import write_json_atomic, write_text_atomic
+from charter.core.records import write_json_atomic, write_text_atomic
 
 
 def _pct(x) -> str:
@@ -46,7 +46,7 @@ def final_model(stages, state: dict) -> str | None:
 
 def write_summary(out: Path, pf, stages, state: dict, seconds: float,
                   plot: bool = True) -> dict:
-    from critique.eval_report import plot_trend
+    from critique.evaluate.report import plot_trend
 
     points = trend_points(stages, state)
     summary = {

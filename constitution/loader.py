@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from charter.errors import CharterError
-from charter.reader import read_bytes
+from charter.core.errors import CharterError
+from charter.core.reader import read_bytes
 from constitution.render import TemplateProblem, compile_template, render
 from constitution.source import ConstitutionError, Lines, dotted, read_yaml
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import yaml
 
-from charter.errors import CharterError
-from charter.reader import check_text
+from charter.core.errors import CharterError
+from charter.core.reader import check_text
 
 
 class ConstitutionError(CharterError):

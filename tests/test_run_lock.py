@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from charter.cli import main
-from charter.errors import CharterError
-from charter.runlock import lock_output, release_all
+from charter.core.errors import CharterError
+from charter.core.runlock import lock_output, release_all
 
 ROOT = Path(__file__).resolve().parents[1]
 CONSTITUTION = str(ROOT / "principles" / "harmless.yaml")
@@ -23,7 +23,7 @@ CONSTITUTION = str(ROOT / "principles" / "harmless.yaml")
 def _holder(target: Path, is_dir: bool) -> subprocess.Popen:
     """Another process that takes the lock on `target` and keeps it until killed."""
     code = ("import sys, time; sys.argv = ['x', 'critique', '--out', 'elsewhere']\n"
-            "from charter.runlock import lock_output\n"
+            "from charter.core.runlock import lock_output\n"
             f"lock_output({str(target)!r}, is_dir={is_dir})\n"
             "print('locked', flush=True); time.sleep(120)\n")
     p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from charter.errors import CharterError
-from charter.reader import read_records
-from charter.records import (
+from charter.core.errors import CharterError
+from charter.core.reader import read_records
+from charter.core.records import (
     Message,
     PreferencePair,
     parse_hh_transcript,
@@ -156,7 +156,7 @@ def read_rows(data: str | os.PathLike, kind: str, split: str = "train") -> Rows:
         else:
             raise CharterError(f"expected {name} in this directory, or a dataset saved with "
                                "datasets' save_to_disk", path=p, field="data")
-    got = read_records(p, what="data file")  # every file format: charter.reader
+    got = read_records(p, what="data file")  # every file format: charter.core.reader
     return Rows([r for _, _, r in got], [(w, ln) for w, ln, _ in got], p)
 
 

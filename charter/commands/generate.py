@@ -46,7 +46,7 @@ class GenerateConfig(BackendFields):
     """Bad prompt records: raise, or skip them (each reported, and counted in the summary)."""
 
     def validate(self) -> None:
-        from charter.errors import CharterError
+        from charter.core.errors import CharterError
 
         if self.max_new_tokens < 1:
             raise CharterError("must be >= 1", field="max_new_tokens")
@@ -61,7 +61,7 @@ class GenerateConfig(BackendFields):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from charter.config import add_config_args
+    from charter.core.config import add_config_args
 
     p.add_argument("--config", metavar="YAML", help="YAML file with these settings; "
                    "flags given on the command line override it")
@@ -80,8 +80,8 @@ def guard_settings(cfg: GenerateConfig) -> None:
     import json
     from pathlib import Path
 
-    from charter.errors import CharterError
-    from charter.records import write_json_atomic
+    from charter.core.errors import CharterError
+    from charter.core.records import write_json_atomic
 
     out = Path(cfg.out)
     side = out.with_name(out.name + ".settings.json")
@@ -108,8 +108,8 @@ def guard_settings(cfg: GenerateConfig) -> None:
 
 def run_generate(cfg: GenerateConfig, backend=None) -> dict:
     """Answer every prompt not yet in `cfg.out`; returns counts."""
-    from charter.records import JsonlAppender, load_jsonl_for_resume, read_prompts
-    from charter.writable import check_output
+    from charter.core.records import JsonlAppender, load_jsonl_for_resume, read_prompts
+    from charter.core.writable import check_output
     from critique.backends import Sampling
     from critique.backends.context import check_context
     from critique.backends.options import build_backend
@@ -172,7 +172,7 @@ def _answers(backend, chunk: list, sampling, cfg: GenerateConfig, errors: list[s
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from charter.config import build_config
+    from charter.core.config import build_config
 
     cfg = build_config(GenerateConfig, args, getattr(args, "config", None))
     counts = run_generate(cfg)

@@ -101,9 +101,9 @@ def _show(path: str) -> int:
 
 def load_conversation(path: str) -> dict[str, Any]:
     """Read `--conversation`: messages (ending, optionally, with the response) and extras."""
-    from charter.errors import CharterError
-    from charter.reader import read_json_document
-    from charter.records import validate_messages
+    from charter.core.errors import CharterError
+    from charter.core.reader import read_json_document
+    from charter.core.records import validate_messages
 
     data = read_json_document(path, "conversation file")
     if isinstance(data, list):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 
 
 def context_limit(cfg: Any) -> tuple[Any, int] | None:
@@ -23,7 +23,7 @@ def context_limit(cfg: Any) -> tuple[Any, int] | None:
         return None
     from transformers import AutoConfig, AutoTokenizer
 
-    from charter.models import resolve_model
+    from charter.core.models import resolve_model
 
     path = resolve_model(cfg.model)
     trust = getattr(cfg, "trust_remote_code", False)

@@ -41,7 +41,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 from critique.backends.base import (
     Conversation,
     Sampling,
@@ -286,7 +286,7 @@ class OpenAIBackend:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            from charter.models import resolve_model
+            from charter.core.models import resolve_model
 
             name = self.tokenizer_name or self.served_model
             try:
@@ -385,7 +385,7 @@ def _choices_problem(data: dict) -> str | None:
 
 def _chat_problem(data: dict, k: int) -> str | None:
     """What is wrong with a /chat/completions reply for `k` choices (None: nothing)."""
-    from charter.reader import check_text
+    from charter.core.reader import check_text
 
     problem = _choices_problem(data)
     if problem:

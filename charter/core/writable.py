@@ -3,9 +3,9 @@
 Every command that writes calls `check_output(out)` first: it creates the directory, writes,
 fsyncs and removes a probe file, and requires some free space, so an output under a regular file
 (`--out notes.txt/run`), on a read-only or full file system, or without permission fails at
-once with the path and the reason. It also takes the output's lock (`charter.runlock`): a
+once with the path and the reason. It also takes the output's lock (`charter.core.runlock`): a
 second writer to the same output is refused with the first one's PID and host. (Writes
-themselves are atomic or append-only, see `charter.records`, so a disk that fills up later
+themselves are atomic or append-only, see `charter.core.records`, so a disk that fills up later
 corrupts nothing either.) A leaf module.
 """
 
@@ -18,8 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from charter.errors import CharterError
-from charter.runlock import lock_output
+from charter.core.errors import CharterError
+from charter.core.runlock import lock_output
 
 # Less free space than this on the output's device is an error before any work starts.
 MIN_FREE_BYTES = 1 << 20

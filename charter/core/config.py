@@ -22,7 +22,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 
 _DOC_CACHE: dict[type, dict[str, str]] = {}
 
@@ -151,7 +151,7 @@ def read_yaml_config(path: str | os.PathLike) -> tuple[dict, dict[str, int]]:
     """The mapping in a YAML config file and the line of each top-level key. Read like a
     principle file (size cap, UTF-8, safe loader, duplicate keys and Python tags refused with
     their line); an empty file sets nothing."""
-    from charter.reader import read_bytes
+    from charter.core.reader import read_bytes
     from constitution.loader import MAX_FILE_BYTES
     from constitution.source import read_yaml
 

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 
 DEFAULT_MAX_INPUT_MB = 1024
 _BAD_CHARS = re.compile("[\ud800-\udfff\x00]")

@@ -3,7 +3,7 @@
 This is a leaf module: it imports no stage, so `critique/` and `training/` can both use it without
 importing each other. Everything on disk is JSONL (one JSON object a line, loadable with
 `datasets.load_dataset("json", data_files=...)`); the low-level JSONL writing and reading (ids,
-atomic writes, crash-safe appends, resume) is in `charter.jsonl` and re-exported here.
+atomic writes, crash-safe appends, resume) is in `charter.core.jsonl` and re-exported here.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from charter.errors import CharterError
-from charter.jsonl import (  # noqa: F401  (re-exported: the stages import them from here)
+from charter.core.errors import CharterError
+from charter.core.jsonl import (  # noqa: F401  (re-exported: the stages import them from here)
     JsonlAppender,
     check_readable,
     content_id,
@@ -25,7 +25,7 @@ from charter.jsonl import (  # noqa: F401  (re-exported: the stages import them 
     write_jsonl_atomic,
     write_text_atomic,
 )
-from charter.reader import format_of, read_records
+from charter.core.reader import format_of, read_records
 
 ROLES = ("system", "user", "assistant")
 Message = dict[str, str]
@@ -131,7 +131,7 @@ def read_prompts(path: str | os.PathLike, prompt_field: str | None = None,
                  on_error: str = "raise", errors: list[str] | None = None) -> list[PromptItem]:
     """Prompts from JSONL (`prompt`, `messages`, an HH-RLHF `chosen` transcript, `instruction`),
     JSON, CSV (a `prompt` column) or parquet, optionally gzipped (`prompt_field` overrides the
-    field name); read by `charter.reader`, so every decoding problem names file and line.
+    field name); read by `charter.core.reader`, so every decoding problem names file and line.
 
     `on_error="skip"` skips bad records and appends their messages to `errors` instead of raising.
     """

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from critique.labelmath import accuracy, confidence, position_bias, principle_agreement
+from critique.preference.labelmath import accuracy, confidence, position_bias, principle_agreement
 
 RATING_SPAN = 9.0  # ratings 1..10
 

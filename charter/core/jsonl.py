@@ -1,4 +1,4 @@
-"""JSONL on disk: content ids, atomic writes, crash-safe appends, and line-numbered reading (re-exported from `charter.reader`).
+"""JSONL on disk: content ids, atomic writes, crash-safe appends, and line-numbered reading (re-exported from `charter.core.reader`).
 
 A leaf module (imports no stage). Crash safety: records are appended one line at a time, flushed
 and fsynced (`JsonlAppender`). A run killed mid-write leaves at most one partial last line;
@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 
 # ---------------------------------------------------------------------------------------------
 # ids, atomic writes, appends
@@ -149,5 +149,5 @@ def load_jsonl_for_resume(path: str | os.PathLike) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# reading lives in charter.reader (every input format); these names stay importable from here
-from charter.reader import check_readable, read_jsonl, read_text_lines  # noqa: E402,F401
+# reading lives in charter.core.reader (every input format); these names stay importable from here
+from charter.core.reader import check_readable, read_jsonl, read_text_lines  # noqa: E402,F401

@@ -2,7 +2,7 @@
 
 Two `charter critique` runs on one `--out` folder would each resume from the same records and
 write every remaining record twice. So each command that writes takes `lock_output(out)` (called
-from `charter.writable.check_output`, which every writing command runs before it starts). The
+from `charter.core.writable.check_output`, which every writing command runs before it starts). The
 lock is an `fcntl.flock` on `OUT/.charter.lock` (for a folder) or `.NAME.lock` beside an output
 file; the file holds the holder's PID, host, command and start time, so a second writer is
 refused with:
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 
 _held: dict[str, int] = {}  # resolved lock-file path -> open file descriptor
 

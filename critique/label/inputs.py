@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from charter.errors import CharterError
-from charter.reader import read_records
-from charter.records import content_id, validate_messages
+from charter.core.errors import CharterError
+from charter.core.reader import read_records
+from charter.core.records import content_id, validate_messages
 
 
 @dataclass
@@ -23,7 +23,7 @@ class LabelPair:
 
 def read_label_pairs(path: str, on_error: str = "raise",
                      errors: list[str] | None = None) -> list[LabelPair]:
-    """Pairs from JSONL (or JSON, CSV, parquet: `charter.reader`): `id` (optional; default a content hash), `prompt` (chat messages ending
+    """Pairs from JSONL (or JSON, CSV, parquet: `charter.core.reader`): `id` (optional; default a content hash), `prompt` (chat messages ending
     with a user turn, or a string), `response_a`, `response_b`, optional `preferred` (a/b).
 
     `on_error="skip"` appends each bad record's message to `errors` and goes on."""
