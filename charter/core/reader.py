@@ -130,8 +130,13 @@ def check_text(value: Any, path: object, line: int | None, field: str = "") -> N
     """Refuse lone UTF-16 surrogates and NUL characters anywhere in `value`'s strings (they
     come from JSON escapes like "\\ud800" and cannot be written back as UTF-8 or tokenised)."""
     stack: list[tuple[Any, str]] = [(value, field)]
+    seen: set[int] = set()  # YAML aliases share containers: each is checked once
     while stack:
         v, f = stack.pop()
+        if isinstance(v, (dict, list, tuple)):
+            if id(v) in seen:
+                continue
+            seen.add(id(v))
         if isinstance(v, str):
             m = _BAD_CHARS.search(v)
             if m:
