@@ -102,6 +102,12 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
     except Exception as e:  # a bug: still one line for the user, the traceback on request
         if debug:
             traceback.print_exc()
+        from charter.core.writable import disk_error
+
+        full = disk_error(e, getattr(args, "out", None) or ".")  # a library's disk-full error
+        if full is not None:
+            print(f"charter: error: {full}", file=sys.stderr)
+            return 1
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         print(f"charter: internal error: {type(e).__name__}: {first} (a bug in charter; re-run "
               "with --debug for the traceback and report it)", file=sys.stderr)

@@ -421,7 +421,7 @@ MALFORMED = {
 
 @pytest.mark.parametrize("name", list(MALFORMED))
 def test_malformed_reply_is_retried_then_one_clear_error(stub, name):
-    from critique.backends.openai_backend import ReplyError
+    from critique.backends.replies import ReplyError
 
     stub.script = [("reply", MALFORMED[name])]
     with make(stub.url, max_retries=2) as b:  # once bad, then good: the retry succeeds

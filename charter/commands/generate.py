@@ -152,7 +152,7 @@ def _answers(backend, chunk: list, sampling, cfg: GenerateConfig, errors: list[s
     """The backend's answers to a chunk. With --on-error skip, a reply that stays malformed
     after the backend's retries is reported for its record (FILE:LINE) and skipped (None); an
     unreachable server still stops the run (the re-run resumes)."""
-    from critique.backends.openai_backend import ReplyError
+    from critique.backends.replies import ReplyError
 
     try:
         return backend.generate([it.messages for it in chunk], sampling)

@@ -50,6 +50,7 @@ from critique.backends.base import (
     generate_args,
     score_args,
 )
+from critique.backends.replies import ReplyError, chat_problem, choices_problem, models_problem
 from critique.backends.vllm_backend import common_prefix_len
 
 RETRY_STATUS = frozenset({408, 409, 429})
@@ -203,7 +204,7 @@ class OpenAIBackend:
         return CharterError(msg, field="base_url")
 
     def _only_served_model(self) -> str:
-        data = self._call(self._request("GET", "/models", check=_models_problem))
+        data = self._call(self._request("GET", "/models", check=models_problem))
         ids = [m.get("id") for m in data.get("data", []) if isinstance(m, dict)]
         if len(ids) != 1:
             raise CharterError(f"the server offers {len(ids)} models ({', '.join(map(str, ids))});"
@@ -257,7 +258,7 @@ class OpenAIBackend:
                 body.update(continue_final_message=True, add_generation_prompt=False)
             bodies.append(body)
         results = self._gather([self._request("POST", "/chat/completions", b,
-                                              check=lambda d: _chat_problem(d, k))
+                                              check=lambda d: chat_problem(d, k))
                                 for b in bodies], "generate")
         out = []
         for data in results:
@@ -319,7 +320,7 @@ class OpenAIBackend:
         body = {"model": self.served_model, "prompt": full, "max_tokens": 1, "temperature": 0,
                 "echo": True, "logprobs": 1}
         try:
-            data = await self._request("POST", "/completions", body, check=_choices_problem)
+            data = await self._request("POST", "/completions", body, check=choices_problem)
         except CharterError as e:
             if any(w in e.detail for w in ("HTTP 400", "HTTP 404", "HTTP 422")):
                 raise CharterError(f"{e.detail}; {NO_LOGPROBS_HINT}", field="base_url") from None
@@ -367,49 +368,6 @@ def _json_object(content: bytes) -> dict | None:
     except ValueError:
         return None
     return data if isinstance(data, dict) else None
-
-
-class ReplyError(CharterError):
-    """The server answered, but not in the expected shape (after every retry): a problem of
-    this request, so `--on-error skip` can report it per record and go on."""
-
-
-def _choices_problem(data: dict) -> str | None:
-    choices = data.get("choices")
-    if not isinstance(choices, list) or not choices:
-        return "expected a non-empty list `choices`"
-    if not all(isinstance(c, dict) for c in choices):
-        return "expected `choices` to hold objects"
-    return None
-
-
-def _chat_problem(data: dict, k: int) -> str | None:
-    """What is wrong with a /chat/completions reply for `k` choices (None: nothing)."""
-    from charter.core.reader import check_text
-
-    problem = _choices_problem(data)
-    if problem:
-        return problem
-    choices = data["choices"]
-    if len(choices) != k:
-        return f"expected {k} choices, got {len(choices)}"
-    for i, c in enumerate(choices):
-        msg = c.get("message")
-        if not isinstance(msg, dict) or not isinstance(msg.get("content"), (str, type(None))):
-            return f"choices[{i}].message.content: expected text"
-        if not isinstance(c.get("index", 0), int):
-            return f"choices[{i}].index: expected an integer"
-        try:
-            check_text(msg.get("content") or "", None, None, f"choices[{i}].message.content")
-        except CharterError as e:
-            return str(e)
-    return None
-
-
-def _models_problem(data: dict) -> str | None:
-    if not isinstance(data.get("data"), list):
-        return "expected a list `data` of models"
-    return None
 
 
 def _retry_after(value: str | None) -> float | None:
