@@ -7,10 +7,8 @@ modest so the whole file runs in well under a minute on 2 cores.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import json
-import signal
 import tempfile
 from pathlib import Path
 
@@ -42,23 +40,9 @@ messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "ass
 records = st.dictionaries(st.sampled_from(KEYS), st.one_of(json_values, messages), max_size=6)
 
 
-@contextlib.contextmanager
-def alarm(seconds: float = 5.0):
-    def hang(signum, frame):
-        raise TimeoutError(f"input took over {seconds}s")
-
-    old = signal.signal(signal.SIGALRM, hang)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def ends_well(fn, *args) -> None:
+def ends_well(deadline, fn, *args) -> None:
     """`fn(*args)` returns or raises CharterError (anything else fails the property)."""
-    with alarm():
+    with deadline(5.0):
         try:
             fn(*args)
         except CharterError as e:
@@ -91,7 +75,7 @@ def _readers():
 @given(rows=st.lists(records, min_size=0, max_size=4),
        fmt=st.sampled_from(["jsonl", "json", "jsonl.gz", "csv"]), cut=st.integers(0, 60),
        torn=st.booleans())
-def test_record_files_end_in_success_or_one_clear_error(rows, fmt, cut, torn):
+def test_record_files_end_in_success_or_one_clear_error(rows, fmt, cut, torn, deadline):
     lines = [_json_line(r) for r in rows]
     if fmt == "json":
         data = ("[" + ",".join(lines) + "]").encode()
@@ -109,17 +93,17 @@ def test_record_files_end_in_success_or_one_clear_error(rows, fmt, cut, torn):
     d, p = _as_file(f"in.{fmt}", data)
     with d:
         for read in _readers():
-            ends_well(read, p)
+            ends_well(deadline, read, p)
 
 
 @FUZZ
 @given(data=st.binary(max_size=400), fmt=st.sampled_from(["jsonl", "json", "csv", "parquet",
                                                            "jsonl.gz"]))
-def test_arbitrary_bytes_end_in_success_or_one_clear_error(data, fmt):
+def test_arbitrary_bytes_end_in_success_or_one_clear_error(data, fmt, deadline):
     d, p = _as_file(f"in.{fmt}", data)
     with d:
         for read in _readers():
-            ends_well(read, p)
+            ends_well(deadline, read, p)
 
 
 config_values = st.dictionaries(
@@ -130,14 +114,15 @@ config_values = st.dictionaries(
 
 @FUZZ
 @given(values=config_values, raw=st.one_of(st.none(), st.text(max_size=80)))
-def test_configs_end_in_success_or_one_clear_error(values, raw):
+def test_configs_end_in_success_or_one_clear_error(values, raw, deadline):
     from charter.commands.generate import GenerateConfig
     from charter.core.config import build_config
 
     text_ = raw if raw is not None else yaml.safe_dump(values, allow_unicode=True)
     d, p = _as_file("c.yaml", text_.encode("utf-8", "surrogatepass"))
     with d:
-        ends_well(build_config, GenerateConfig, {"prompts": "p.jsonl", "out": "o.jsonl"}, p)
+        ends_well(deadline, build_config, GenerateConfig, {"prompts": "p.jsonl", "out": "o.jsonl"},
+                  p)
 
 
 template_parts = st.sampled_from([
@@ -158,7 +143,7 @@ principle_files = st.fixed_dictionaries(
 
 @FUZZ
 @given(doc=principle_files, raw=st.booleans())
-def test_principle_files_end_in_success_or_one_clear_error(doc, raw):
+def test_principle_files_end_in_success_or_one_clear_error(doc, raw, deadline):
     from constitution import load_constitution
 
     try:
@@ -169,7 +154,7 @@ def test_principle_files_end_in_success_or_one_clear_error(doc, raw):
         text_ = text_.replace("  ", "\t", 1)[: max(1, len(text_) - 7)]
     d, p = _as_file("p.yaml", text_.encode("utf-8", "surrogatepass"))
     with d:
-        ends_well(load_constitution, p)
+        ends_well(deadline, load_constitution, p)
 
 
 @FUZZ
@@ -178,7 +163,7 @@ def test_principle_files_end_in_success_or_one_clear_error(doc, raw):
                                             "out", "judge"]) | text,
                            st.one_of(json_values, st.fixed_dictionaries(
                                {"path": text}, optional={"eval": json_values})), max_size=5))
-def test_pipeline_files_end_in_success_or_one_clear_error(doc):
+def test_pipeline_files_end_in_success_or_one_clear_error(doc, deadline):
     from charter.pipeline_file import load_pipeline_file
 
     try:
@@ -187,4 +172,4 @@ def test_pipeline_files_end_in_success_or_one_clear_error(doc):
         return
     d, p = _as_file("pipe.yaml", text_.encode("utf-8", "surrogatepass"))
     with d:
-        ends_well(load_pipeline_file, p)
+        ends_well(deadline, load_pipeline_file, p)

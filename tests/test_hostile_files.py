@@ -10,11 +10,9 @@ get their own generators.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import json
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -25,21 +23,6 @@ from test_bad_inputs import COMMANDS, RECORDS
 from charter.cli import main
 
 LIMIT_S = 10
-
-
-@contextlib.contextmanager
-def deadline(seconds: float):
-    """Fail (instead of hanging the suite) when the body runs longer than `seconds`."""
-    def hang(signum, frame):
-        raise TimeoutError(f"still running after {seconds}s")
-
-    old = signal.signal(signal.SIGALRM, hang)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _good_line(kind: str) -> bytes:
@@ -114,7 +97,8 @@ def snapshot(root: Path, skip: Path) -> dict[str, bytes | None]:
     return snap
 
 
-def check_refused(argv: list[str], where: Path, tmp: Path, out: Path, capsys) -> None:
+def check_refused(argv: list[str], where: Path, tmp: Path, out: Path, capsys, deadline
+                  ) -> None:
     before = snapshot(tmp, out)
     t = time.monotonic()
     with deadline(LIMIT_S):
@@ -143,11 +127,11 @@ def _good_prompts(tmp_path):
 
 @pytest.mark.parametrize("hostile", list(RECORD_FILES))
 @pytest.mark.parametrize("command", list(COMMANDS))
-def test_hostile_record_files(command, hostile, tmp_path, capsys, tiny_model_dir):
+def test_hostile_record_files(command, hostile, tmp_path, capsys, tiny_model_dir, deadline):
     kind, argv = COMMANDS[command]
     inp = make_record_file(tmp_path, kind, hostile)
     out = tmp_path / "out"
-    check_refused(argv(inp, out, tiny_model_dir), inp, tmp_path, out, capsys)
+    check_refused(argv(inp, out, tiny_model_dir), inp, tmp_path, out, capsys, deadline)
 
 
 # -- YAML: principle files, pipeline files, --config --------------------------------------------
@@ -170,7 +154,7 @@ YAML_FILES = {
 
 @pytest.mark.parametrize("hostile", list(YAML_FILES))
 @pytest.mark.parametrize("target", bad.YAML_TARGETS)
-def test_hostile_yaml_files(target, hostile, tmp_path, capsys):
+def test_hostile_yaml_files(target, hostile, tmp_path, capsys, deadline):
     content = YAML_FILES[hostile]
     p = Path("/dev/zero") if content is None else tmp_path / "file.yaml"
     if content is not None:
@@ -178,10 +162,10 @@ def test_hostile_yaml_files(target, hostile, tmp_path, capsys):
     if hostile == "template-bomb" and target in ("run", "critique-config"):
         return  # not a principle file there: an unknown key, covered by the others
     out = tmp_path / "out"
-    check_refused(bad._yaml_targets(p, out)[target], p, tmp_path, out, capsys)
+    check_refused(bad._yaml_targets(p, out)[target], p, tmp_path, out, capsys, deadline)
 
 
-def test_endless_fifo_stops_at_the_cap_and_the_flag_raises_it(tmp_path, capsys, monkeypatch):
+def test_endless_fifo_stops_at_the_cap_and_the_flag_raises_it(tmp_path, capsys, deadline):
     """A FIFO whose writer never stops (`<(yes ...)`) is read up to --max-input-mb, then
     refused; a finite FIFO is read like a file."""
     import threading
