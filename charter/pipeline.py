@@ -137,7 +137,15 @@ def _run_eval(cfg, ctx: Context) -> dict:
         backends["baseline"] = ctx.backend(cfg.backend, cfg.baseline)
     if cfg.judge:
         backends["judge"] = ctx.backend(cfg.judge_backend or cfg.backend, cfg.judge)
-    return eval_headline(run_eval(cfg, backends))
+    headline = eval_headline(run_eval(cfg, backends))
+    from charter.core.models import resolve_model
+    from training.cards import add_to_card
+
+    try:  # the evaluated model's card gains the headline (a trained model of this run)
+        add_to_card(Path(resolve_model(cfg.model)) / "README.md", headline=headline)
+    except CharterError:
+        pass  # not a local model folder: no card to update
+    return headline
 
 
 def eval_headline(report: dict) -> dict:

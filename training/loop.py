@@ -35,13 +35,9 @@ def setup(cfg: TrainConfig):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from charter.core.models import require_safetensors, resolve_model
+    from training.trackers import log_with
 
-    if cfg.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise CharterError("needs the tensorboard package: pip install tensorboard",
-                               field="tensorboard") from None
+    trackers = log_with(cfg.report_to, cfg.out)  # a missing package fails before any work
     if cfg.precision == "fp16-mixed" and (cfg.cpu or not torch.cuda.is_available()):
         raise CharterError("fp16 autocast needs a GPU; use bf16 on CPUs", field="precision")
     # Accelerator state is a process-wide singleton; the pipeline runs SFT then DPO in one
@@ -55,7 +51,7 @@ def setup(cfg: TrainConfig):
     no_accel = not (torch.cuda.is_available() or torch.backends.mps.is_available())
     autocast = {"bf16-mixed": "bf16", "fp16-mixed": "fp16"}.get(cfg.precision, "no")
     acc = Accelerator(mixed_precision=autocast, cpu=cfg.cpu or no_accel,
-                      log_with="tensorboard" if cfg.tensorboard else None,
+                      log_with=trackers or None,
                       project_dir=cfg.out)
     set_seed(cfg.seed)
     path = resolve_model(cfg.model)
@@ -64,8 +60,18 @@ def setup(cfg: TrainConfig):
     if tok.pad_token_id is None:  # padding is masked everywhere; any id will do
         tok.pad_token = tok.eos_token
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
-                                                 trust_remote_code=cfg.trust_remote_code)
+    if Path(path, "adapter_config.json").exists() and not Path(path, "config.json").exists():
+        # a LoRA run's final/ (a peft adapter): train on from its base with the adapter merged
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True,
+            trust_remote_code=cfg.trust_remote_code).merge_and_unload()
+        model.requires_grad_(True)  # peft froze the base; all of it trains from here
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True,
+            trust_remote_code=cfg.trust_remote_code)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -286,4 +292,4 @@ def raise_if_nonfinite(acc, bad: bool, value: float, step: int, last_ckpt: Path 
         where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint yet"
         raise CharterError(f"the loss became {value} at step {step}; stopped before updating "
                            f"the weights ({where}). Lower --lr, or train in fp32 "
-                           "(--mixed-precision no)", field="lr")
+                           "(--precision fp32)", field="lr")
