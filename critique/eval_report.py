@@ -15,7 +15,6 @@ from pathlib import Path
 
 from charter.records import write_json_atomic, write_text_atomic
 
-
 ROLE_ORDER = ("baseline", "sft_model", "model")  # start, SFT only, SFT + DPO
 ROLE_NAMES = {"baseline": "start", "sft_model": "SFT only", "model": "model"}
 

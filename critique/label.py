@@ -36,7 +36,6 @@ from typing import Literal
 
 from charter.config import config_to_dict
 from charter.errors import CharterError
-from charter.models import model_label
 from charter.records import (
     JsonlAppender,
     content_id,
