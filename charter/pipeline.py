@@ -385,6 +385,7 @@ def run_pipeline(path: str | Path, out: str | Path | None = None,
         return {"pipeline": str(pf.path), "out": str(out), "data": {
             k: len(v) for k, v in splits.items()}, "stages": [
             {"name": st.name, "status": "done" if d else "pending",
+             "roles": {r: spec.describe() for r, spec in st.roles.items()},
              "config": dataclasses.asdict(st.cfg)} for st, d in zip(stages, done)]}
 
     check_output(out)  # writable, with free space, before any stage runs
