@@ -4,7 +4,7 @@
     python benchmarks/critique_throughput.py --backends transformers,vllm --prompts 64
 
 Both sides run the same loop code (`critique.loop.run_critique`) on the same red-team prompts
-(the first human turns of shared/data/hh-rlhf-harmless-base-test.jsonl.gz), the same model
+(the first human turns of examples/data/hh-rlhf-harmless-base-test.jsonl.gz), the same model
 (default: the embedded SmolLM2-135M-Instruct), constitution, rounds and greedy settings:
 
 - naive: one prompt at a time through all its steps (batch size 1), each step one plain
@@ -42,9 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 RED_TEAM = "hh-rlhf-harmless-base-test.jsonl.gz"
-# shared/ sits beside a clone (../shared), or two levels up from a worktree in /work/wt/NAME
-DATA_DIRS = [ROOT / "shared" / "data", ROOT.parent / "shared" / "data",
-             ROOT.parents[1] / "shared" / "data"]
+DATA_DIRS = [ROOT / "examples" / "data"]  # shipped with the repository (its README: licences)
 
 # A small constitution of our own, used when principles/harmless.yaml is not there.
 CONSTITUTION = """\
@@ -183,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                     help='JSON: keyword options per backend, e.g. \'{"vllm": '
                     '{"gpu_memory_utilization": 0.2, "max_model_len": 4096}}\'')
     ap.add_argument("--data", default=None, help=f"the red-team file (default: {RED_TEAM} in "
-                    "the shared data folder)")
+                    "examples/data)")
     ap.add_argument("--caching-rounds", type=int, default=2,
                     help="rounds of the vLLM prefix caching on/off runs (0: skip them)")
     ap.add_argument("--vllm-child", choices=["on", "off"], help=argparse.SUPPRESS)
@@ -194,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     data = Path(args.data) if args.data else next(
         (d / RED_TEAM for d in DATA_DIRS if (d / RED_TEAM).exists()), None)
     if data is None or not data.exists():
-        sys.exit(f"missing {args.data or RED_TEAM}: give --data, or lay shared/data beside "
-                 "this checkout")
+        sys.exit(f"missing {args.data or RED_TEAM}: give --data (the shipped copy is "
+                 "examples/data)")
 
     import torch
 

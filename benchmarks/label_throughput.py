@@ -9,7 +9,7 @@ labelling conversations (critique/labelprompt.py), both orders for both methods,
             of every pair, options "A"/"B" read after the assistant prefix "(";
 - generate: greedy `backend.generate` of up to --gen-tokens tokens per order, the first A/B
             letter parsed from the text (unparsed answers count as 0.5).
-Pairs come from ../shared/data (HH-RLHF harmless test): the conversation before the final
+Pairs come from examples/data (HH-RLHF harmless test): the conversation before the final
 assistant turn is the prompt, the chosen and rejected final turns are the two responses (chosen
 shown as A in even pairs, as B in odd ones, so a position-only labeller scores 50%).
 With the transformers backend the scoring is timed again without shared-prefix scoring
@@ -136,8 +136,8 @@ def main() -> None:
     ap.add_argument("--few-shot", type=int, default=0)
     ap.add_argument("--skip-generate", action="store_true",
                     help="only the log-prob labeller (for accuracy runs); no ratio")
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data",
-                    help="folder with the HH-RLHF file (default: ../shared/data)")
+    ap.add_argument("--data", type=Path, default=ROOT / "examples" / "data",
+                    help="folder with the HH-RLHF file (default: examples/data)")
     ap.add_argument("--no-share-prefix", action="store_true",
                     help="transformers backend: run every row's full prompt (the baseline of "
                          "shared-prefix scoring)")

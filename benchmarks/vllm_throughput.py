@@ -5,7 +5,7 @@ with vs without prefix caching.
         python benchmarks/vllm_throughput.py --quick          # ~5-8 min on 2 CPU cores
 
 Workload (the same for every run, the embedded SmolLM2 unless --model): P red-team prompts from
-../shared/data (HH-RLHF harmless test, first human turn). Per prompt: an initial answer, then
+examples/data (HH-RLHF harmless test, first human turn). Per prompt: an initial answer, then
 --rounds rounds of [critique request -> critique, revision request -> revision], each turn
 appended to the conversation, greedy, --max-new-tokens per turn. That is 1 + 2 * rounds
 `generate` calls per run, each on all P conversations, whose prompts share ever longer heads:
@@ -148,8 +148,8 @@ def main() -> None:
     ap.add_argument("--naive-prompts", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data",
-                    help="folder with the HH-RLHF file (default: ../shared/data)")
+    ap.add_argument("--data", type=Path, default=ROOT / "examples" / "data",
+                    help="folder with the HH-RLHF file (default: examples/data)")
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2")
     ap.add_argument("--dtype", default="float32",
                     help="vLLM dtype (float32 like the naive loop; vLLM's auto picks bf16 on CPU)")

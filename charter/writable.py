@@ -9,6 +9,7 @@ once with the path and the reason. (Writes themselves are atomic or append-only,
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -50,3 +51,55 @@ def check_output(path: str | os.PathLike, *, is_dir: bool = True) -> Path:
         raise CharterError(f"only {free} bytes free on this device; free some space first",
                            path=path, field="out")
     return path
+
+
+DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EIO,
+               errno.EFBIG}
+DISK_MESSAGES = ("No space left on device", "Read-only file system", "Disk quota exceeded",
+                 "File too large", "Input/output error")
+
+
+def _free_bytes(path: Path) -> int | None:
+    for p in (path, *path.parents):
+        try:
+            return shutil.disk_usage(p).free
+        except OSError:
+            continue
+    return None
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def disk_error(e: BaseException, path: str | os.PathLike, need: int | None = None,
+               after: str = "") -> CharterError | None:
+    """The one-line error for a write that failed (disk full, read-only, quota, permissions):
+    names `path`, the reason, the space needed and free, and what is still safe (`after`).
+    None when `e` is not a write failure (a bug, to be raised as it is)."""
+    if isinstance(e, CharterError):
+        return e
+    reason = None
+    if isinstance(e, OSError) and (e.errno in DISK_ERRNOS or e.errno is None):
+        reason = e.strerror or str(e)
+    else:  # torch / safetensors wrap the OS error in a RuntimeError: find its message
+        text = str(e)
+        reason = next((m for m in DISK_MESSAGES if m in text), None)
+    if reason is None:
+        return None
+    path = Path(path)
+    space = ""
+    if need:
+        free = _free_bytes(path)
+        space = f"; needs about {_mb(need)}" + (f", {_mb(free)} free" if free is not None
+                                                 else "")
+    return CharterError(f"cannot write: {reason}{space}" + (f"; {after}" if after else ""),
+                        path=path)
+
+
+def write_bytes_durable(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to a new file and fsync it (callers rename the folder or file after)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())

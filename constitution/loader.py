@@ -144,6 +144,8 @@ class Constitution:
     label_template: str = DEFAULT_LABEL_TEMPLATE
     rating_template: str = DEFAULT_RATING_TEMPLATE
     source_text: str = ""
+    lines: dict[str, int] = field(default_factory=dict)
+    """the line of each template in the file ("harm.critique" -> 12), for errors at run time"""
 
     def principle(self, pid: str) -> Principle:
         for p in self.principles:
@@ -163,10 +165,17 @@ class Constitution:
 
     # -- rendering (each returns the text of one user turn) --------------------------------
     def _render(self, source: str, variables: dict[str, Any], where: str) -> str:
+        pid = where.rsplit(".", 1)[0] if "." in where else None
+        what = f"principle {pid!r}: " if pid else ""
         try:
-            return render(compile_template(source), variables)
+            text = render(compile_template(source), variables)
         except TemplateProblem as e:
-            raise ConstitutionError(str(e), path=self.path, field=where) from None
+            raise ConstitutionError(f"{what}{e}", path=self.path, line=self.lines.get(where),
+                                    field=where) from None
+        if not text:
+            raise ConstitutionError(f"{what}the template rendered to an empty string",
+                                    path=self.path, line=self.lines.get(where), field=where)
+        return text
 
     @staticmethod
     def _base_vars(messages: list[dict[str, str]]) -> dict[str, Any]:
@@ -274,17 +283,22 @@ def _build(data: dict, lines: Lines, path: str, text: str) -> Constitution:
         return v
 
     started = time.monotonic()
+    template_lines: dict[str, int] = {}
 
-    def check_template(source: str, at: tuple, kind: str) -> None:
+    def check_template(source: str, at: tuple, kind: str, name: str) -> None:
         # each render has its own deadline; this bounds a file of many slow templates
         if time.monotonic() - started > MAX_CHECK_SECONDS:
             raise err(at, f"checking the templates took over {MAX_CHECK_SECONDS:g}s; "
                           "simplify them")
+        what = f"principle {name.rsplit('.', 1)[0]!r}: " if "." in name else ""
         try:
             tmpl = compile_template(source)
-            render(tmpl, {k: SAMPLE_VARS[k] for k in TEMPLATE_VARS[kind]})
+            text = render(tmpl, {k: SAMPLE_VARS[k] for k in TEMPLATE_VARS[kind]})
         except TemplateProblem as e:
-            raise err(at, str(e)) from None
+            raise err(at, f"{what}{e}") from None
+        if not text:
+            raise err(at, f"{what}the template renders to an empty string")
+        template_lines[name] = lines.line(at) or 0
 
     check_keys(data, TOP_KEYS, ())
     if not isinstance(data.get("version"), (str, int, float, type(None))):
@@ -319,7 +333,7 @@ def _build(data: dict, lines: Lines, path: str, text: str) -> Constitution:
                           "(critique and revision come together)")
         for stage, source in templates.items():
             if source:
-                check_template(source, (*at, stage), stage)
+                check_template(source, (*at, stage), stage, f"{pid}.{stage}")
         tags = p.get("tags") or []
         if not isinstance(tags, list) or not all(isinstance(t, str) and t for t in tags):
             raise err((*at, "tags"), "expected a list of non-empty strings")
@@ -366,9 +380,10 @@ def _build(data: dict, lines: Lines, path: str, text: str) -> Constitution:
     for key, default in (("label_template", DEFAULT_LABEL_TEMPLATE),
                          ("rating_template", DEFAULT_RATING_TEMPLATE)):
         source = get_str(data, key, (), required=False) or default
-        check_template(source, (key,), key)
+        check_template(source, (key,), key, key)
         templates[key] = source
     return Constitution(
         name=name, description=description, principles=principles, path=path,
         sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(), version=data.get("version"),
-        few_shot=few, label_few_shot=label_few, source_text=text, **templates)
+        few_shot=few, label_few_shot=label_few, source_text=text, lines=template_lines,
+        **templates)

@@ -14,6 +14,11 @@ Principle files are written by other people, so their templates get:
 - per render, at most 10,000 `range()` items and 10,000 loop iterations, over all loops;
 - `*`, `**` and `%` intercepted so `"x" * 10**9`, `9**9**9` or `"%999999999d" % 1` cannot
   allocate or hang; `join`, `replace` and `indent` check the size of what they would build;
+- every value a template builds (list, tuple and dict literals, `+`, `*`, `~`, each filter's
+  input and result) is weighed deeply (items plus characters, shared sub-lists counted each
+  time they appear), so `[[0] * 10**5] * 10**5` is refused before anything walks it: C code
+  such as `sum(..., start=[])`, `==` or `sort` cannot be stopped by the deadline below, so
+  nothing it is given may be large; `sum` itself concatenates in linear time;
 - a cap on template size and on rendered size, and a wall-clock deadline per render (main
   thread only: it uses SIGALRM; elsewhere the budgets above still bound the work).
 Every failure is a `TemplateProblem` with a one-line reason; the loader adds file and line.
@@ -35,11 +40,13 @@ from jinja2 import nodes
 from jinja2.filters import make_attrgetter
 from jinja2.runtime import LoopContext
 from jinja2.sandbox import SandboxedEnvironment, SecurityError
+from jinja2.visitor import NodeTransformer
 
 MAX_TEMPLATE_CHARS = 20_000
 MAX_OUTPUT_CHARS = 200_000
 MAX_LOOP_ITEMS = 10_000  # per render: range() items, and for-loop iterations (each budget)
 MAX_BINOP_RESULT = 100_000  # length of a repeated/joined/replaced string or list
+MAX_VALUE_WEIGHT = 1_000_000  # deep size (items + chars) of any value a template handles
 MAX_FORMAT_WIDTH = 1_000  # width/precision in `%` formatting and `indent`
 RENDER_SECONDS = 2.0
 
@@ -105,6 +112,67 @@ def _budgeted(items: Iterable[Any]) -> Iterator[Any]:
         yield item
 
 
+def _weight(value: Any, limit: int = MAX_VALUE_WEIGHT) -> int:
+    """Items plus characters in `value`, walked deeply; stops counting past `limit` (so the
+    walk itself is bounded even for a list that holds itself or one list many times)."""
+    total, stack = 0, [value]
+    while stack:
+        x = stack.pop()
+        total += 1
+        if isinstance(x, str):
+            total += len(x)
+        elif isinstance(x, range):
+            total += len(x)
+        elif isinstance(x, (list, tuple, set, frozenset, dict)):
+            if total + len(x) > limit:
+                return total + len(x)
+            stack.extend(x.items() if isinstance(x, dict) else x)
+        if total > limit:
+            break
+    return total
+
+
+def _sized(value: Any) -> Any:
+    """`value`, or a SecurityError when it is too large to handle safely."""
+    if _weight(value) > MAX_VALUE_WEIGHT:
+        raise SecurityError(f"value too large (over {MAX_VALUE_WEIGHT} items and characters)")
+    return value
+
+
+def _concat(*parts: Any) -> str:
+    """The `~` operator, with a size check before the strings are built."""
+    strs = [str(_sized(p)) for p in parts]
+    _check_size(sum(map(len, strs)) // 10, "concatenation")  # up to 10x a repetition
+    return "".join(strs)
+
+
+def _safe_sum(env: Any, iterable: Iterable[Any], attribute: Any = None, start: Any = 0) -> Any:
+    """jinja2's `sum` filter, but lists and tuples are concatenated in linear time (the
+    built-in sum copies the growing list at every step: quadratic, in C, unstoppable)."""
+    if attribute is not None:
+        iterable = map(make_attrgetter(env, attribute), iterable)
+    items = list(iterable)
+    if isinstance(start, (list, tuple)) and all(isinstance(i, type(start)) for i in items):
+        out = list(start)
+        for i in items:
+            out.extend(i)
+        return _sized(out if isinstance(start, list) else tuple(out))
+    return sum(items, start)
+
+
+def _guarded_filter(f: Any) -> Any:
+    """Weigh a filter's input and arguments before it runs, and its result after."""
+
+    @functools.wraps(f)  # keeps jinja2's pass_environment/pass_context marker
+    def run(*args: Any, **kwargs: Any) -> Any:
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, (str, list, tuple, dict, set, range)):
+                _sized(a)
+        return _sized(f(*args, **kwargs))
+
+    return run
+
+
 def _check_size(n: int, what: str) -> None:
     if n > MAX_BINOP_RESULT:
         raise SecurityError(f"{what} too large (over {MAX_BINOP_RESULT} items)")
@@ -138,7 +206,7 @@ def _safe_indent(s: Any, width: Any = 4, first: bool = False, blank: bool = Fals
 
 
 class _Sandbox(SandboxedEnvironment):
-    intercepted_binops = frozenset(["*", "**", "%"])
+    intercepted_binops = frozenset(["*", "**", "%", "+"])
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "**":
@@ -153,16 +221,25 @@ class _Sandbox(SandboxedEnvironment):
                         if n == "*" or (n and int(n) > MAX_FORMAT_WIDTH):
                             raise SecurityError("format width too large")
             return left % right
-        # operator == "*"
+        if operator == "+":
+            if not isinstance(left, (int, float)) or not isinstance(right, (int, float)):
+                _sized(left)
+                _sized(right)
+                return _sized(left + right)
+            return left + right
+        # operator == "*": weighed deeply, so [[0] * 10**5] * 10**5 is refused too
         for seq, n in ((left, right), (right, left)):
             if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
                 _check_size(len(seq) * max(n, 0), "repetition")
+                if _weight(seq) * max(n, 0) > MAX_VALUE_WEIGHT:
+                    raise SecurityError(f"repetition too large (over {MAX_VALUE_WEIGHT} items "
+                                        "and characters)")
         return left * right
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
         if isinstance(__obj, jinja2.Undefined):
             __obj._fail_with_undefined_error()
-        if __obj is not _limited_range and __obj is not _budgeted and not _safe_method(__obj):
+        if __obj not in _HELPERS and not _safe_method(__obj):
             name = getattr(__obj, "__name__", type(__obj).__name__)
             raise SecurityError(f"calling {name!r} is not allowed")
         if getattr(__obj, "__name__", "") in ("join", "replace") and isinstance(
@@ -194,14 +271,42 @@ def _safe_str_method(method: Any, args: tuple, kwargs: dict) -> str:
 def make_environment() -> SandboxedEnvironment:
     env = _Sandbox(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=False,
                    trim_blocks=True, lstrip_blocks=True)
-    env.globals = {"range": _limited_range, "_budgeted": _budgeted}
-    env.filters = {k: v for k, v in env.filters.items() if k in SAFE_FILTERS}
-    env.filters.update(join=jinja2.pass_environment(_safe_join),
-                       replace=jinja2.pass_environment(_safe_replace), indent=_safe_indent)
+    env.globals = {"range": _limited_range, "_budgeted": _budgeted, "_sized": _sized,
+                   "_concat": _concat}
+    filters = {k: v for k, v in env.filters.items() if k in SAFE_FILTERS}
+    filters.update(join=jinja2.pass_environment(_safe_join),
+                   replace=jinja2.pass_environment(_safe_replace), indent=_safe_indent,
+                   sum=jinja2.pass_environment(_safe_sum))
+    env.filters = {k: _guarded_filter(v) for k, v in filters.items()}
     return env
 
 
+_HELPERS = (_limited_range, _budgeted, _sized, _concat)
+
+
 _ENV = make_environment()
+
+
+def _call(name: str, args: list, lineno: int) -> nodes.Call:
+    return nodes.Call(nodes.Name(name, "load", lineno=lineno), args, [], None, None,
+                      lineno=lineno)
+
+
+class _Weigh(NodeTransformer):
+    """Route literals through `_sized` and `~` through `_concat` (see the module docstring)."""
+
+    def visit_List(self, node: nodes.Node) -> nodes.Node:  # noqa: N802 (jinja2's visitor names)
+        return _call("_sized", [self.generic_visit(node)], node.lineno)
+
+    visit_Dict = visit_List  # noqa: N815
+
+    def visit_Tuple(self, node: nodes.Tuple) -> nodes.Node:  # noqa: N802
+        node = self.generic_visit(node)
+        return node if node.ctx != "load" else _call("_sized", [node], node.lineno)
+
+    def visit_Concat(self, node: nodes.Concat) -> nodes.Node:  # noqa: N802
+        node = self.generic_visit(node)
+        return _call("_concat", list(node.nodes), node.lineno)
 
 
 def _check_tree(tree: nodes.Template) -> None:
@@ -234,6 +339,7 @@ def _compile(source: str) -> jinja2.Template:
     try:
         tree = _ENV.parse(source)
         _check_tree(tree)
+        tree = _Weigh().visit(tree)
         return _ENV.from_string(tree)
     except jinja2.TemplateSyntaxError as e:
         raise TemplateProblem(f"template syntax error on template line {e.lineno}: {e.message}"

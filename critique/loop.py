@@ -1,7 +1,7 @@
 """The critique-and-revise loop: SL-CAI data from a constitution (Bai et al. 2022, §3).
 
     charter critique --constitution principles/harmless.yaml \\
-        --prompts ../shared/data/hh-rlhf-harmless-base-test.jsonl.gz --limit 64 --out runs/crit
+        --prompts examples/data/hh-rlhf-harmless-base-test.jsonl.gz --limit 64 --out runs/crit
 
 For each prompt the model answers; then, for `rounds` rounds, a principle is drawn (seeded by
 seed, record id and round, `constitution.draw`), the model critiques its latest response under

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+EXAMPLE_DATA = ROOT / "examples" / "data"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download at test time
 
@@ -51,12 +51,10 @@ def fake_backend():
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """../shared/data (third-party data; see its README for sources and licences)."""
-    if not SHARED_DATA.exists():
-        pytest.skip("../shared/data is not beside this checkout (runs in the project workspace "
-                    "and CI, which lay shared/ beside the clone)")
-    return SHARED_DATA
+def example_data() -> Path:
+    """examples/data: the third-party prompt sets shipped with the repository (sources and
+    licences in its README)."""
+    return EXAMPLE_DATA
 
 
 def pytest_addoption(parser):

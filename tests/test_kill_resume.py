@@ -214,7 +214,7 @@ def _train_trials(tmp_path: Path, stage: str, data: Path, model: Path, n: int, s
         results.append(kill_run(argv(out), env=env, log=tmp_path / f"kill-{t}.log",
                                 trigger=trigger, rng=rng, window=0.5))
         ckpts = sorted((int(d.name.split("-")[1]) for d in out.glob("checkpoint-*")
-                        if (d / "state.json").exists()), reverse=True)
+                        if (d / "manifest.json").exists()), reverse=True)
         finished = (out / "final" / "config.json").exists()  # killed after saving final/
         progress.append("final saved" if finished else
                         f"step {ckpts[0]}" if ckpts else "no checkpoint")
@@ -222,7 +222,7 @@ def _train_trials(tmp_path: Path, stage: str, data: Path, model: Path, n: int, s
             # a checkpoint half written when the kill came, and a torn metrics line
             partial = out / f".checkpoint-{(ckpts[0] if ckpts else 0) + 1}.tmp"
             partial.mkdir(exist_ok=True)
-            (partial / "trainable.pt").write_bytes(b"PK\x03\x04 truncated")
+            (partial / "model.safetensors").write_bytes(b"\x08\x00 truncated")
             tear(out / "metrics.jsonl", rng)
         done = timed_run(argv(out), env=env, log=tmp_path / f"resume-{t}.log")
         assert done.returncode == 0, done.output

@@ -30,10 +30,10 @@ def test_shipped_pipeline_files_validate(path, tmp_path):
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
-def test_shipped_pipeline_files_split_the_shared_data(path, shared_data):
+def test_shipped_pipeline_files_split_the_shipped_data(path, example_data):
     pf = load_pipeline_file(path)
     assert Path(pf.harmful.path).resolve() == (
-        shared_data / "hh-rlhf-harmless-base-test.jsonl.gz").resolve()
+        example_data / "hh-rlhf-harmless-base-test.jsonl.gz").resolve()
     splits = split_data(pf)
     assert len(splits["eval"]) == pf.harmful.eval + pf.benign.eval
     assert len(splits["harmful-train"]) == pf.harmful.train

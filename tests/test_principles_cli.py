@@ -55,7 +55,7 @@ def test_lint_reports_each_bad_file_and_fails(capsys, small, tmp_path):
     assert main(["principles", "lint", small, str(bad)]) == 1
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f"{small}: ok")
-    assert out[1] == (f"{bad}:6: principles[0].critique: undefined variable: "
+    assert out[1] == (f"{bad}:6: principles[0].critique: principle 'kind': undefined variable: "
                       "'respnse' is undefined")
     assert out[2] == "1 of 2 files failed"
 

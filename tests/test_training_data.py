@@ -114,7 +114,8 @@ def test_loaders_read_dirs_files_and_saved_datasets(tmp_path):
     msgs = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
     Dataset.from_list([msgs]).save_to_disk(tmp_path / "sft")
     assert load_sft_rows(tmp_path / "sft").rows[0][1]["content"] == "a"
-    with pytest.raises(CharterError, match=r"sft\[row 0\]: prompt: missing field"):
+    with pytest.raises(CharterError, match=r"sft\[row 0\]: data: this is language modeling "
+                       r"\(conversational\) data, which trains with `charter train sft`"):
         load_pair_rows(tmp_path / "sft")
 
 

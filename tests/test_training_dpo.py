@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from charter.errors import CharterError
+from charter.safestate import load_state
 from training import checkpoint
 from training.dpo import DPOConfig, train_dpo
 
@@ -55,7 +56,7 @@ def test_dpo_overfits_eight_pairs(pairs, tmp_path, tiny_model_dir):
     for k in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "lr",
               "tokens_per_s"):
         assert k in m[-1]
-    assert (out / "metrics.png").stat().st_size > 1000 and (out / "ref_logps.pt").exists()
+    assert (out / "metrics.png").stat().st_size > 1000 and (out / "ref_logps.safetensors").exists()
     card = (final / "README.md").read_text()
     assert "data_sha256" in card and '"loss": "sigmoid"' in card
     model = AutoModelForCausalLM.from_pretrained(final)  # plain transformers, no peft
@@ -136,7 +137,7 @@ def test_lora_reference_is_the_base_and_final_is_merged(pairs, tmp_path, tiny_mo
     ex = tokenise_pairs(tok, load_pair_rows(pairs), 1024, progress=False)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     ref_base = compute_ref_logps(Accelerator(cpu=True), base, ex, tok.pad_token_id, 8, False)
-    ref_lora = torch.load(tmp_path / "lora" / "ref_logps.pt")["logps"]
+    ref_lora = load_state(tmp_path / "lora" / "ref_logps.safetensors")["logps"]
     assert torch.allclose(ref_base, ref_lora, atol=1e-4)  # adapter disabled = the base model
     weights = load_file(final / "model.safetensors")
     assert not any("lora" in k for k in weights)

@@ -33,7 +33,7 @@ def test_sft_loss_falls_via_cli(tmp_path, tiny_model_dir, capsys):
     assert len(m) == 6  # the flag overrode the YAML's max_steps
     assert m[-1]["loss"] < m[0]["loss"] - 2.0  # nats per assistant token
     assert {"loss", "lr", "tokens_per_s"} <= set(m[0])
-    assert (out / "checkpoint-3" / "state.json").exists() and (out / "metrics.png").exists()
+    assert (out / "checkpoint-3" / "manifest.json").exists() and (out / "metrics.png").exists()
     AutoModelForCausalLM.from_pretrained(out / "final")
 
 

@@ -1,18 +1,23 @@
 """Run directories, checkpoints and the final model.
 
 A checkpoint `out/checkpoint-STEP/` holds the trainable weights (all of them, or only the LoRA
-adapter), the optimizer and scheduler state, each process's RNG state, the step (which is the
-data position: the data order is a function of seed and step) and the resolved config. It is
-written under a temporary name and renamed when complete, so a run killed while saving leaves no
-checkpoint that looks complete; leftovers are ignored and cleaned up.
+adapter) as `model.safetensors`, the optimizer and scheduler state and each process's RNG state
+as safetensors (`charter.safestate`: tensors plus a JSON skeleton, never pickle, so a crafted
+checkpoint cannot run code on resume), the resolved config, and last a `manifest.json` that
+lists every file with its size and sha256. It is written under a temporary name and renamed
+when complete, so a run killed while saving leaves no checkpoint that looks complete; leftovers
+are ignored and cleaned up. Resume takes the newest checkpoint whose files match its manifest,
+says which, and explains any newer one that is damaged. Anything that writes more files (sharded
+optimizer state) only has to put them in the folder: the manifest lists whatever is there.
 
-Checkpoints assume the optimizer state is replicated (one process, or DDP). Sharded runs (FSDP,
-DeepSpeed ZeRO) train with the same loop but should use a large `save_every` until sharded
-checkpoints are supported.
+A run folder is identified by its content (`train_config.json`: stage, settings, and the
+identity of the data and model it trains on), not by the spelling of its path, so a run resumes
+when `--out` is given relative or absolute, or after the folder was moved.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -23,69 +28,209 @@ import torch
 
 from charter.errors import CharterError
 from charter.records import write_json_atomic, write_text_atomic
+from charter.safestate import load_state, state_bytes
+from charter.writable import disk_error, write_bytes_durable
 
 CONFIG_NAME = "train_config.json"  # not config.json: that name marks a model directory
+MANIFEST = "manifest.json"  # written last: a checkpoint without it is not complete
+FORMAT = "charter-checkpoint/1"
 # Settings that may change between a run and its resumption.
-# share_prompt only changes how the same log-probs are computed.
+# share_prompt only changes how the same log-probs are computed; `out` is where the run is, not
+# what it is (a moved folder resumes).
 RESUMABLE = {"save_every", "log_every", "tensorboard", "epochs", "max_steps", "trust_remote_code",
-             "share_prompt", "keep_checkpoints"}
+             "share_prompt", "keep_checkpoints", "out"}
+PATH_FIELDS = ("data", "model", "ref_model")  # compared by what they hold, not how spelled
+
+
+def read_json_file(path: Path, what: str) -> dict:
+    """A JSON object from a run file, or a `CharterError` saying the file is damaged."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CharterError(f"{what} is damaged or empty ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''})", path=path) from None
+    if not isinstance(obj, dict):
+        raise CharterError(f"{what} is damaged: expected a JSON object, got "
+                           f"{type(obj).__name__}", path=path)
+    return obj
+
+
+def path_identity(value: str | None) -> str | None:
+    """What a data/model path holds: a hash of a file's bytes or of a folder's file names, sizes
+    and small files' bytes; a name that is not a path (hub id, `smollm2`) stands for itself."""
+    if value is None:
+        return None
+    p = Path(value)
+    if not p.exists():
+        return value
+    h = hashlib.sha256()
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(p) if f != p else ''}:{st.st_size}\n".encode())
+        if st.st_size <= 64 << 20:  # weights are identified by name and size; data by bytes
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def check_run_dir(out: Path, cfg_dict: dict, stage: str) -> dict:
+    """Refuse to resume a run made with different settings (before any model loads); return
+    the record to write as train_config.json."""
+    identity = {k: path_identity(cfg_dict.get(k)) for k in PATH_FIELDS if k in cfg_dict}
+    record = {"stage": stage, **cfg_dict, "identity": identity}
+    f = out / CONFIG_NAME
+    if not f.exists():
+        return record
+    old = read_json_file(f, f"{CONFIG_NAME} (this run's settings; restore it or use another "
+                            "--out)")
+    if old.get("stage") != stage:
+        raise CharterError(f"this directory holds a {old.get('stage')} run, not {stage}; "
+                           "use another --out", path=out, field="out")
+    old_id = old.get("identity") or {}
+
+    def same(k):
+        if old.get(k) == cfg_dict[k]:
+            return True
+        return k in PATH_FIELDS and k in old_id and old_id[k] == identity.get(k)
+
+    diff = [k for k in cfg_dict if k not in RESUMABLE and not same(k)]
+    if diff:
+        what = ", ".join(f"{k}: {old.get(k)!r} then, {cfg_dict[k]!r} now" for k in diff)
+        raise CharterError(f"this directory holds a run with other settings ({what}); use "
+                           "another --out or delete it to start over", path=out, field="out")
+    return record
 
 
 def prepare_run_dir(acc, out: Path, cfg_dict: dict, stage: str) -> None:
     """Create `out`, refuse to resume a run made with different settings, write the config."""
     out.mkdir(parents=True, exist_ok=True)
-    f = out / CONFIG_NAME
-    if f.exists():
-        old = json.loads(f.read_text(encoding="utf-8"))
-        if old.get("stage") != stage:
-            raise CharterError(f"this directory holds a {old.get('stage')} run, not {stage}; "
-                               "use another --out", path=out, field="out")
-        diff = [k for k in cfg_dict if k not in RESUMABLE and old.get(k) != cfg_dict[k]]
-        if diff:
-            what = ", ".join(f"{k}: {old.get(k)!r} then, {cfg_dict[k]!r} now" for k in diff)
-            raise CharterError(f"this directory holds a run with other settings ({what}); use "
-                               "another --out or delete it to start over", path=out, field="out")
+    record = check_run_dir(out, cfg_dict, stage)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        write_json_atomic(f, {"stage": stage, **cfg_dict})
+        write_json_atomic(out / CONFIG_NAME, record)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_problem(d: Path) -> str | None:
+    """Why checkpoint folder `d` cannot be resumed from, or None when it is intact."""
+    if (d / "state.json").exists() and not (d / MANIFEST).exists():
+        return ("written by an older Charter in pickle format, which is never loaded (a pickle "
+                "can run code)")
+    if not (d / MANIFEST).exists():
+        return f"no {MANIFEST} (not completely written)"
+    try:
+        man = read_json_file(d / MANIFEST, MANIFEST)
+        files, step = man["files"], int(man["step"])
+    except (CharterError, KeyError, TypeError, ValueError) as e:
+        return f"{MANIFEST} is damaged ({e})"
+    if f"checkpoint-{step}" != d.name:
+        return f"{MANIFEST} says step {step}"
+    for name, meta in sorted(files.items()):
+        f = d / name
+        if "/" in name or name.startswith("."):
+            return f"{MANIFEST} names a file outside the checkpoint ({name!r})"
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != meta.get("bytes"):
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {meta.get('bytes')}"
+        if _sha256(f) != meta.get("sha256"):
+            return f"{name} does not match its checksum (damaged on disk?)"
+    return None
+
+
+def _step_dirs(out: Path) -> list[tuple[int, Path]]:
+    return sorted(((int(d.name.removeprefix("checkpoint-")), d) for d in out.glob("checkpoint-*")
+                   if d.name.removeprefix("checkpoint-").isdigit() and d.is_dir()), reverse=True)
+
+
+def find_resume(out: Path) -> tuple[Path | None, list[str]]:
+    """The newest intact checkpoint, and a line for each newer one that is damaged."""
+    damaged = []
+    for _, d in _step_dirs(out):
+        problem = checkpoint_problem(d)
+        if problem is None:
+            return d, damaged
+        damaged.append(f"{d} is damaged: {problem}")
+    return None, damaged
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    """The complete checkpoint with the highest step (temporary leftovers are not candidates)."""
-    best, best_step = None, -1
-    for d in out.glob("checkpoint-*"):
-        step = d.name.removeprefix("checkpoint-")
-        if step.isdigit() and (d / "state.json").exists() and int(step) > best_step:
-            best, best_step = d, int(step)
-    return best
+    """The intact checkpoint with the highest step (temporary leftovers are not candidates)."""
+    return find_resume(out)[0]
+
+
+def resume_point(out: Path, say) -> Path | None:
+    """`find_resume`, saying why damaged checkpoints are passed over. With damaged checkpoints
+    and no intact one, stop rather than silently start over."""
+    last, damaged = find_resume(out)
+    for line in damaged:
+        say(f"{line}; skipped")
+    if last is None and damaged:
+        raise CharterError("no intact checkpoint to resume from (" + "; ".join(damaged) +
+                           "); move the damaged checkpoint folders away to start from step 0",
+                           path=out, field="out")
+    return last
 
 
 def _trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: p.detach().cpu().contiguous().clone() for n, p in model.named_parameters()
+            if p.requires_grad}
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def write_manifest(d: Path, step: int) -> None:
+    """List every file in checkpoint folder `d` with its size and sha256 (written last)."""
+    files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(d.iterdir()) if f.is_file() and f.name != MANIFEST}
+    write_json_atomic(d / MANIFEST, {"format": FORMAT, "step": step, "files": files})
 
 
 def save_checkpoint(acc, model, opt, sched, step: int, out: Path, cfg_dict: dict) -> Path:
-    """Write out/checkpoint-STEP atomically (every process writes its RNG state)."""
+    """Write out/checkpoint-STEP atomically (every process writes its RNG state). A full or
+    read-only disk stops with the path and the space needed; the half-written folder is removed
+    and the previous checkpoint stays the one to resume from."""
+    from safetensors.torch import save as st_save
+
     final = out / f"checkpoint-{step}"
     tmp = out / f".checkpoint-{step}.tmp"
+    blobs = {f"rng-{acc.process_index}.safetensors": state_bytes(_rng_state())}
     if acc.is_main_process:
+        blobs["model.safetensors"] = st_save(_trainable_state(acc.unwrap_model(model)))
+        blobs["optimizer.safetensors"] = state_bytes(opt.state_dict())
+        blobs["scheduler.safetensors"] = state_bytes(sched.state_dict())
+        blobs[CONFIG_NAME] = (json.dumps(cfg_dict, indent=2) + "\n").encode()
+    need = sum(len(b) for b in blobs.values())
+    try:
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        for name, blob in blobs.items():
+            write_bytes_durable(tmp / name, blob)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            write_manifest(tmp, step)  # written last: marks complete
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    except (OSError, CharterError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    acc.wait_for_everyone()
-    rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    torch.save(rng, tmp / f"rng-{acc.process_index}.pt")
+        raise disk_error(e, final, need, "checkpoint not saved; the previous checkpoint is "
+                         "intact, re-run the same command to resume from it") from None
     if acc.is_main_process:
-        torch.save(_trainable_state(acc.unwrap_model(model)), tmp / "trainable.pt")
-        torch.save(opt.state_dict(), tmp / "optimizer.pt")
-        torch.save(sched.state_dict(), tmp / "scheduler.pt")
-        write_json_atomic(tmp / CONFIG_NAME, cfg_dict)
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        write_json_atomic(tmp / "state.json", {"step": step})  # written last: marks complete
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
         prune_checkpoints(out, cfg_dict.get("keep_checkpoints"))
     acc.wait_for_everyone()
     return final
@@ -96,16 +241,20 @@ def prune_checkpoints(out: Path, keep: int | None) -> None:
     new one is complete, so a resume always has the latest."""
     if not keep:
         return
-    done = sorted((int(d.name.removeprefix("checkpoint-")), d) for d in out.glob("checkpoint-*")
-                  if d.name.removeprefix("checkpoint-").isdigit() and (d / "state.json").exists())
-    for _, d in done[:-keep]:
+    done = [(s, d) for s, d in _step_dirs(out) if (d / MANIFEST).exists()]
+    for _, d in done[keep:]:
         shutil.rmtree(d, ignore_errors=True)
 
 
 def load_checkpoint(acc, model, opt, sched, ckpt: Path) -> int:
     """Restore weights, optimizer, scheduler and RNG; return the step to continue from."""
-    state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
-    weights = torch.load(ckpt / "trainable.pt", map_location="cpu")
+    from safetensors.torch import load_file
+
+    step = int(read_json_file(ckpt / MANIFEST, MANIFEST)["step"])
+    try:
+        weights = load_file(str(ckpt / "model.safetensors"))
+    except Exception as e:  # SafetensorError: damaged after the checksum was taken
+        raise CharterError(f"damaged weights ({e})", path=ckpt / "model.safetensors") from None
     unwrapped = acc.unwrap_model(model)
     expected = {n for n, p in unwrapped.named_parameters() if p.requires_grad}
     if set(weights) != expected:
@@ -114,17 +263,27 @@ def load_checkpoint(acc, model, opt, sched, ckpt: Path) -> int:
     with torch.no_grad():
         params = dict(unwrapped.named_parameters())
         for n, w in weights.items():
+            if params[n].shape != w.shape:
+                raise CharterError(f"checkpoint weight {n} has shape {tuple(w.shape)}, the "
+                                   f"model's is {tuple(params[n].shape)}", path=ckpt)
             params[n].copy_(w)
-    opt.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu"))
-    sched.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu"))
-    rng_file = ckpt / f"rng-{acc.process_index}.pt"
+    try:
+        opt.load_state_dict(load_state(ckpt / "optimizer.safetensors"))
+        sched.load_state_dict(load_state(ckpt / "scheduler.safetensors"))
+    except (KeyError, ValueError, TypeError, IndexError) as e:
+        raise CharterError(f"optimizer or scheduler state does not fit this run ({e})",
+                           path=ckpt) from None
+    rng_file = ckpt / f"rng-{acc.process_index}.safetensors"
     if rng_file.exists():
-        rng = torch.load(rng_file, weights_only=False)
-        random.setstate(rng["python"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-    return int(state["step"])
+        rng = load_state(rng_file)
+        try:
+            random.setstate(rng["python"])
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CharterError(f"damaged RNG state ({e})", path=rng_file) from None
+    return step
 
 
 def clean_partial(out: Path) -> None:
@@ -152,7 +311,7 @@ def model_card(stage: str, cfg_dict: dict, provenance: dict, model_path: str,
 def finished(out: Path, total: int) -> bool:
     """Whether out/final holds the result of a run of `total` steps (re-running is a no-op)."""
     f = out / "final" / "charter_state.json"
-    return f.exists() and json.loads(f.read_text(encoding="utf-8")).get("step") == total
+    return f.exists() and read_json_file(f, "final model's state").get("step") == total
 
 
 def save_final(acc, model, tok, out: Path, card: str, step: int) -> Path:
@@ -165,12 +324,21 @@ def save_final(acc, model, tok, out: Path, card: str, step: int) -> Path:
         if hasattr(unwrapped, "merge_and_unload"):  # peft: fold the adapter into the weights
             unwrapped = unwrapped.merge_and_unload()
         unwrapped.config.use_cache = True
-        unwrapped.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        write_text_atomic(tmp / "README.md", card)
-        write_json_atomic(tmp / "charter_state.json", {"step": step})
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        need = sum(p.numel() * p.element_size() for p in unwrapped.parameters())
+        try:
+            unwrapped.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            write_text_atomic(tmp / "README.md", card)
+            write_json_atomic(tmp / "charter_state.json", {"step": step})
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except (OSError, CharterError, RuntimeError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            err = disk_error(e, final, need, "final model not saved; the last checkpoint is "
+                             "intact, re-run the same command to finish")
+            if err is None:
+                raise
+            raise err from None
     acc.wait_for_everyone()
     return final

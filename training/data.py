@@ -1,12 +1,13 @@
 """Training data: read SFT conversations and preference pairs, tokenise once into token ids.
 
-Inputs (`--data`):
-- a JSONL file (`.jsonl`/`.jsonl.gz`): SFT rows with `messages`, or preference rows with
-  `prompt`/`chosen`/`rejected` (chat lists or strings) and optional `p_chosen`;
-- a directory holding our `sft.jsonl` / `pairs.jsonl` (a critique or label run's output);
-- a `datasets` dataset saved with `save_to_disk` (a DatasetDict uses its `train` split).
+Inputs (`--data`): every TRL dataset shape, from JSONL / JSON / CSV / parquet files, run
+folders, `save_to_disk` folders or `datasets` hub names (training/shapes.py reads and converts
+them). Conversational rows go through the model's chat template; standard (string) rows are
+tokenised as plain text exactly as TRL does (EOS appended to completions; the completion starts
+where the ids of prompt and prompt+completion diverge), so a file trains on the same tokens here
+and in TRL.
 
-Tokenisation keeps the prompt/response boundary exact: the templated prompt (with the generation
+For conversational rows, tokenisation keeps the prompt/response boundary exact: the templated prompt (with the generation
 prompt) is tokenised alone, then the whole templated conversation; the prompt ids must be a prefix
 of the full ids, otherwise the template re-tokenises differently at the boundary and we name the
 example instead of training on misaligned labels.
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from charter.errors import CharterError
-from charter.records import read_pairs, read_sft, validate_messages
+from training import shapes
 
 IGNORE = -100
 
@@ -52,82 +53,30 @@ class PairExample:
 
 @dataclass
 class Loaded:
-    """Rows read from `path`, with where each came from (for error messages)."""
+    """Rows read from `path`, with where each came from (for error messages) and their shape."""
 
-    rows: list  # list[list[Message]] for SFT, list[PreferencePair] for DPO
+    rows: list  # SFT: list[Message] | ChatCompletion | TextSFT; DPO: PreferencePair | TextPair
     sources: list[tuple[str, int | None]]
-    path: Path  # the file or dataset directory actually read
+    path: Path | str  # the file or dataset directory actually read, or the hub name
+    shape: str = ""  # TRL's name of the data's shape, e.g. "preference, implicit prompt (...)"
 
 
-def _is_saved_dataset(d: Path) -> bool:
-    return any((d / n).exists() for n in ("dataset_info.json", "dataset_dict.json", "state.json"))
+def _load(path: str | os.PathLike, kind: str, split: str, hh_transcripts: str) -> Loaded:
+    got = shapes.read_rows(path, kind, split)
+    rows, shape = shapes.convert(got, kind, hh_transcripts)
+    return Loaded(rows, got.sources, got.path, shape)
 
 
-def resolve_data_path(path: str | os.PathLike, kind: str) -> Path:
-    """`kind` is "sft" or "dpo"; a run directory resolves to its sft.jsonl / pairs.jsonl."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise CharterError("data not found", path=p, field="data")
-    if p.is_dir():
-        name = "sft.jsonl" if kind == "sft" else "pairs.jsonl"
-        if (p / name).exists():
-            return p / name
-        if not _is_saved_dataset(p):
-            raise CharterError(f"expected {name} in this directory, or a dataset saved with "
-                               "datasets' save_to_disk", path=p, field="data")
-    return p
+def load_sft_rows(path: str | os.PathLike, split: str = "train",
+                  hh_transcripts: str = "chat") -> Loaded:
+    """SFT rows of any TRL SFT shape (training/shapes.py)."""
+    return _load(path, "sft", split, hh_transcripts)
 
 
-def _disk_rows(d: Path) -> list[dict]:
-    from datasets import DatasetDict, load_from_disk
-
-    ds = load_from_disk(str(d))
-    if isinstance(ds, DatasetDict):
-        if "train" not in ds:
-            raise CharterError(f"dataset has splits {sorted(ds)}, no 'train'", path=d,
-                               field="data")
-        ds = ds["train"]
-    return list(ds)
-
-
-def load_sft_rows(path: str | os.PathLike) -> Loaded:
-    p = resolve_data_path(path, "sft")
-    if p.is_file():
-        from charter.records import read_jsonl
-
-        lines = [ln for ln, _ in read_jsonl(p)]
-        return Loaded(read_sft(p), [(str(p), ln) for ln in lines], p)
-    rows, sources = [], []
-    for i, obj in enumerate(_disk_rows(p)):
-        where = f"{p}[row {i}]"
-        if "messages" not in obj:
-            raise CharterError("missing field: expected messages", path=where, field="messages")
-        rows.append(validate_messages(obj["messages"], path=where, must_end_with="assistant"))
-        sources.append((where, None))
-    return Loaded(rows, sources, p)
-
-
-def load_pair_rows(path: str | os.PathLike) -> Loaded:
-    p = resolve_data_path(path, "dpo")
-    if p.is_dir():  # a saved dataset: write it as JSONL rows and read it with the one validator
-        import tempfile
-
-        from charter.records import write_jsonl_atomic
-
-        with tempfile.TemporaryDirectory() as tmp:
-            rows = [dict(r) for r in _disk_rows(p)]
-            f = Path(tmp) / "pairs.jsonl"
-            write_jsonl_atomic(f, rows)
-            try:
-                pairs = read_pairs(f)
-            except CharterError as e:
-                raise CharterError(e.detail, path=f"{p}[row {(e.line or 1) - 1}]",
-                                   field=e.field) from None
-        return Loaded(pairs, [(f"{p}[row {i}]", None) for i in range(len(pairs))], p)
-    from charter.records import read_jsonl
-
-    lines = [ln for ln, _ in read_jsonl(p)]
-    return Loaded(read_pairs(p), [(str(p), ln) for ln in lines], p)
+def load_pair_rows(path: str | os.PathLike, split: str = "train",
+                   hh_transcripts: str = "chat") -> Loaded:
+    """Preference rows of any TRL preference shape (training/shapes.py)."""
+    return _load(path, "dpo", split, hh_transcripts)
 
 
 def render_ids(tok, messages: list[dict], generation_prompt: bool) -> list[int]:
@@ -162,13 +111,53 @@ def truncation(prompt_len: int, response_len: int, max_length: int) -> tuple[int
     return keep_p, min(response_len, max_length - keep_p)
 
 
-def encode_sft(tok, messages: list[dict], source: tuple[str, int | None],
+def _plain(tok, text: str) -> list[int]:
+    """TRL's tokenisation of standard (string) data: the tokenizer's own call, no template."""
+    return tok(text)["input_ids"]
+
+
+def _with_eos(tok, text: str) -> str:
+    """TRL appends the EOS token to standard completions that lack it."""
+    eos = tok.eos_token
+    return text if not eos or text.endswith(eos) else text + eos
+
+
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _encode_text_sft(tok, row: shapes.TextSFT, source, max_length: int | None) -> SFTExample:
+    """As TRL's SFTTrainer: tokenise prompt and prompt+completion+EOS as plain text; the
+    completion starts where they diverge; `text` rows (prompt "") train on every token."""
+    full = _plain(tok, row.prompt + _with_eos(tok, row.completion))
+    first = common_prefix_len(_plain(tok, row.prompt), full) if row.prompt else 0
+    labels = [IGNORE] * first + full[first:]
+    if first >= len(full):
+        raise CharterError("no completion tokens to train on", path=source[0], line=source[1],
+                           field="completion")
+    if max_length and len(full) > max_length:
+        keep_p, keep_r = truncation(first, len(full) - first, max_length)
+        full, labels = full[first - keep_p:first + keep_r], labels[first - keep_p:first + keep_r]
+    return SFTExample(full, labels, _where(source))
+
+
+def encode_sft(tok, messages, source: tuple[str, int | None],
                max_length: int | None = None) -> SFTExample:
-    """Input ids with labels on every assistant turn's tokens (IGNORE elsewhere)."""
+    """Input ids with labels on every assistant turn's tokens (IGNORE elsewhere); for a
+    prompt-completion row only the completion's turns; standard rows as plain text."""
+    if isinstance(messages, shapes.TextSFT):
+        return _encode_text_sft(tok, messages, source, max_length)
+    first_turn = 1
+    if isinstance(messages, shapes.ChatCompletion):
+        first_turn = len(messages.prompt)
+        messages = messages.prompt + messages.completion
     full = render_ids(tok, messages, False)
     labels = [IGNORE] * len(full)
     for i, m in enumerate(messages):
-        if m["role"] != "assistant" or i == 0:
+        if m["role"] != "assistant" or i < first_turn:
             continue
         start = render_ids(tok, messages[:i], True)
         end = full if i + 1 == len(messages) else render_ids(tok, messages[:i + 1], False)
@@ -186,16 +175,30 @@ def encode_sft(tok, messages: list[dict], source: tuple[str, int | None],
     return SFTExample(full, labels, _where(source))
 
 
+def _text_pair_ids(tok, pair: shapes.TextPair) -> tuple[list[int], list[int], list[int]]:
+    """As TRL's DPOTrainer on standard data: EOS appended to both responses, prompt and
+    prompt+response tokenised as plain text, responses start where the ids diverge."""
+    prompt = _plain(tok, pair.prompt)
+    pc = _plain(tok, pair.prompt + _with_eos(tok, pair.chosen))
+    pr = _plain(tok, pair.prompt + _with_eos(tok, pair.rejected))
+    n = min(common_prefix_len(prompt, pc), common_prefix_len(prompt, pr))
+    return prompt[:n], pc[n:], pr[n:]
+
+
 def encode_pair(tok, pair, source: tuple[str, int | None],
                 max_length: int | None = None) -> PairExample:
-    """Prompt ids and each response's ids, the boundary checked for both responses."""
-    prompt = render_ids(tok, pair.prompt, True)
-    parts = []
-    for name, resp in (("chosen", pair.chosen), ("rejected", pair.rejected)):
-        full = render_ids(tok, pair.prompt + resp, False)
-        _check_prefix(tok, prompt, full, source, f"prompt (with the {name} response)")
-        parts.append(full[len(prompt):])
-    chosen, rejected = parts
+    """Prompt ids and each response's ids, the boundary checked for both responses; standard
+    (string) pairs as plain text, as TRL tokenises them."""
+    if isinstance(pair, shapes.TextPair):
+        prompt, chosen, rejected = _text_pair_ids(tok, pair)
+    else:
+        prompt = render_ids(tok, pair.prompt, True)
+        parts = []
+        for name, resp in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+            full = render_ids(tok, pair.prompt + resp, False)
+            _check_prefix(tok, prompt, full, source, f"prompt (with the {name} response)")
+            parts.append(full[len(prompt):])
+        chosen, rejected = parts
     if not chosen or not rejected:
         raise CharterError("empty response after templating", path=source[0], line=source[1],
                            field="chosen" if not chosen else "rejected")
@@ -236,9 +239,12 @@ def pairs_fingerprint(examples: list[PairExample]) -> str:
     return h.hexdigest()
 
 
-def data_provenance(path: Path) -> dict:
+def data_provenance(path: Path | str) -> dict:
     """The data file's hash and, where a manifest/report beside it has one, the constitution's."""
     out: dict = {"data": str(path)}
+    path = Path(path)
+    if not path.exists():  # a datasets hub name
+        return out
     if path.is_file():
         out["data_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     folder = path if path.is_dir() else path.parent

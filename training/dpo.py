@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from charter.errors import CharterError
-from charter.writable import check_output
+from charter.safestate import load_state, state_bytes
+from charter.writable import check_output, disk_error, write_bytes_durable
 from training import checkpoint as ckpt
 from training import shared_prompt
 from training.collate import collate_pairs
@@ -119,10 +120,14 @@ def reference_logps(acc, cfg: DPOConfig, model, examples, pad_id: int, model_pat
     ref_path = resolve_model(cfg.ref_model) if cfg.ref_model else model_path
     key = hashlib.sha256(json.dumps([pairs_fingerprint(examples), _model_identity(ref_path),
                                      cfg.mixed_precision]).encode()).hexdigest()
-    cache = Path(cfg.out) / "ref_logps.pt"
+    cache = Path(cfg.out) / "ref_logps.safetensors"
     if cache.exists():
-        saved = torch.load(cache, map_location="cpu")
-        if saved.get("key") == key:
+        try:
+            saved = load_state(cache)
+        except CharterError as e:  # a damaged cache is recomputed, not trusted
+            log(acc, f"{e}; computing the reference log-probs again")
+            saved = {}
+        if isinstance(saved, dict) and saved.get("key") == key:
             log(acc, f"reference log-probs: reusing {cache}")
             return saved["logps"]
     if cfg.ref_model:
@@ -143,9 +148,13 @@ def reference_logps(acc, cfg: DPOConfig, model, examples, pad_id: int, model_pat
         logps = compute_ref_logps(acc, model, examples, pad_id, cfg.ref_batch_size, cfg.lora,
                                   share)
     if acc.is_main_process:
-        tmp = cache.with_suffix(".tmp")
-        torch.save({"key": key, "logps": logps}, tmp)
-        tmp.replace(cache)
+        blob = state_bytes({"key": key, "logps": logps})
+        try:
+            write_bytes_durable(cache.with_suffix(".tmp"), blob)
+            cache.with_suffix(".tmp").replace(cache)
+        except OSError as e:
+            cache.with_suffix(".tmp").unlink(missing_ok=True)
+            raise disk_error(e, cache, len(blob)) from None
     acc.wait_for_everyone()
     return logps
 
@@ -163,9 +172,11 @@ def train_dpo(cfg: DPOConfig) -> Path:
     cfg.validate()
     out = Path(cfg.out)
     cfg_dict = dataclasses.asdict(cfg)
-    loaded = load_pair_rows(cfg.data)  # bad data fails before a model loads
+    loaded = load_pair_rows(cfg.data, cfg.split, cfg.hh_transcripts)  # bad data fails first
     check_output(out)  # so does an output that cannot be written
+    ckpt.check_run_dir(out, cfg_dict, "dpo")  # and a folder holding another run
     acc, model, tok, model_path = setup(cfg)
+    log(acc, f"data: {loaded.path}: {len(loaded.rows)} rows, {loaded.shape}")
     ckpt.prepare_run_dir(acc, out, cfg_dict, "dpo")
     if acc.is_main_process:
         ckpt.clean_partial(out)
@@ -183,7 +194,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
     ref = reference_logps(acc, cfg, model, examples, tok.pad_token_id, model_path, share)
     opt, sched = make_optimizer(model, cfg, total)
     model, opt = acc.prepare(model, opt)
-    start, last = 0, ckpt.latest_checkpoint(out)
+    start, last = 0, ckpt.resume_point(out, lambda m: log(acc, m))
     if last is not None:
         start = ckpt.load_checkpoint(acc, model, opt, sched, last)
         log(acc, f"resuming from {last} (step {start} of {total})")

@@ -17,7 +17,13 @@ LOSSES = ("sigmoid", "ipo", "hinge", "robust", "soft", "simpo")
 @dataclass(kw_only=True)
 class TrainConfig:
     data: str
-    """training data: a JSONL file, a run directory, or a dataset saved with save_to_disk"""
+    """training data in any TRL shape: a JSONL/JSON/CSV/parquet file, a run directory, a folder
+    saved with save_to_disk, or a datasets hub name org/name"""
+    split: str = "train"
+    """split of a hub dataset or of a saved DatasetDict"""
+    hh_transcripts: Literal["chat", "text"] = "chat"
+    """HH-RLHF transcript strings (\\n\\nHuman: ... \\n\\nAssistant: ...): chat = parsed into
+    conversations (chat template), text = plain text as TRL reads them"""
     out: str
     """run directory: checkpoints, metrics, final/ model; re-running resumes from it"""
     model: str | None = None

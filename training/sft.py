@@ -48,9 +48,11 @@ def train_sft(cfg: SFTConfig) -> Path:
     cfg.validate()
     out = Path(cfg.out)
     cfg_dict = dataclasses.asdict(cfg)
-    loaded = load_sft_rows(cfg.data)  # bad data fails before a model loads
+    loaded = load_sft_rows(cfg.data, cfg.split, cfg.hh_transcripts)  # bad data fails first
     check_output(out)  # so does an output that cannot be written
+    ckpt.check_run_dir(out, cfg_dict, "sft")  # and a folder holding another run
     acc, model, tok, model_path = setup(cfg)
+    log(acc, f"data: {loaded.path}: {len(loaded.rows)} rows, {loaded.shape}")
     ckpt.prepare_run_dir(acc, out, cfg_dict, "sft")
     if acc.is_main_process:
         ckpt.clean_partial(out)
@@ -61,7 +63,7 @@ def train_sft(cfg: SFTConfig) -> Path:
         return out / "final"
     opt, sched = make_optimizer(model, cfg, total)
     model, opt = acc.prepare(model, opt)
-    start, last = 0, ckpt.latest_checkpoint(out)
+    start, last = 0, ckpt.resume_point(out, lambda m: log(acc, m))
     if last is not None:
         start = ckpt.load_checkpoint(acc, model, opt, sched, last)
         log(acc, f"resuming from {last} (step {start} of {total})")

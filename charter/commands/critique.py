@@ -1,8 +1,8 @@
 """Critique-and-revise loop: SL-CAI training data from a constitution (Bai et al. 2022, §3).
 
     charter critique --constitution principles/harmless.yaml \\
-        --prompts ../shared/data/hh-rlhf-harmless-base-test.jsonl.gz --limit 64 \\
-        --helpful-prompts ../shared/data/alpaca-eval-instructions.jsonl --helpful-limit 32 \\
+        --prompts examples/data/hh-rlhf-harmless-base-test.jsonl.gz --limit 64 \\
+        --helpful-prompts examples/data/alpaca-eval-instructions.jsonl --helpful-limit 32 \\
         --rounds 2 --out runs/critique
 
 Writes OUT/records.jsonl (every prompt's critiques and revisions), OUT/sft.jsonl (prompt + final
