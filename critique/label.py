@@ -97,6 +97,9 @@ class LabelConfig:
     """Chain-of-thought: each order's P(A) is clamped to at most this."""
     min_margin: float = 0.1
     """Pairs with |p_chosen - 0.5| below this are kept but marked low_margin."""
+    rate_rejected: Literal["worst", "random"] = "worst"
+    """Rate mode: the rejected response is the lowest rated, or (random) a seeded draw among
+    those rated below the best, as UltraFeedback binarised its K = 4 samples."""
     relabel_below: float = 0.0
     """Pairs with |p_chosen - 0.5| below this are labelled again before DPO by the second
     labeller (`second_labeler`), or by the labeller with chain of thought when there is none;
@@ -464,11 +467,14 @@ def _rate_prompts(cfg, constitution, pool, backend, per_prompt) -> list[list[dic
         ratings = [m["rating"] for m in mine]
         best = max(range(len(mine)), key=lambda k: ratings[k])
         worst = min(range(len(mine)), key=lambda k: ratings[k])
+        lower = [k for k in range(len(mine)) if ratings[k] < ratings[best]]
+        if cfg.rate_rejected == "random" and lower:  # UltraFeedback's binarisation
+            worst = draw(lower, 1, cfg.seed, p.id, "rejected")[0]
         if best == worst:  # all ratings equal: pick distinct slots, the gap is 0
             best, worst = 0, 1
         gap = ratings[best] - ratings[worst]
         rec = _pair_record(p.messages, unique[best], unique[worst])
-        rec.update(rating_gap=gap, ratings=ratings,
+        rec.update(rating_gap=gap, ratings=ratings, chosen_index=best, rejected_index=worst,
                    rating_votes={pid: [mine[best]["votes"][pid], mine[worst]["votes"][pid]]
                                  for pid in mine[best]["votes"]},
                    low_margin=gap < cfg.min_rating_gap)

@@ -134,3 +134,28 @@ def test_score_top_reads_options_from_top_k(tiny_model_dir):
     assert server.bodies[0]["logprobs"] == 5 and server.bodies[0]["max_tokens"] == 1
     with pytest.raises(Exception, match="one token per option"):
         option_token(tok, [1, 2], [1, 2, 3, 4], "10")
+
+
+def test_rate_mode_k4_best_vs_a_lower_rated_one_recorded(tmp_path, constitution_path):
+    """K = 4 rated samples (expected ratings 6, 8, 4, 6: each puts 0.5 on two adjacent odd
+    ratings). UltraFeedback binarisation (rate_rejected random): chosen = the best (index 1),
+    rejected = a seeded draw among the lower-rated 0, 2, 3; both indices recorded and the gap
+    is the best's rating minus the drawn one's."""
+    peaks = {"(sample 1)": ("7", "9"), "(sample 2)": ("3", "5")}
+
+    def scorer(conv, option, prefix):
+        text = conv[-1]["content"]
+        hit = next((v for k, v in peaks.items() if k in text), ("5", "7"))
+        return math.log(0.5) if option in hit else -30.0
+
+    cfg = LabelConfig(constitution=str(constitution_path),
+                      prompts=str(write_prompts(tmp_path / "p.jsonl", 3)),
+                      out=str(tmp_path / "out"), samples=4, mode="rate",
+                      principles_per_pair=1, rate_rejected="random")
+    run_label(cfg, backend=FakeBackend(responder=lambda c, p: "answer", scorer=scorer))
+    rows = read_out(tmp_path / "out" / "pairs.jsonl")
+    assert len(rows) == 3
+    for r in rows:
+        assert r["chosen_index"] == 1 and r["rejected_index"] in (0, 2, 3)
+        assert r["ratings"] == pytest.approx([6.0, 8.0, 4.0, 6.0], abs=1e-6)
+        assert r["rating_gap"] == pytest.approx(8.0 - r["ratings"][r["rejected_index"]])
