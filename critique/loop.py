@@ -263,7 +263,8 @@ def _round(dialogues: list[Dialogue], r: int, constitution: Constitution, cfg: C
             d.add_revision(text)
 
 
-def _distill(dialogues: list[Dialogue], constitution: Constitution, steps: _Steps) -> None:
+def _distill(dialogues: list[Dialogue], constitution: Constitution, steps: _Steps,
+             salvage_ok: bool = True) -> None:
     """mode distill: the teacher answers each prompt with the constitution in its context; the
     answer is the record's one revision (principle id `constitution`)."""
     active = [d for d in dialogues if d.active]
@@ -271,7 +272,12 @@ def _distill(dialogues: list[Dialogue], constitution: Constitution, steps: _Step
                   steps.response)
     for d, raw in zip(active, texts):
         text = clean(raw)
-        why = problem(text, requests=[d.request], examples=[e.revision for e in d.examples])
+        kw = dict(requests=[d.request], examples=[e.revision for e in d.examples])
+        why = problem(text, **kw)
+        if salvage_ok:  # as for revisions: a looping answer keeps its clean opening sentences
+            rescued = salvage(text) if why == "loop" else trim_incomplete(text)
+            if rescued and (why == "loop" or not why) and not problem(rescued, **kw):
+                text, why = rescued, None
         if why:
             d.fail("distill", why, raw)
         else:
@@ -394,7 +400,7 @@ def _critique_chunks(cfg: CritiqueConfig, constitution: Constitution, todo: list
                          for it in chunk]
             _initial(dialogues, by_id, steps)
             if cfg.mode == "distill":
-                _distill(dialogues, constitution, steps)
+                _distill(dialogues, constitution, steps, cfg.salvage)
             else:
                 for r in range(cfg.rounds):
                     _round(dialogues, r, constitution, cfg, steps)
