@@ -3,7 +3,7 @@
     python benchmarks/critique_throughput.py --quick                 # a few minutes on CPU
     python benchmarks/critique_throughput.py --backends transformers,vllm --prompts 64
 
-Both sides run the same loop code (`critique.loop.run_critique`) on the same red-team prompts
+Both sides run the same loop code (`critique.revise.run.run_critique`) on the same red-team prompts
 (the first human turns of examples/data/hh-rlhf-harmless-base-test.jsonl.gz), the same model
 (default: the embedded SmolLM2-135M-Instruct), constitution, rounds and greedy settings:
 
@@ -70,7 +70,7 @@ class NaiveBackend:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from charter.models import model_label, resolve_model
+        from charter.core.models import model_label, resolve_model
         from critique.backends.base import Usage
 
         path = resolve_model(model)
@@ -112,7 +112,7 @@ class NaiveBackend:
 
 def write_prompts(data: Path, path: Path, n: int) -> None:
     """The first `n` distinct first human turns of the red-team test set."""
-    from charter.records import read_prompts
+    from charter.core.records import read_prompts
 
     seen, rows = set(), []
     for item in read_prompts(data):
@@ -126,7 +126,7 @@ def write_prompts(data: Path, path: Path, n: int) -> None:
 
 
 def measure(backend, args, constitution: str, prompts: str, batch_size: int) -> dict:
-    from critique.loop import CritiqueConfig, run_critique
+    from critique.revise.run import CritiqueConfig, run_critique
 
     with tempfile.TemporaryDirectory() as out:
         cfg = CritiqueConfig(constitution=constitution, prompts=prompts, out=out,
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from charter.errors import CharterError
+    from charter.core.errors import CharterError
     from critique.backends import Sampling, load_backend
 
     if args.threads:

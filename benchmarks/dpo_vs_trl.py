@@ -91,7 +91,7 @@ def run_trl(a) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from charter.records import read_jsonl
+    from charter.core.records import read_jsonl
 
     rows = [obj for _, obj in read_jsonl(a.pairs)]
     tok = AutoTokenizer.from_pretrained(a.model)
@@ -128,7 +128,7 @@ def loss_parity(a, n_batches: int) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from charter.records import read_jsonl, read_pairs
+    from charter.core.records import read_jsonl, read_pairs
     from training.collate import collate_pairs
     from training.data import encode_pair
     from training.loop import forward_logps
@@ -198,7 +198,7 @@ def main() -> None:
         return
     if a.quick:
         a.steps, a.batch_size, a.max_length = 4, 2, 128
-    from charter.models import resolve_model
+    from charter.core.models import resolve_model
 
     a.model = resolve_model(None)
     work = Path(tempfile.mkdtemp(prefix="dpo-vs-trl-"))

@@ -4,8 +4,8 @@
     python benchmarks/label_throughput.py --pairs 50       # + accuracy on 50 HH-RLHF pairs
 
 Same model (the embedded SmolLM2 unless --model), same backend instance, same pairs, same
-labelling conversations (critique/labelprompt.py), both orders for both methods, one run:
-- score:    `critique.label.compare_pairs`: one `backend.score` call per chunk with both orders
+labelling conversations (critique/preference/prompt.py), both orders for both methods, one run:
+- score:    `critique.preference.score.compare_pairs`: one `backend.score` call per chunk with both orders
             of every pair, options "A"/"B" read after the assistant prefix "(";
 - generate: greedy `backend.generate` of up to --gen-tokens tokens per order, the first A/B
             letter parsed from the text (unparsed answers count as 0.5).
@@ -55,7 +55,7 @@ def parse_choice(text: str) -> str | None:
 def load_pairs(path: Path, n: int, max_chars: int) -> list[dict]:
     """HH-RLHF records whose chosen/rejected transcripts differ only in the final assistant
     turn, shorter than max_chars (keeps a CPU run short)."""
-    from charter.records import parse_hh_transcript
+    from charter.core.records import parse_hh_transcript
 
     out = []
     with gzip.open(path, "rt", encoding="utf-8") as f:
@@ -79,7 +79,7 @@ def load_pairs(path: Path, n: int, max_chars: int) -> list[dict]:
 
 
 def by_score(backend, constitution, pairs, cfg) -> list[dict]:
-    from critique.label import compare_pairs
+    from critique.preference.score import compare_pairs
 
     pr = constitution.preference_principles[:1]
     out = []
@@ -91,8 +91,8 @@ def by_score(backend, constitution, pairs, cfg) -> list[dict]:
 
 
 def by_generate(backend, constitution, pairs, cfg, gen_tokens: int) -> tuple[list[dict], int]:
-    from critique import labelprompt as lp
     from critique.backends.base import Sampling
+    from critique.preference import prompt as lp
 
     pr = constitution.preference_principles[0]
     greedy = Sampling(temperature=0.0, max_new_tokens=gen_tokens)
@@ -115,7 +115,7 @@ def by_generate(backend, constitution, pairs, cfg, gen_tokens: int) -> tuple[lis
 
 
 def stats(labels: list[dict], pairs: list[dict]) -> dict:
-    from critique.labelmath import accuracy, position_bias
+    from critique.preference.labelmath import accuracy, position_bias
 
     prefs = [p["preferred"] for p in pairs]
     return {"accuracy_given_order": accuracy([r["orders"][0] for r in labels], prefs),
@@ -147,7 +147,7 @@ def main() -> None:
 
     from constitution import load_constitution, parse_constitution
     from critique.backends import load_backend
-    from critique.label import LabelConfig
+    from critique.label.run import LabelConfig
 
     constitution = (load_constitution(args.constitution) if args.constitution
                     else parse_constitution(CONSTITUTION, "<benchmark>"))

@@ -164,7 +164,7 @@ def main() -> None:
         return
     import torch
 
-    from charter.models import resolve_model
+    from charter.core.models import resolve_model
 
     torch.set_num_threads(args.threads)
     model_dir = resolve_model(args.model)

@@ -19,7 +19,7 @@ import os
 import sys
 import traceback
 
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {

@@ -32,12 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from charter.config import config_from_dict
-from charter.errors import CharterError
+from charter.core.config import config_from_dict
+from charter.core.errors import CharterError
+from charter.core.records import write_json_atomic, write_jsonl_atomic
+from charter.core.writable import check_output
 from charter.pipeline_file import PipelineFile, load_pipeline_file, split_data
-from charter.records import write_json_atomic, write_jsonl_atomic
 from charter.roles import BackendPool, RoleSpec, make_spec
-from charter.writable import check_output
 
 
 @dataclass
@@ -88,7 +88,7 @@ class Context:
 
 
 def _run_critique(cfg, ctx: Context) -> dict:
-    from critique.loop import run_critique
+    from critique.revise.run import run_critique
 
     manifest = run_critique(cfg, backend=ctx.backend("policy"),
                             teacher_backend=ctx.backend("teacher"))
@@ -105,7 +105,7 @@ def _train(fn: str) -> Callable[[Any, Context], dict]:
     def run(cfg, ctx: Context) -> dict:
         module, name = fn.split(":")
         final = getattr(importlib.import_module(module), name)(cfg)
-        from critique.eval_report import read_metrics
+        from critique.evaluate.report import read_metrics
 
         rows = read_metrics(cfg.out)
         last = {k: v for k, v in (rows[-1] if rows else {}).items() if isinstance(v, float)}
@@ -115,7 +115,7 @@ def _train(fn: str) -> Callable[[Any, Context], dict]:
 
 
 def _run_label(cfg, ctx: Context) -> dict:
-    from critique.label import run_label
+    from critique.label.run import run_label
 
     report = run_label(cfg, backend=ctx.backend("labeler"), policy_backend=ctx.backend("policy"),
                        second_backend=ctx.backend("second_labeler"))
@@ -128,7 +128,7 @@ def _run_label(cfg, ctx: Context) -> dict:
 
 
 def _run_eval(cfg, ctx: Context) -> dict:
-    from critique.evaluate import run_eval
+    from critique.evaluate.run import run_eval
 
     # loaded when the eval reaches each role, freed when done with it (one model at a time)
     backends = {role: (lambda r=role: ctx.backend(r)) for role in ctx.roles}
@@ -156,17 +156,17 @@ def eval_headline(report: dict) -> dict:
 
 
 STAGE_KINDS: dict[str, StageKind] = {
-    "critique": StageKind("critique.loop:CritiqueConfig", _run_critique,
+    "critique": StageKind("critique.revise.run:CritiqueConfig", _run_critique,
                           ("constitution", "prompts", "helpful_prompts", "out", "model",
                            "teacher")),
     "sft": StageKind("training.options:SFTConfig", _train("training.sft:train_sft"),
                      ("data", "out", "model")),
-    "label": StageKind("critique.label:LabelConfig", _run_label,
+    "label": StageKind("critique.label.run:LabelConfig", _run_label,
                        ("constitution", "prompts", "pairs", "policy", "labeler",
                         "second_labeler", "out")),
     "dpo": StageKind("training.options:DPOConfig", _train("training.dpo:train_dpo"),
                      ("data", "out", "model")),
-    "eval": StageKind("critique.evaluate:EvalConfig", _run_eval,
+    "eval": StageKind("critique.evaluate.run:EvalConfig", _run_eval,
                       ("model", "baseline", "sft_model", "prompts", "harmful", "benign", "out",
                        "judge", "judge_backend", "constitution", "metrics")),
 }
@@ -266,7 +266,7 @@ def plan(pf: PipelineFile, out: Path, kinds: dict[str, StageKind]) -> list[Stage
 
 
 def _label(spec: RoleSpec | None) -> str | None:
-    from charter.models import model_label
+    from charter.core.models import model_label
 
     return None if spec is None else model_label(spec.model)
 

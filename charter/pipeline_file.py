@@ -41,9 +41,9 @@ from pathlib import Path
 
 import yaml
 
-from charter.config import config_from_dict, read_yaml_config
-from charter.errors import CharterError
-from charter.records import PromptItem, read_prompts
+from charter.core.config import config_from_dict, read_yaml_config
+from charter.core.errors import CharterError
+from charter.core.records import PromptItem, read_prompts
 from charter.roles import ROLES, parse_role
 
 

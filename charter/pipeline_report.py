@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from charter.records import write_json_atomic, write_text_atomic
+from charter.core.records import write_json_atomic, write_text_atomic
 
 
 def _pct(x) -> str:
@@ -47,7 +47,7 @@ def final_model(stages, state: dict) -> str | None:
 
 def roles_summary(pf) -> dict:
     """Every role's model, backend and options (start/policy named as such)."""
-    from charter.models import model_label
+    from charter.core.models import model_label
 
     c = pf.cfg
     roles = {"policy": {"model": model_label(c.model), "backend": c.backend}}
@@ -65,7 +65,7 @@ def roles_summary(pf) -> dict:
 
 def write_summary(out: Path, pf, stages, state: dict, seconds: float,
                   plot: bool = True) -> dict:
-    from critique.eval_report import plot_trend
+    from critique.evaluate.report import plot_trend
 
     points = trend_points(stages, state)
     summary = {
@@ -115,7 +115,7 @@ def render(summary: dict, has_trend: bool) -> str:
     labels = [st for st in summary["stages"] if st["kind"] == "label"
               and (st.get("result") or {}).get("diagnostics")]
     if labels:
-        from critique.labelreport import render_diagnostics
+        from critique.label.report import render_diagnostics
 
         for st in labels:
             lines += [""] + render_diagnostics(

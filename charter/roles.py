@@ -26,7 +26,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 
 ROLES = ("teacher", "labeler", "second_labeler", "judge")
 SYMBOLIC = ("start", "policy")
@@ -54,7 +54,7 @@ class RoleSpec:
 
     def load_key(self) -> tuple:
         """What makes two roles one loaded backend: kind, model, load-time options."""
-        from charter.models import model_label
+        from charter.core.models import model_label
 
         # dtype auto is every local backend's default: naming it loads nothing different
         opts = tuple((k, v) for k, v in self.options
@@ -63,7 +63,7 @@ class RoleSpec:
 
     def describe(self) -> dict:
         """For summary.json, report.md and model cards (never an API key: only its variable)."""
-        from charter.models import model_label
+        from charter.core.models import model_label
 
         return {"model": model_label(self.model), "backend": self.backend, **self.kwargs}
 
@@ -79,7 +79,7 @@ def parse_role(value: Any, *, backend: str, where: str, source: str | None = Non
 
     `backend` is the top-level backend (for strings and mappings without one); `resolve` turns
     a model path relative to the pipeline file into an absolute one."""
-    from charter.config import config_from_dict
+    from charter.core.config import config_from_dict
     from critique.backends.options import FIELD_MAP, BackendFields, backend_kwargs
 
     if value is None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 
 
 class ConstitutionError(CharterError):

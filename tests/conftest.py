@@ -22,7 +22,7 @@ def build_tiny_model(out: Path, seed: int = 0, layers: int = 2, width: int = 32)
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from charter.models import embedded_model_dir
+    from charter.core.models import embedded_model_dir
 
     tok = AutoTokenizer.from_pretrained(embedded_model_dir())
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 from critique.backends.base import Sampling
 
 CONVS = [

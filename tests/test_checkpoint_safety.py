@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from charter.cli import main
-from charter.errors import CharterError
-from charter.safestate import load_state, state_bytes
+from charter.core.errors import CharterError
+from charter.core.safestate import load_state, state_bytes
 from training import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

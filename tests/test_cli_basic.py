@@ -17,7 +17,7 @@ def lines(path):
 
 
 def test_models_path(capsys, tmp_path, tiny_model_dir):
-    from charter.models import embedded_model_dir
+    from charter.core.models import embedded_model_dir
 
     assert main(["models", "path"]) == 0
     assert capsys.readouterr().out.strip() == str(embedded_model_dir())

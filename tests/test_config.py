@@ -1,4 +1,4 @@
-"""charter/config.py: YAML values overridden by flags; errors name the file, line and key."""
+"""charter/core/config.py: YAML values overridden by flags; errors name the file, line and key."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from charter.config import add_config_args, build_config, field_docs
-from charter.errors import CharterError
+from charter.core.config import add_config_args, build_config, field_docs
+from charter.core.errors import CharterError
 
 
 @dataclass(kw_only=True)

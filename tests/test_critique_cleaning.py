@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from critique.cleaning import clean, loop_reason, problem, says_nothing_to_fix
+from critique.revise.cleaning import clean, loop_reason, problem, says_nothing_to_fix
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -117,7 +117,7 @@ def test_says_nothing_to_fix(critique, expected):
 
 
 # -- salvage / trim_incomplete (the lead's additions for the small default model) -------------
-from critique.cleaning import salvage, trim_incomplete  # noqa: E402
+from critique.revise.cleaning import salvage, trim_incomplete  # noqa: E402
 
 
 @pytest.mark.parametrize("text, expected", [

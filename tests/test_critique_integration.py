@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from critique.loop import CritiqueConfig, run_critique
+from critique.revise.run import CritiqueConfig, run_critique
 
 CONSTITUTION = """\
 name: integration

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from charter.errors import CharterError
-from charter.records import read_pairs, read_sft
+from charter.core.errors import CharterError
+from charter.core.records import read_pairs, read_sft
 from constitution import draw, load_constitution
 from critique.backends.fake import FakeBackend
-from critique.loop import CritiqueConfig, run_critique
+from critique.revise.run import CritiqueConfig, run_critique
 
 ONE_PRINCIPLE = """\
 name: one

@@ -8,9 +8,9 @@ import json
 import pytest
 
 from charter.cli import main
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 from critique.backends.fake import FakeBackend
-from critique.loop import CritiqueConfig, run_critique
+from critique.revise.run import CritiqueConfig, run_critique
 
 CONSTITUTION = """\
 name: resume

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from charter.cli import main
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONSTITUTION = str(ROOT / "principles" / "harmless.yaml")
@@ -96,10 +96,10 @@ def test_unwritable_output_fails_before_work(command, where, tmp_path, inputs, c
 def test_no_free_space_is_refused(tmp_path, monkeypatch):
     import shutil as _shutil
 
-    from charter.writable import check_output
+    from charter.core.writable import check_output
 
     usage = _shutil.disk_usage(tmp_path)
-    monkeypatch.setattr("charter.writable.shutil.disk_usage",
+    monkeypatch.setattr("charter.core.writable.shutil.disk_usage",
                         lambda p: usage._replace(free=4096))
     with pytest.raises(CharterError, match="only 4096 bytes free"):
         check_output(tmp_path / "run")
@@ -125,7 +125,7 @@ class FullDisk:
 
 
 def test_disk_full_mid_critique_keeps_whole_records(tmp_path, monkeypatch, capsys):
-    from charter.records import JsonlAppender
+    from charter.core.records import JsonlAppender
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Question {i}?"}) + "\n"
@@ -158,7 +158,7 @@ def test_disk_full_mid_critique_keeps_whole_records(tmp_path, monkeypatch, capsy
 
 
 def test_disk_full_atomic_write_keeps_old_file(tmp_path, monkeypatch):
-    from charter import records
+    from charter.core import records
 
     target = tmp_path / "manifest.json"
     records.write_json_atomic(target, {"version": 1})

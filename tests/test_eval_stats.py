@@ -1,10 +1,10 @@
-"""Win rates and confidence intervals (critique/stats.py), against hand-computed values."""
+"""Win rates and confidence intervals (critique/evaluate/stats.py), against hand-computed values."""
 
 from __future__ import annotations
 
 import pytest
 
-from critique.stats import (
+from critique.evaluate.stats import (
     bootstrap_mean_interval,
     outcome,
     rate_summary,
@@ -71,7 +71,7 @@ def test_rate_summary():
 def test_wilson_interval_contains_the_rate_at_0_and_1():
     """k = 0: centre - half is 0 exactly in arithmetic (1.4e-17 in floats, seen on 0/24, which
     made the refusal plot's error bar negative); the bound must be 0, and 1 for k = n."""
-    from critique.stats import wilson_interval
+    from critique.evaluate.stats import wilson_interval
 
     assert wilson_interval(0, 24)[0] == 0.0
     assert wilson_interval(24, 24)[1] == 1.0

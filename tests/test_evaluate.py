@@ -1,4 +1,4 @@
-"""Evaluation (critique/evaluate.py) with fake backends: rates, judged win rate, resume, CLI."""
+"""Evaluation (critique/evaluate/run.py) with fake backends: rates, judged win rate, resume, CLI."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import json
 import pytest
 
 from charter.cli import main
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 from critique.backends.fake import FakeBackend
-from critique.evaluate import EvalConfig, load_eval_prompts, run_eval
-from critique.labelmath import p_first
+from critique.evaluate.run import EvalConfig, load_eval_prompts, run_eval
+from critique.preference.labelmath import p_first
 
 CONSTITUTION = """\
 name: tiny

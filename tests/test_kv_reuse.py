@@ -174,7 +174,7 @@ def test_no_budget_stores_nothing_and_unshareable_caches_turn_reuse_off(tiny_mod
 
 
 def test_negative_budget_is_an_error(tiny_model_dir):
-    from charter.errors import CharterError
+    from charter.core.errors import CharterError
     from critique.backends.transformers_backend import TransformersBackend
 
     with pytest.raises(CharterError, match="kv_store_mb"):

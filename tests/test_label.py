@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from charter.errors import CharterError
-from critique import labelprompt as lp
+from charter.core.errors import CharterError
 from critique.backends.fake import FakeBackend
-from critique.label import LabelConfig, run_label
+from critique.label.run import LabelConfig, run_label
+from critique.preference import prompt as lp
 
 CONSTITUTION = """\
 name: test

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 from critique.backends.base import Usage
 from critique.backends.fake import FakeBackend
-from critique.label import LabelConfig, run_label
+from critique.label.run import LabelConfig, run_label
 from tests.test_label import (
     ONE_PRINCIPLE,
     biased_scorer,
@@ -70,7 +70,7 @@ def test_prompts_mode_pairs_skip_identical_and_mark_margin(tmp_path, constitutio
     assert r["low_margin"] is True
     assert r["provenance"]["constitution"] == "test"
     assert report["skipped_identical"] == 2 and report["low_margin"] == 2
-    from charter.records import read_pairs
+    from charter.core.records import read_pairs
 
     assert [p.p_chosen for p in read_pairs(tmp_path / "out" / "pairs.jsonl")] == \
         pytest.approx([sigmoid(0.2)] * 2)

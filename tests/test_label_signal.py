@@ -11,8 +11,8 @@ import pytest
 
 from critique.backends.fake import FakeBackend
 from critique.backends.topk import option_logprobs, option_token, score_top
-from critique.label import LabelConfig, run_label
-from critique.labelreport import label_warnings, margin_histogram
+from critique.label.report import label_warnings, margin_histogram
+from critique.label.run import LabelConfig, run_label
 from tests.test_label import ONE_PRINCIPLE, biased_scorer, read_out, sigmoid, write_prompts
 from tests.test_label_prompts import StubPolicy
 

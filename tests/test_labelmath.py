@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from critique.labelmath import (
+from critique.preference.labelmath import (
     accuracy,
     clamp,
     confidence,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from charter.cli import main
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 
 
 @pytest.fixture
@@ -166,9 +166,9 @@ def test_trust_remote_code_flag_defaults_off(command, capsys):
 
     configs = {
         "generate": "charter.commands.generate:GenerateConfig",
-        "critique": "critique.loop:CritiqueConfig",
-        "label": "critique.label:LabelConfig",
-        "eval": "critique.evaluate:EvalConfig",
+        "critique": "critique.revise.run:CritiqueConfig",
+        "label": "critique.label.run:LabelConfig",
+        "eval": "critique.evaluate.run:EvalConfig",
         "train sft": "training.options:SFTConfig",
         "train dpo": "training.options:DPOConfig",
     }

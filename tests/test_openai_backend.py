@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 from critique.backends.base import Sampling
 
 CONV = [{"role": "user", "content": "Say hi"}]
@@ -337,7 +337,7 @@ def test_backend_flags_and_yaml(tmp_path):
     variable name is the only key-related thing a config holds."""
     import argparse
 
-    from charter.config import add_config_args, build_config
+    from charter.core.config import add_config_args, build_config
     from critique.backends.options import BackendFields
 
     p = argparse.ArgumentParser()
@@ -382,7 +382,7 @@ def test_cli_generate_over_two_servers(tmp_path, monkeypatch):
 
 def test_critique_manifest_never_holds_the_key(stub, tmp_path, monkeypatch):
     """The critique stage built from its config (`build_backend`) writes no key anywhere."""
-    from critique.loop import CritiqueConfig, run_critique
+    from critique.revise.run import CritiqueConfig, run_critique
 
     monkeypatch.setenv("CHARTER_TEST_KEY", "sk-secret-000")
     prompts = tmp_path / "p.jsonl"

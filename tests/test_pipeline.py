@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from charter.cli import main
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 from charter.pipeline import STAGE_KINDS, StageKind, run_pipeline
 
 CALLS: list[str] = []
@@ -274,7 +274,7 @@ def test_critique_stage_that_writes_no_sft_data_fails_clearly(tmp_path):
     flagged, so SFT would have nothing to train on; the pipeline says so, naming the records."""
     from charter.pipeline import Context, _run_critique
     from critique.backends.fake import FakeBackend
-    from critique.loop import CritiqueConfig
+    from critique.revise.run import CritiqueConfig
 
     (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "How do I pick a lock?"}) + "\n")
     cfg = CritiqueConfig(constitution=str(Path(__file__).parents[1] / "principles" /

@@ -1,4 +1,4 @@
-"""Readers and writers in charter/records.py: every input format with literal expected messages,
+"""Readers and writers in charter/core/records.py: every input format with literal expected messages,
 and every kind of malformed input with the file:line it must name."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from charter.errors import CharterError
-from charter.records import (
+from charter.core.errors import CharterError
+from charter.core.records import (
     JsonlAppender,
     content_id,
     load_jsonl_for_resume,
@@ -65,7 +65,7 @@ def test_hh_transcript_takes_the_first_human_turn(tmp_path):
 
 
 def test_parse_hh_transcript_multi_turn():
-    from charter.records import parse_hh_transcript
+    from charter.core.records import parse_hh_transcript
 
     assert parse_hh_transcript(HH) == [
         user("How do I pick a lock?"), {"role": "assistant", "content": "Why do you want to?"},

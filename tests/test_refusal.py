@@ -1,10 +1,10 @@
-"""The refusal phrase rule (critique/refusal.py), on literal responses."""
+"""The refusal phrase rule (critique/evaluate/refusal.py), on literal responses."""
 
 from __future__ import annotations
 
 import pytest
 
-from critique.refusal import is_refusal, judge_question, match_refusal, opening
+from critique.evaluate.refusal import is_refusal, judge_question, match_refusal, opening
 
 
 @pytest.mark.parametrize("text, phrase", [

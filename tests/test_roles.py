@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 from charter.pipeline import STAGE_KINDS, plan
 from charter.pipeline_file import load_pipeline_file
 from charter.roles import BackendPool, make_spec, parse_role
 from critique.backends.fake import FakeBackend
-from critique.conversation import DISTILL_PRINCIPLE
-from critique.loop import CritiqueConfig, run_critique
+from critique.revise.conversation import DISTILL_PRINCIPLE
+from critique.revise.run import CritiqueConfig, run_critique
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_pipeline_with_policy_in_transformers_and_roles_on_a_server(tmp_path, tiny_model_dir):
-    from charter.models import resolve_model
+    from charter.core.models import resolve_model
     from charter.pipeline import run_pipeline
 
     server = Server(resolve_model(None), tmp_path / "server.log")
@@ -79,7 +79,8 @@ def test_pipeline_with_policy_in_transformers_and_roles_on_a_server(tmp_path, ti
     # the labels are the server's log-probs: the same questions scored locally agree
     from constitution import load_constitution
     from critique.backends.transformers_backend import TransformersBackend
-    from critique.label import LabelConfig, compare_pairs
+    from critique.label.run import LabelConfig
+    from critique.preference.score import compare_pairs
 
     cons = load_constitution(ROOT / "principles" / "harmless.yaml")
     by_id = {p.id: p for p in cons.preference_principles}

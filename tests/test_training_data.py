@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from charter.errors import CharterError
-from charter.records import PreferencePair
+from charter.core.errors import CharterError
+from charter.core.records import PreferencePair
 from training.collate import collate_pairs, collate_sft
 from training.data import (
     PairExample,

@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from charter.errors import CharterError
-from charter.safestate import load_state
+from charter.core.errors import CharterError
+from charter.core.safestate import load_state
 from training import checkpoint
 from training.dpo import DPOConfig, train_dpo
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 from training.losses import preference_loss
 
 T = torch.tensor

@@ -15,7 +15,7 @@ def test_sigmoid_loss_matches_trl(tmp_path, tiny_model_dir):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from charter.records import PreferencePair
+    from charter.core.records import PreferencePair
     from training.collate import collate_pairs
     from training.data import encode_pair
     from training.loop import forward_logps

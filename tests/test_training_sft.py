@@ -52,7 +52,7 @@ def test_cli_reports_bad_settings_on_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("field, value", [("batch_size", 0), ("warmup_ratio", 1.0),
                                           ("max_length", 4)])
 def test_config_validation_names_the_field(field, value):
-    from charter.errors import CharterError
+    from charter.core.errors import CharterError
     from training.options import SFTConfig
 
     with pytest.raises(CharterError) as e:

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from charter.errors import CharterError
-from charter.records import PreferencePair
+from charter.core.errors import CharterError
+from charter.core.records import PreferencePair
 from training.data import encode_pair, encode_sft, load_pair_rows, load_sft_rows
 from training.shapes import ChatCompletion, TextPair, TextSFT
 

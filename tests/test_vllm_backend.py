@@ -59,7 +59,7 @@ OPTIONS = [[" Mix flour, water and yeast.", " I don't know."], ["A", "B"], [", r
 
 @pytest.fixture(scope="module")
 def model_dir() -> str:
-    from charter.models import resolve_model
+    from charter.core.models import resolve_model
 
     return resolve_model(None)
 
@@ -206,8 +206,8 @@ def write_inputs(tmp_path: Path) -> tuple[Path, Path]:
 
 def run_stages(backend, tmp_path: Path) -> None:
     """The critique loop (1 round, 2 prompts) and pair labelling run through `backend`."""
-    from critique.label import LabelConfig, run_label
-    from critique.loop import CritiqueConfig, run_critique
+    from critique.label.run import LabelConfig, run_label
+    from critique.revise.run import CritiqueConfig, run_critique
 
     prompts, pairs = write_inputs(tmp_path)
     start = backend.usage.generated_tokens

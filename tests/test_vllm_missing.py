@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 
 
 def test_missing_vllm_names_the_install(monkeypatch):

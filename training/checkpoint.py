@@ -2,7 +2,7 @@
 
 A checkpoint `out/checkpoint-STEP/` holds the trainable weights (all of them, or only the LoRA
 adapter) as `model.safetensors`, the optimizer and scheduler state and each process's RNG state
-as safetensors (`charter.safestate`: tensors plus a JSON skeleton, never pickle, so a crafted
+as safetensors (`charter.core.safestate`: tensors plus a JSON skeleton, never pickle, so a crafted
 checkpoint cannot run code on resume), the resolved config, and last a `manifest.json` that
 lists every file with its size and sha256. It is written under a temporary name and renamed
 when complete, so a run killed while saving leaves no checkpoint that looks complete; leftovers
@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from charter.errors import CharterError
-from charter.records import write_json_atomic, write_text_atomic
-from charter.safestate import load_state, state_bytes
-from charter.writable import disk_error, write_bytes_durable
+from charter.core.errors import CharterError
+from charter.core.records import write_json_atomic, write_text_atomic
+from charter.core.safestate import load_state, state_bytes
+from charter.core.writable import disk_error, write_bytes_durable
 
 CONFIG_NAME = "train_config.json"  # not config.json: that name marks a model directory
 MANIFEST = "manifest.json"  # written last: a checkpoint without it is not complete

@@ -29,7 +29,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 from training import shapes
 
 IGNORE = -100

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from charter.errors import CharterError
-from charter.safestate import load_state, state_bytes
-from charter.writable import check_output, disk_error, write_bytes_durable
+from charter.core.errors import CharterError
+from charter.core.safestate import load_state, state_bytes
+from charter.core.writable import check_output, disk_error, write_bytes_durable
 from training import checkpoint as ckpt
 from training import shared_prompt
 from training.collate import collate_pairs
@@ -115,7 +115,7 @@ def reference_logps(acc, cfg: DPOConfig, model, examples, pad_id: int, model_pat
     """Cached (N, 2) reference log-probs, or None for the reference-free SimPO."""
     if cfg.loss == "simpo":
         return None
-    from charter.models import resolve_model
+    from charter.core.models import resolve_model
 
     ref_path = resolve_model(cfg.ref_model) if cfg.ref_model else model_path
     key = hashlib.sha256(json.dumps([pairs_fingerprint(examples), _model_identity(ref_path),
@@ -133,7 +133,7 @@ def reference_logps(acc, cfg: DPOConfig, model, examples, pad_id: int, model_pat
     if cfg.ref_model:
         from transformers import AutoModelForCausalLM
 
-        from charter.models import require_safetensors
+        from charter.core.models import require_safetensors
 
         require_safetensors(ref_path)
         ref = AutoModelForCausalLM.from_pretrained(

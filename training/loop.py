@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 from training.logps import sequence_logps
 from training.options import TrainConfig
 
@@ -34,7 +34,7 @@ def setup(cfg: TrainConfig):
     from accelerate.utils import set_seed
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from charter.models import require_safetensors, resolve_model
+    from charter.core.models import require_safetensors, resolve_model
 
     if cfg.tensorboard:
         try:
@@ -203,7 +203,7 @@ class MetricsLog:
     resumed step are dropped so no step appears twice."""
 
     def __init__(self, acc, out: Path, resume_step: int):
-        from charter.records import JsonlAppender, load_jsonl_for_resume, write_jsonl_atomic
+        from charter.core.records import JsonlAppender, load_jsonl_for_resume, write_jsonl_atomic
 
         self.acc, self.path = acc, out / "metrics.jsonl"
         self.rows: list[dict] = []

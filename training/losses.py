@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 from training.options import check_loss_settings
 
 

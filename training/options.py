@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 
 LOSSES = ("sigmoid", "ipo", "hinge", "robust", "soft", "simpo")
 

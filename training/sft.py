@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from charter.writable import check_output
+from charter.core.writable import check_output
 from training import checkpoint as ckpt
 from training.collate import collate_sft
 from training.data import data_provenance, load_sft_rows, tokenise_sft

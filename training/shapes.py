@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from charter.errors import CharterError
-from charter.records import (
+from charter.core.errors import CharterError
+from charter.core.records import (
     Message,
     PreferencePair,
     parse_hh_transcript,
@@ -169,7 +169,7 @@ def read_rows(data: str | os.PathLike, kind: str, split: str = "train") -> Rows:
         rows.path = p
         return rows
     if suffix == "csv":
-        from charter.records import _read_csv
+        from charter.core.records import _read_csv
 
         got = list(_read_csv(p))
     elif suffix == "json" and (obj := _json_rows(p)) is not None:

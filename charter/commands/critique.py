@@ -17,8 +17,8 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from charter.config import add_config_args
-    from critique.loop import CritiqueConfig
+    from charter.core.config import add_config_args
+    from critique.revise.run import CritiqueConfig
 
     p.add_argument("--config", metavar="YAML", default=None,
                    help="YAML file with any of the settings below (flags override it)")
@@ -46,8 +46,8 @@ def summary(m: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from charter.config import build_config
-    from critique.loop import CritiqueConfig, run_critique
+    from charter.core.config import build_config
+    from critique.revise.run import CritiqueConfig, run_critique
 
     cfg = build_config(CritiqueConfig, args, args.config)
     manifest = run_critique(cfg)

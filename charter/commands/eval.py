@@ -6,7 +6,7 @@
         --out runs/eval
 
 Prompts carry `label: harmful|unsafe|benign|safe`, or come as two files (--harmful, --benign).
-Refusals are detected by the phrase rule documented in critique/refusal.py (plus the judge's
+Refusals are detected by the phrase rule documented in critique/evaluate/refusal.py (plus the judge's
 yes/no verdict with --judge). The judged win rate needs --judge, --baseline and --constitution.
 Writes DIR/report.json, DIR/report.md, DIR/results.jsonl and PNG plots; re-running resumes.
 """
@@ -17,16 +17,16 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from charter.config import add_config_args
-    from critique.evaluate import EvalConfig
+    from charter.core.config import add_config_args
+    from critique.evaluate.run import EvalConfig
 
     p.add_argument("--config", help="YAML file with these settings (flags override it)")
     add_config_args(p, EvalConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    from charter.config import build_config
-    from critique.evaluate import EvalConfig, run_eval
+    from charter.core.config import build_config
+    from critique.evaluate.run import EvalConfig, run_eval
 
     cfg = build_config(EvalConfig, args, getattr(args, "config", None))
     report = run_eval(cfg)

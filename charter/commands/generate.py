@@ -45,7 +45,7 @@ class GenerateConfig(BackendFields):
     """Bad prompt records: raise, or skip them (each reported, and counted in the summary)."""
 
     def validate(self) -> None:
-        from charter.errors import CharterError
+        from charter.core.errors import CharterError
 
         if self.max_new_tokens < 1:
             raise CharterError("must be >= 1", field="max_new_tokens")
@@ -60,7 +60,7 @@ class GenerateConfig(BackendFields):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from charter.config import add_config_args
+    from charter.core.config import add_config_args
 
     p.add_argument("--config", metavar="YAML", help="YAML file with these settings; "
                    "flags given on the command line override it")
@@ -69,8 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_generate(cfg: GenerateConfig, backend=None) -> dict:
     """Answer every prompt not yet in `cfg.out`; returns counts."""
-    from charter.records import JsonlAppender, load_jsonl_for_resume, read_prompts
-    from charter.writable import check_output
+    from charter.core.records import JsonlAppender, load_jsonl_for_resume, read_prompts
+    from charter.core.writable import check_output
     from critique.backends import Sampling
     from critique.backends.options import build_backend
 
@@ -109,7 +109,7 @@ def run_generate(cfg: GenerateConfig, backend=None) -> dict:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from charter.config import build_config
+    from charter.core.config import build_config
 
     cfg = build_config(GenerateConfig, args, getattr(args, "config", None))
     counts = run_generate(cfg)

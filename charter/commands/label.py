@@ -19,8 +19,8 @@ import json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from charter.config import add_config_args
-    from critique.label import LabelConfig
+    from charter.core.config import add_config_args
+    from critique.label.run import LabelConfig
 
     p.add_argument("--config", default=None, metavar="YAML",
                    help="YAML file of settings (flags given here override it)")
@@ -28,8 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from charter.config import build_config
-    from critique.label import LabelConfig, run_label
+    from charter.core.config import build_config
+    from critique.label.run import LabelConfig, run_label
 
     cfg = build_config(LabelConfig, args, args.config)
     report = run_label(cfg)

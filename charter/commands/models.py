@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from charter.models import resolve_model
+    from charter.core.models import resolve_model
 
     print(resolve_model(args.name))
     return 0

@@ -103,8 +103,8 @@ def _show(path: str) -> int:
 
 def load_conversation(path: str) -> dict[str, Any]:
     """Read `--conversation`: messages (ending, optionally, with the response) and extras."""
-    from charter.errors import CharterError
-    from charter.records import validate_messages
+    from charter.core.errors import CharterError
+    from charter.core.records import validate_messages
 
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))

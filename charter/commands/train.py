@@ -17,7 +17,7 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from charter.config import add_config_args
+    from charter.core.config import add_config_args
     from training.options import DPOConfig, SFTConfig
 
     sub = p.add_subparsers(dest="train_cmd", metavar="STAGE", required=True)
@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from charter.config import build_config
+    from charter.core.config import build_config
 
     if args.train_cmd == "sft":
         from training.options import SFTConfig

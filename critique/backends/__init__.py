@@ -13,7 +13,7 @@ def load_backend(name: str, model: str | None = None, *, trust_remote_code: bool
 
     `trust_remote_code` (the `--trust-remote-code` flag) lets a local backend run Python code
     shipped in the model folder; it is off unless the user asks, and servers ignore it."""
-    from charter.errors import CharterError
+    from charter.core.errors import CharterError
 
     if name == "fake":
         from critique.backends.fake import FakeBackend
@@ -42,7 +42,7 @@ def _construct(cls: type, name: str, model: str | None, options: dict) -> Backen
     (they come from users' `backend_options` mappings) instead of a bare TypeError."""
     import inspect
 
-    from charter.errors import CharterError
+    from charter.core.errors import CharterError
 
     params = inspect.signature(cls.__init__).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):

@@ -57,7 +57,7 @@ def generate_args(conversations: Sequence[Conversation], sampling: Sampling,
                   prefixes: Sequence[str] | None, check_ranges: bool = True) -> list[str]:
     """Check `generate`'s arguments (shared by the backends); returns one prefix per
     conversation ("" where none was given)."""
-    from charter.errors import CharterError
+    from charter.core.errors import CharterError
 
     if sampling.n < 1 or sampling.max_new_tokens < 0:
         raise CharterError("sampling needs n >= 1 and max_new_tokens >= 0", field="sampling")
@@ -73,7 +73,7 @@ def generate_args(conversations: Sequence[Conversation], sampling: Sampling,
 def score_args(conversations: Sequence[Conversation], options: Sequence[Sequence[str]],
                prefixes: Sequence[str] | None) -> list[str]:
     """Check `score`'s arguments; returns one prefix per conversation."""
-    from charter.errors import CharterError
+    from charter.core.errors import CharterError
 
     out = list(prefixes) if prefixes is not None else [""] * len(conversations)
     if len(out) != len(conversations) or len(options) != len(conversations):

@@ -43,7 +43,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 from critique.backends.base import (
     Conversation,
     Sampling,
@@ -283,7 +283,7 @@ class OpenAIBackend:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            from charter.models import resolve_model
+            from charter.core.models import resolve_model
 
             name = self.tokenizer_name or self.served_model
             try:

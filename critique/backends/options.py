@@ -43,7 +43,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 
 # config field -> (backends that take it, kwarg name)
 FIELD_MAP: dict[str, tuple[tuple[str, ...], str]] = {

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 
 
 def option_logprobs(top: Mapping[str, float], option_tokens: Sequence[str]) -> list[float]:

@@ -21,8 +21,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from charter.errors import CharterError
-from charter.models import model_label, require_safetensors, resolve_model
+from charter.core.errors import CharterError
+from charter.core.models import model_label, require_safetensors, resolve_model
 from critique.backends.base import (
     Conversation,
     Sampling,

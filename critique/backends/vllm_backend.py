@@ -34,8 +34,8 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from charter.errors import CharterError
-from charter.models import model_label, require_safetensors, resolve_model
+from charter.core.errors import CharterError
+from charter.core.models import model_label, require_safetensors, resolve_model
 from critique.backends.base import (
     Conversation,
     Sampling,

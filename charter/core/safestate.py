@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 
 META_KEY = "charter_state"
 

@@ -5,7 +5,7 @@
 
 For `model` (and `baseline`, when given): greedy responses to every prompt, batched through the
 backend and appended to `DIR/responses-<role>.jsonl` as they finish (a killed run resumes).
-Each response is checked for refusal by the phrase rule of `critique/refusal.py`, and, with a
+Each response is checked for refusal by the phrase rule of `critique/evaluate/refusal.py`, and, with a
 judge, by the judge's yes/no verdict read from log-probs. The headline rate uses
 `refusal_detector` (`rule` by default, since a small judge is near chance). On harmful prompts a
 higher refusal rate is better; on benign prompts (over-refusal) lower is better.
@@ -13,7 +13,7 @@ higher refusal rate is better; on benign prompts (over-refusal) lower is better.
 With a judge and a baseline, each prompt's pair of responses is shown to the judge under
 `judge_principles` preference principles drawn from the constitution (seeded by prompt id) in
 both orders, as in labelling; P(M preferred) is the mean over orders and principles, and
-`critique/stats.py` turns those into a win rate and mean preference with 95% intervals.
+`critique/evaluate/stats.py` turns those into a win rate and mean preference with 95% intervals.
 Outputs: `report.json`, `report.md`, `results.jsonl` (one row per prompt) and PNG plots.
 """
 
@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from charter.errors import CharterError
-from charter.models import model_label
-from charter.records import (
+from charter.core.errors import CharterError
+from charter.core.models import model_label
+from charter.core.records import (
     JsonlAppender,
     PromptItem,
     content_id,
@@ -35,10 +35,10 @@ from charter.records import (
     read_prompts,
     write_jsonl_atomic,
 )
-from charter.writable import check_output
-from critique.labelmath import p_first, position_bias
-from critique.refusal import JUDGE_OPTIONS, judge_question, match_refusal
-from critique.stats import rate_summary, win_summary
+from charter.core.writable import check_output
+from critique.evaluate.refusal import JUDGE_OPTIONS, judge_question, match_refusal
+from critique.evaluate.stats import rate_summary, win_summary
+from critique.preference.labelmath import p_first, position_bias
 
 
 @dataclass(kw_only=True)
@@ -208,12 +208,13 @@ def judge_refusals(judge, prompts: list[PromptItem], responses: dict[str, str],
 
 def judge_pairs(judge, constitution, prompts: list[PromptItem], a: dict[str, str],
                 b: dict[str, str], cfg: EvalConfig) -> dict[str, dict]:
-    """Labelling's comparison (critique/label.py `compare_pairs`: both orders, few-shot
+    """Labelling's comparison (critique/label/run.py `compare_pairs`: both orders, few-shot
     examples, log-prob labels) of response a vs b per prompt, under `judge_principles`
     preference principles drawn per prompt id (seeded). Returns per prompt id the label dict
     (p_a, orders, votes, vote_orders); identical responses are not judged (they tie)."""
     from constitution import draw
-    from critique.label import LabelConfig, compare_pairs
+    from critique.label.run import LabelConfig
+    from critique.preference.score import compare_pairs
 
     pool = constitution.preference_principles
     if not pool:
@@ -270,7 +271,7 @@ def run_eval(cfg: EvalConfig, backends: dict | None = None, release=None) -> dic
     and closed at the end. `release(role)`, when given, is called once a role's backend is no
     longer needed (its responses are written), so one model is in memory at a time.
     """
-    from critique.eval_report import write_report
+    from critique.evaluate.report import write_report
 
     cfg.validate()
     out = Path(cfg.out)

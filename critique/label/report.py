@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from critique.labelmath import accuracy, confidence, position_bias, principle_agreement
+from critique.preference.labelmath import accuracy, confidence, position_bias, principle_agreement
 
 RATING_SPAN = 9.0  # ratings 1..10
 
@@ -186,7 +186,7 @@ def write_diagnostics(out, report: dict, records: list[dict], min_margin: float)
     """margins.png (histogram of the labels' p) and report.md into the label directory."""
     from pathlib import Path
 
-    from charter.records import write_text_atomic
+    from charter.core.records import write_text_atomic
 
     out = Path(out)
     d = report["diagnostics"]

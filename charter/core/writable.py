@@ -4,7 +4,7 @@ Every command that writes calls `check_output(out)` first: it creates the direct
 fsyncs and removes a probe file, and requires some free space, so an output under a regular file
 (`--out notes.txt/run`), on a read-only or full file system, or without permission fails at
 once with the path and the reason. (Writes themselves are atomic or append-only, see
-`charter.records`, so a disk that fills up later corrupts nothing either.) A leaf module.
+`charter.core.records`, so a disk that fills up later corrupts nothing either.) A leaf module.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 
 # Less free space than this on the output's device is an error before any work starts.
 MIN_FREE_BYTES = 1 << 20

@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from charter.records import write_json_atomic, write_text_atomic
+from charter.core.records import write_json_atomic, write_text_atomic
 
 ROLE_ORDER = ("baseline", "sft_model", "model")  # start, SFT only, SFT + DPO
 ROLE_NAMES = {"baseline": "start", "sft_model": "SFT only", "model": "model"}
@@ -52,7 +52,7 @@ def render_markdown(report: dict, rows: list[dict], samples: int) -> str:
     lines = ["# Evaluation", "",
              f"Prompts: {report['counts']['harmful']} harmful, {report['counts']['benign']} "
              "benign. Refusal verdict: "
-             f"`{report['config']['refusal_detector']}` (phrase rule: critique/refusal.py). "
+             f"`{report['config']['refusal_detector']}` (phrase rule: critique/evaluate/refusal.py). "
              "95% Wilson intervals in brackets.", "",
              "## Refusal rates", "",
              "| model | harmful (higher is better) | benign (lower is better) | "

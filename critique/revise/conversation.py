@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from charter.records import Message, Round
+from charter.core.records import Message, Round
 from constitution import Constitution, FewShot, Principle
 
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from critique import labelprompt as lp
 from critique.backends.base import Sampling
-from critique.labelmath import clamp, ensemble, p_first, rating_expectation, swap_average
+from critique.preference import prompt as lp
+from critique.preference.labelmath import clamp, ensemble, p_first, rating_expectation, swap_average
 
 if TYPE_CHECKING:  # the config's fields read here: cot, few_shot, cot_max_new_tokens, seed, clamp_*
-    from critique.label import LabelConfig
+    from critique.label.run import LabelConfig
 
 
 def compare_pairs(backend, constitution, jobs: list[tuple], cfg: LabelConfig) -> list[dict]:

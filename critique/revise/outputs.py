@@ -20,8 +20,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from charter.errors import CharterError
-from charter.records import (
+from charter.core.errors import CharterError
+from charter.core.records import (
     PromptItem,
     load_jsonl_for_resume,
     write_json_atomic,

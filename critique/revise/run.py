@@ -5,13 +5,13 @@
 
 For each prompt the model answers; then, for `rounds` rounds, a principle is drawn (seeded by
 seed, record id and round, `constitution.draw`), the model critiques its latest response under
-it and revises the response (the conversation grows as in `critique.conversation`). Work is
+it and revises the response (the conversation grows as in `critique.revise.conversation`). Work is
 batched across prompts per step: a chunk of `batch_size` prompts goes through one `generate`
 call for all initial responses, then one for all round-1 critiques, one for the round-1
 revisions, and so on; then the chunk's records are appended to `OUT/records.jsonl` (flushed and
 fsynced), so a killed run loses at most the chunk in flight.
 
-Rules applied to every output (`critique.cleaning`):
+Rules applied to every output (`critique.revise.cleaning`):
 - echoes ("Revision:", "Sure, here is a revised response:", quotes, later turns) are stripped;
 - an empty, looping or copied output flags the record (`step:reason`, e.g. `revision:loop`):
   the record keeps the raw text, does no further rounds, is counted in the manifest and is left
@@ -23,7 +23,7 @@ Rules applied to every output (`critique.cleaning`):
 Record ids are `content_id(prompt messages, input response, provenance)`; the provenance holds
 every setting that changes outputs (model, backend, sampling, seed, rounds, few-shot count,
 constitution name and sha256). Re-running the same command skips finished ids; a different
-constitution or setting in the same `--out` is refused (`critique.outputs.check_resumable`).
+constitution or setting in the same `--out` is refused (`critique.revise.outputs.check_resumable`).
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from charter.errors import CharterError
-from charter.models import model_label
-from charter.records import (
+from charter.core.errors import CharterError
+from charter.core.models import model_label
+from charter.core.records import (
     JsonlAppender,
     PromptItem,
     RevisionRecord,
@@ -46,13 +46,13 @@ from charter.records import (
     load_jsonl_for_resume,
     read_prompts,
 )
-from charter.writable import check_output
+from charter.core.writable import check_output
 from constitution import Constitution, draw, load_constitution
-from critique import outputs
 from critique.backends.base import Backend, Conversation, Sampling
 from critique.backends.options import BackendFields, backend_kwargs, build_backend
-from critique.cleaning import clean, problem, salvage, says_nothing_to_fix, trim_incomplete
-from critique.conversation import Dialogue
+from critique.revise import outputs
+from critique.revise.cleaning import clean, problem, salvage, says_nothing_to_fix, trim_incomplete
+from critique.revise.conversation import Dialogue
 
 
 @dataclass(kw_only=True)

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 
 # ---------------------------------------------------------------------------------------------
 # ids, atomic writes, appends

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from charter.errors import CharterError
-from charter.records import content_id, read_jsonl, validate_messages
+from charter.core.errors import CharterError
+from charter.core.records import content_id, read_jsonl, validate_messages
 
 
 @dataclass

@@ -3,7 +3,7 @@
 This is a leaf module: it imports no stage, so `critique/` and `training/` can both use it without
 importing each other. Everything on disk is JSONL (one JSON object a line, loadable with
 `datasets.load_dataset("json", data_files=...)`); the low-level JSONL writing and reading (ids,
-atomic writes, crash-safe appends, resume) is in `charter.jsonl` and re-exported here.
+atomic writes, crash-safe appends, resume) is in `charter.core.jsonl` and re-exported here.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from charter.errors import CharterError
-from charter.jsonl import (  # noqa: F401  (re-exported: the stages import them from here)
+from charter.core.errors import CharterError
+from charter.core.jsonl import (  # noqa: F401  (re-exported: the stages import them from here)
     JsonlAppender,
     check_readable,
     content_id,

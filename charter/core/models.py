@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 
 EMBEDDED = "smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

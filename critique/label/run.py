@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from charter.config import config_to_dict
-from charter.errors import CharterError
-from charter.records import (
+from charter.core.config import config_to_dict
+from charter.core.errors import CharterError
+from charter.core.records import (
     JsonlAppender,
     content_id,
     load_jsonl_for_resume,
@@ -45,15 +45,15 @@ from charter.records import (
     write_jsonl_atomic,
     write_text_atomic,
 )
-from charter.writable import check_output
+from charter.core.writable import check_output
 from constitution import draw, load_constitution
 from critique.backends.base import Sampling
-from critique.labelinput import LabelPair, read_label_pairs  # noqa: F401  (re-exported)
-from critique.labelmath import (
+from critique.label.inputs import LabelPair, read_label_pairs  # noqa: F401  (re-exported)
+from critique.label.report import build_report, write_diagnostics
+from critique.preference.labelmath import (
     low_margin,
 )
-from critique.labelreport import build_report, write_diagnostics
-from critique.labelscore import compare_pairs, rate_responses  # noqa: F401  (re-exported)
+from critique.preference.score import compare_pairs, rate_responses  # noqa: F401  (re-exported)
 
 
 @dataclass(kw_only=True)

@@ -4,7 +4,7 @@ Small models wrap their answers in echoes of the instructions ("Revision:", "Sur
 revised response:"), keep writing the next turns of the conversation ("Human: ..."), loop
 ("A.K.A.S.A.R.A.D...", the same phrase over and over) or copy the request instead of answering
 it. Each step's text goes through `clean(text)` and then `problem(text, ...)`; a step with a
-problem flags its record (see `critique.loop`). `says_nothing_to_fix(critique)` implements the
+problem flags its record (see `critique.revise.run`). `says_nothing_to_fix(critique)` implements the
 rule that lets a critique end a round without a revision.
 
 The rules are heuristics, written out below so they can be read and tested; each returns a short

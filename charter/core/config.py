@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from charter.errors import CharterError
+from charter.core.errors import CharterError
 
 _DOC_CACHE: dict[type, dict[str, str]] = {}
 
