@@ -132,7 +132,15 @@ def _run_eval(cfg, ctx: Context) -> dict:
 
     # loaded when the eval reaches each role, freed when done with it (one model at a time)
     backends = {role: (lambda r=role: ctx.backend(r)) for role in ctx.roles}
-    return eval_headline(run_eval(cfg, backends, release=ctx.release))
+    headline = eval_headline(run_eval(cfg, backends, release=ctx.release))
+    from charter.core.models import resolve_model
+    from training.cards import add_to_card
+
+    try:  # the evaluated model's card gains the headline (a trained model of this run)
+        add_to_card(Path(resolve_model(cfg.model)) / "README.md", headline=headline)
+    except CharterError:
+        pass  # not a local model folder: no card to update
+    return headline
 
 
 def eval_headline(report: dict) -> dict:

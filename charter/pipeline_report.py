@@ -183,17 +183,10 @@ def render_comparison(st: dict) -> list[str]:
 
 
 def card_roles(final: Path, roles: dict) -> None:
-    """Add (or replace) a "Roles" section in the final model's card (README.md): which model
-    and backend played each role of the run that made it."""
-    card = Path(final) / "README.md"
-    if not card.is_file():
-        return
-    text = card.read_text(encoding="utf-8")
-    head = "## Roles (charter run)"
-    if head in text:
-        start = text.index(head)
-        nxt = text.find("\n## ", start + len(head))
-        text = text[:start] + (text[nxt + 1:] if nxt != -1 else "")
-    section = [head, "", "Made by `charter run`; each role's model and backend:", ""]
-    section += [line for line in render_roles(roles)[2:]]
-    write_text_atomic(card, text.rstrip("\n") + "\n\n" + "\n".join(section) + "\n")
+    """The final model's card gets the run's roles (formats' hook, `training.cards`): which
+    model, on which backend, played each role."""
+    from training.cards import add_to_card
+
+    add_to_card(Path(final) / "README.md", roles={
+        name: "none" if d is None else f"{d['model']} · {d['backend']}"
+        for name, d in roles.items()})

@@ -190,3 +190,15 @@ def test_gpu_example_checks_with_roles_on_a_server(capsys):
     assert stages["label"]["roles"]["policy"]["backend"] == "vllm"
     assert stages["sft"]["config"]["lora"] and stages["dpo"]["config"]["lora"]
     assert stages["eval"]["roles"]["judge"]["backend"] == "openai"
+
+
+def test_final_model_card_names_every_role(tmp_path):
+    from charter.pipeline_report import card_roles
+
+    (tmp_path / "README.md").write_text("# Charter DPO model\n\n## Result\n\n- loss: 0.6\n")
+    card_roles(tmp_path, {"policy": {"model": "smollm2", "backend": "transformers"},
+                          "teacher": {"model": "big", "backend": "openai", "base_url": ["u"]},
+                          "second_labeler": None})
+    card = (tmp_path / "README.md").read_text()
+    assert "| teacher | `big · openai` |" in card and "| second_labeler | `none` |" in card
+    assert card.index("## Roles") < card.index("## Result")

@@ -72,7 +72,7 @@ def test_pipeline_with_policy_in_transformers_and_roles_on_a_server(tmp_path, ti
     report = json.loads((run / "label" / "report.json").read_text())
     assert report["usage"]["labeler"]["score_calls"] >= 1
     card = (run / "dpo" / "final" / "README.md").read_text()
-    assert "## Roles (charter run)" in card and "| labeler | `smollm2` | openai |" in card
+    assert "## Roles" in card and "| labeler | `smollm2 · openai` |" in card
     md = (run / "report.md").read_text()
     assert "Start vs SFT only vs SFT + DPO" in md and "## Label diagnostics (label)" in md
 

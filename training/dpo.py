@@ -31,7 +31,13 @@ from charter.core.writable import check_output, disk_error, write_bytes_durable
 from training import checkpoint as ckpt
 from training import shared_prompt
 from training.collate import collate_pairs
-from training.data import data_provenance, load_pair_rows, pairs_fingerprint, tokenise_pairs
+from training.data import (
+    data_provenance,
+    drop_degenerate_pairs,
+    load_pair_rows,
+    pairs_fingerprint,
+    tokenise_pairs,
+)
 from training.loop import (
     MetricsLog,
     clip_and_step,
@@ -46,6 +52,7 @@ from training.loop import (
 )
 from training.losses import preference_loss
 from training.options import DPOConfig
+from training.trackers import start_trackers
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
            "logps/chosen", "logps/rejected")
@@ -173,14 +180,19 @@ def train_dpo(cfg: DPOConfig) -> Path:
     out = Path(cfg.out)
     cfg_dict = dataclasses.asdict(cfg)
     loaded = load_pair_rows(cfg.data, cfg.split, cfg.hh_transcripts)  # bad data fails first
+    degenerate = drop_degenerate_pairs(loaded)
     check_output(out)  # so does an output that cannot be written
     ckpt.check_run_dir(out, cfg_dict, "dpo")  # and a folder holding another run
     acc, model, tok, model_path = setup(cfg)
     log(acc, f"data: {loaded.path}: {len(loaded.rows)} rows, {loaded.shape}")
     ckpt.prepare_run_dir(acc, out, cfg_dict, "dpo")
+    if degenerate:
+        log(acc, f"dropped {len(degenerate)} pairs whose chosen equals rejected (first: "
+                 f"{degenerate[0]}); training on {len(loaded.rows)}")
     if acc.is_main_process:
         ckpt.clean_partial(out)
-    examples = tokenise_pairs(tok, loaded, cfg.max_length, progress=acc.is_main_process)
+    examples = tokenise_pairs(tok, loaded, cfg.max_length, progress=acc.is_main_process,
+                              max_prompt_length=cfg.max_prompt_length)
     if cfg.loss == "soft":
         missing = next((e for e in examples if e.p_chosen is None), None)
         if missing:
@@ -198,8 +210,8 @@ def train_dpo(cfg: DPOConfig) -> Path:
     if last is not None:
         start = ckpt.load_checkpoint(acc, model, opt, sched, last)
         log(acc, f"resuming from {last} (step {start} of {total})")
-    if cfg.tensorboard:
-        acc.init_trackers("tensorboard")
+    if cfg.report_to:
+        start_trackers(acc, cfg_dict, "dpo")
     metrics = MetricsLog(acc, out, start)
     run_steps(acc, cfg, model, opt, sched, examples, ref, tok.pad_token_id, start, total,
               metrics, out, cfg_dict, last)
@@ -211,7 +223,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
                      out / "metrics.png", f"DPO ({cfg.loss}, β={cfg.beta})")
     card = ckpt.model_card("dpo", cfg_dict, data_provenance(loaded.path), model_path,
                            {"steps": total, **summary})
-    final = ckpt.save_final(acc, model, tok, out, card, total)
+    final = ckpt.save_final(acc, model, tok, out, card, total, merge=cfg.merge)
     acc.end_training()
     log(acc, f"saved {final}")
     return final

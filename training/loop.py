@@ -35,13 +35,9 @@ def setup(cfg: TrainConfig):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from charter.core.models import require_safetensors, resolve_model
+    from training.trackers import log_with
 
-    if cfg.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise CharterError("needs the tensorboard package: pip install tensorboard",
-                               field="tensorboard") from None
+    trackers = log_with(cfg.report_to, cfg.out)  # a missing package fails before any work
     if cfg.mixed_precision == "fp16" and (cfg.cpu or not torch.cuda.is_available()):
         raise CharterError("fp16 autocast needs a GPU; use bf16 on CPUs",
                            field="mixed_precision")
@@ -55,7 +51,7 @@ def setup(cfg: TrainConfig):
     # so a machine with no accelerator is a CPU run, launched alone or under torchrun.
     no_accel = not (torch.cuda.is_available() or torch.backends.mps.is_available())
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu or no_accel,
-                      log_with="tensorboard" if cfg.tensorboard else None,
+                      log_with=trackers or None,
                       project_dir=cfg.out)
     set_seed(cfg.seed)
     path = resolve_model(cfg.model)
@@ -63,8 +59,18 @@ def setup(cfg: TrainConfig):
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     if tok.pad_token_id is None:  # padding is masked everywhere; any id will do
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
-                                                 trust_remote_code=cfg.trust_remote_code)
+    if Path(path, "adapter_config.json").exists() and not Path(path, "config.json").exists():
+        # a LoRA run's final/ (a peft adapter): train on from its base with the adapter merged
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, use_safetensors=True,
+            trust_remote_code=cfg.trust_remote_code).merge_and_unload()
+        model.requires_grad_(True)  # peft froze the base; all of it trains from here
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, use_safetensors=True,
+            trust_remote_code=cfg.trust_remote_code)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -49,7 +49,9 @@ class TrainConfig:
     max_length: int = 1024
     """tokens per sequence; longer ones keep the prompt's end and the response's start"""
     lora: bool = False
-    """train a LoRA adapter (peft) instead of all weights; merged into final/"""
+    """train a LoRA adapter (peft) instead of all weights; final/ is the peft adapter"""
+    merge: bool = False
+    """with lora: save final/ as the merged model (the adapter kept in final/adapter/)"""
     lora_r: int = 16
     """LoRA rank"""
     lora_alpha: int = 32
@@ -74,10 +76,25 @@ class TrainConfig:
     keep_checkpoints: int | None = 2
     """keep only the newest this many checkpoints (each holds the weights and the optimizer
     state, ~3x the model's size); None = keep all"""
-    tensorboard: bool = False
-    """also log metrics to tensorboard under out/tensorboard (needs the tensorboard package)"""
+    report_to: list[str] = field(default_factory=list)
+    """trackers for the metrics besides out/metrics.jsonl: tensorboard, wandb, csv (TRL's
+    metric names; none by default)"""
     trust_remote_code: bool = False
     """let transformers run Python code shipped in the model folder (only for models you trust)"""
+
+    @classmethod
+    def translate_keys(cls, values: dict, names: set[str], source: str | None,
+                       lines: dict[str, int]) -> tuple[dict, dict[str, int]]:
+        """TRL/TrainingArguments key names → ours (training/recipe_keys.py)."""
+        from training.recipe_keys import translate
+
+        return translate(values, names, source=source, lines=lines)
+
+    @classmethod
+    def nearest_key(cls, key: str, names: set[str]) -> str | None:
+        from training.recipe_keys import nearest
+
+        return nearest(key, names)
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "log_every", "lora_r"):
@@ -122,6 +139,8 @@ class DPOConfig(TrainConfig):
     """reference model (default: the starting policy; with --lora, the base without adapter)"""
     ref_batch_size: int = 8
     """pairs per forward pass when computing reference log-probs (no gradients)"""
+    max_prompt_length: int | None = None
+    """keep only the prompt's last N tokens (TRL's max_prompt_length; None = max_length rules)"""
     share_prompt: bool = True
     """run each pair's prompt once and both responses on its cache (one process, no gradient
     checkpointing; else the concatenated pass)"""
@@ -135,6 +154,9 @@ class DPOConfig(TrainConfig):
                             gamma=self.gamma, rpo_alpha=self.rpo_alpha)
         if self.loss == "simpo" and self.ref_model:
             raise CharterError("simpo is reference-free; drop --ref-model", field="ref_model")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise CharterError(f"must be >= 1 (or unset), got {self.max_prompt_length}",
+                               field="max_prompt_length")
         if self.ref_batch_size < 1:
             raise CharterError(f"must be >= 1, got {self.ref_batch_size}",
                                field="ref_batch_size")

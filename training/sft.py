@@ -37,6 +37,7 @@ from training.loop import (
     total_steps,
 )
 from training.options import SFTConfig
+from training.trackers import start_trackers
 
 
 def _label_tokens(examples, idx: list[int]) -> int:
@@ -67,8 +68,8 @@ def train_sft(cfg: SFTConfig) -> Path:
     if last is not None:
         start = ckpt.load_checkpoint(acc, model, opt, sched, last)
         log(acc, f"resuming from {last} (step {start} of {total})")
-    if cfg.tensorboard:
-        acc.init_trackers("tensorboard")
+    if cfg.report_to:
+        start_trackers(acc, cfg_dict, "sft")
     metrics = MetricsLog(acc, out, start)
     run_steps(acc, cfg, model, opt, sched, examples, tok.pad_token_id, start, total, metrics,
               out, cfg_dict, last)
@@ -78,7 +79,7 @@ def train_sft(cfg: SFTConfig) -> Path:
         plot_metrics(rows, ["loss", "lr", "tokens_per_s"], out / "metrics.png", "SFT")
     summary = {"steps": total, "final loss": rows[-1]["loss"] if rows else None}
     card = ckpt.model_card("sft", cfg_dict, data_provenance(loaded.path), model_path, summary)
-    final = ckpt.save_final(acc, model, tok, out, card, total)
+    final = ckpt.save_final(acc, model, tok, out, card, total, merge=cfg.merge)
     acc.end_training()
     log(acc, f"saved {final}")
     return final

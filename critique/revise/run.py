@@ -49,9 +49,17 @@ from charter.core.records import (
 from charter.core.writable import check_output
 from constitution import Constitution, draw, load_constitution
 from critique.backends.base import Backend, Conversation, Sampling
+from critique.backends.context import check_context
 from critique.backends.options import BackendFields, backend_kwargs, build_backend
 from critique.revise import outputs
-from critique.revise.cleaning import clean, problem, salvage, says_nothing_to_fix, trim_incomplete
+from critique.revise.cleaning import (
+    clean,
+    problem,
+    salvage,
+    says_nothing_to_fix,
+    shared_phrases,
+    trim_incomplete,
+)
 from critique.revise.conversation import Dialogue
 
 
@@ -227,6 +235,7 @@ def _round(dialogues: list[Dialogue], r: int, constitution: Constitution, cfg: C
     """One critique step and one revision step for every active dialogue of the chunk."""
     seed = cfg.seed
     active = [d for d in dialogues if d.active]
+    common = shared_phrases([_example_texts([e]) for e in constitution.few_shot])
     pool = constitution.critique_principles
     convs = []
     for d in active:
@@ -237,7 +246,7 @@ def _round(dialogues: list[Dialogue], r: int, constitution: Constitution, cfg: C
     for d, raw in zip(active, texts):
         text = clean(raw)
         why = problem(text, requests=d.requests() + [d.request], quoted=d.quoted(),
-                      examples=[e.critique for e in d.examples])
+                      examples=_example_texts(d.examples), common=common)
         if why:
             d.fail("critique", why, raw)
             continue
@@ -251,7 +260,7 @@ def _round(dialogues: list[Dialogue], r: int, constitution: Constitution, cfg: C
     for d, raw in zip(revise, texts):
         text = clean(raw)
         kw = dict(requests=d.requests() + [d.request], critique=d.critique, quoted=d.quoted(),
-                  examples=[e.revision for e in d.examples])
+                  examples=_example_texts(d.examples), common=common)
         why = problem(text, **kw)
         if cfg.salvage:
             rescued = salvage(text) if why == "loop" else trim_incomplete(text)
@@ -263,6 +272,12 @@ def _round(dialogues: list[Dialogue], r: int, constitution: Constitution, cfg: C
             d.add_revision(text)
 
 
+def _example_texts(examples: list) -> list[str]:
+    """What an output must not copy from the few-shot examples it was shown: their responses,
+    critiques and revisions."""
+    return list(dict.fromkeys(t for e in examples for t in (e.response, e.critique, e.revision)))
+
+
 def _distill(dialogues: list[Dialogue], constitution: Constitution, steps: _Steps,
              salvage_ok: bool = True) -> None:
     """mode distill: the teacher answers each prompt with the constitution in its context; the
@@ -272,7 +287,7 @@ def _distill(dialogues: list[Dialogue], constitution: Constitution, steps: _Step
                   steps.response)
     for d, raw in zip(active, texts):
         text = clean(raw)
-        kw = dict(requests=[d.request], examples=[e.revision for e in d.examples])
+        kw = dict(requests=[d.request], examples=_example_texts(d.examples))
         why = problem(text, **kw)
         if salvage_ok:  # as for revisions: a looping answer keeps its clean opening sentences
             rescued = salvage(text) if why == "loop" else trim_incomplete(text)
@@ -317,6 +332,7 @@ def _selection(path: str, cfg: CritiqueConfig, limit: int | None, errors: list[s
     items = read_prompts(path, cfg.prompt_field if kind == "critique" else None,
                          cfg.on_error, errors)
     items = items[:limit] if limit else items
+    items = check_context(items, cfg, cfg.on_error, errors)  # each fits, before the model loads
     seen: dict[str, PromptItem] = {}
     for it in items:
         rid = content_id(kind, it.messages, it.response if kind == "critique" else None, prov)
