@@ -202,3 +202,21 @@ def test_final_model_card_names_every_role(tmp_path):
     card = (tmp_path / "README.md").read_text()
     assert "| teacher | `big · openai` |" in card and "| second_labeler | `none` |" in card
     assert card.index("## Roles") < card.index("## Result")
+
+
+def test_backends_are_freed_before_training_and_kept_while_needed(tmp_path):
+    """Before each stage the pool keeps only what that stage and the stages up to the next
+    training stage use: nothing is held through SFT or DPO; the eval keeps start (baseline and
+    judge, one load), SFT and DPO models."""
+    from charter.pipeline import _needed_from
+
+    path = _write_pipeline(tmp_path, "iterations: 2\njudge: start\n")
+    stages = plan(load_pipeline_file(path), tmp_path / "run", STAGE_KINDS)
+    names = [st.name for st in stages]
+    at = {n: _needed_from(stages, i) for i, n in enumerate(names)}
+    assert at["sft"] == set() and at["dpo"] == set() and at["dpo-2"] == set()
+    run = tmp_path / "run"
+    assert {k[1] for k in at["eval"]} == {"smollm2", str(run / "sft"), str(run / "dpo")}
+    # eval → label-2: the DPO model evaluated is label-2's policy, loaded once for both
+    assert {k[1] for k in at["label-2"]} == {str(tmp_path / "run" / "dpo"), "smollm2"}
+    assert len([k for k in at["eval"] if k[1] == "smollm2"]) == 1
