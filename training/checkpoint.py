@@ -39,7 +39,7 @@ FORMAT = "charter-checkpoint/1"
 # share_prompt only changes how the same log-probs are computed; `out` is where the run is, not
 # what it is (a moved folder resumes).
 RESUMABLE = {"save_every", "log_every", "report_to", "epochs", "max_steps", "trust_remote_code",
-             "share_prompt", "keep_checkpoints", "out", "merge"}
+             "share_prompt", "keep_checkpoints", "out", "merge", "chunked_logps"}
 PATH_FIELDS = ("data", "model", "ref_model")  # compared by what they hold, not how spelled
 
 

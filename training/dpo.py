@@ -80,11 +80,11 @@ def pair_batch(examples, pad_id: int, share: bool, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def pair_forward(model, batch: dict):
+def pair_forward(model, batch: dict, chunked: bool = True):
     """(summed, mean, count) log-probs of chosen rows then rejected rows."""
     if "prompt_ids" in batch:
-        return shared_prompt.pair_logps(model, batch)
-    return forward_logps(model, batch)
+        return shared_prompt.pair_logps(model, batch, chunked)
+    return forward_logps(model, batch, chunked)
 
 
 @torch.no_grad()
@@ -126,7 +126,7 @@ def reference_logps(acc, cfg: DPOConfig, model, examples, pad_id: int, model_pat
 
     ref_path = resolve_model(cfg.ref_model) if cfg.ref_model else model_path
     key = hashlib.sha256(json.dumps([pairs_fingerprint(examples), _model_identity(ref_path),
-                                     cfg.mixed_precision]).encode()).hexdigest()
+                                     cfg.precision]).encode()).hexdigest()
     cache = Path(cfg.out) / "ref_logps.safetensors"
     if cache.exists():
         try:
@@ -204,7 +204,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
         return out / "final"
     share = shared_prompt.decide(cfg, acc.num_processes, model, examples)
     ref = reference_logps(acc, cfg, model, examples, tok.pad_token_id, model_path, share)
-    opt, sched = make_optimizer(model, cfg, total)
+    opt, sched = make_optimizer(model, cfg, total, acc.num_processes)
     model, opt = acc.prepare(model, opt)
     start, last = 0, ckpt.resume_point(out, lambda m: log(acc, m))
     if last is not None:
@@ -249,7 +249,7 @@ def run_steps(acc, cfg: DPOConfig, model, opt, sched, examples, ref, pad_id, sta
             batch = pair_batch([examples[i] for i in idx], pad_id, share, acc.device)
             sync = a == len(micro) - 1
             with (contextlib.nullcontext() if sync else acc.no_sync(model)), acc.autocast():
-                total_lp, _, count = pair_forward(model, batch)  # (2B,)
+                total_lp, _, count = pair_forward(model, batch, cfg.chunked_logps)  # (2B,)
                 n = len(idx)
                 pc, pr = total_lp[:n], total_lp[n:]
                 rc = rr = None
@@ -262,7 +262,8 @@ def run_steps(acc, cfg: DPOConfig, model, opt, sched, examples, ref, pad_id, sta
                 loss = res.losses.mean() / len(micro)  # equal micro-batches: global mean
             if not torch.isfinite(loss):  # still backward: DDP processes must stay in step
                 bad = float(loss.detach())
-            acc.backward(loss)
+            if bad is None or not cfg.optimizer_in_backward:  # (whose backward steps)
+                acc.backward(loss)
             tokens += int(batch["attention_mask"].sum())
             cr, rj = res.chosen_rewards, res.rejected_rewards
             sums += torch.tensor([res.losses.detach().sum(), cr.sum(), rj.sum(),

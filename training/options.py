@@ -61,8 +61,19 @@ class TrainConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])
     """module names LoRA adapts (peft target_modules), e.g. q_proj v_proj; all-linear = every
     linear layer but the output head"""
+    precision: Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16"] = "fp32"
+    """fp32; bf16-mixed / fp16-mixed = fp32 weights, autocast (fp16: GPUs only); bf16 = bf16
+    weights and gradients (no casts) with BF16AdamW (Kahan-compensated weights, bf16 moments):
+    10 instead of 16 bytes per parameter"""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """autocast precision (bf16 runs on CPUs with AMX and on GPUs; weights stay fp32)"""
+    """older name: bf16 / fp16 here means precision bf16-mixed / fp16-mixed"""
+    optimizer_in_backward: bool = False
+    """update each parameter as soon as its gradient is complete and free that gradient (no
+    gradient kept for the whole model); needs max_grad_norm 0 (no global-norm clipping),
+    grad_accum 1 and one process"""
+    chunked_logps: bool = True
+    """compute label log-probs from the final hidden states in chunks of tokens, only where a
+    label is, instead of materialising [tokens x vocab] logits (same values; less memory)"""
     cpu: bool = False
     """train on the CPU even when a GPU is present"""
     gradient_checkpointing: bool = False
@@ -113,6 +124,21 @@ class TrainConfig:
             raise CharterError(f"must be >= 8, got {self.max_length}", field="max_length")
         if self.max_grad_norm < 0:
             raise CharterError(f"must be >= 0, got {self.max_grad_norm}", field="max_grad_norm")
+        if self.mixed_precision != "no":
+            legacy = f"{self.mixed_precision}-mixed"
+            if self.precision not in ("fp32", legacy):
+                raise CharterError(f"mixed_precision {self.mixed_precision!r} conflicts with "
+                                   f"precision {self.precision!r}; set only precision",
+                                   field="mixed_precision")
+            self.precision = legacy
+        if self.optimizer_in_backward:
+            if self.max_grad_norm:
+                raise CharterError("the optimizer step in the backward pass updates each "
+                                   "parameter before the global gradient norm is known; set "
+                                   "max_grad_norm 0 (no clipping)", field="optimizer_in_backward")
+            if self.grad_accum != 1:
+                raise CharterError("needs grad_accum 1: each backward pass updates the weights",
+                                   field="optimizer_in_backward")
 
 
 @dataclass(kw_only=True)

@@ -62,7 +62,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     if ckpt.finished(out, total):
         log(acc, f"{out / 'final'} is already trained ({total} steps); nothing to do")
         return out / "final"
-    opt, sched = make_optimizer(model, cfg, total)
+    opt, sched = make_optimizer(model, cfg, total, acc.num_processes)
     model, opt = acc.prepare(model, opt)
     start, last = 0, ckpt.resume_point(out, lambda m: log(acc, m))
     if last is not None:
@@ -105,12 +105,13 @@ def run_steps(acc, cfg: SFTConfig, model, opt, sched, examples, pad_id, start, t
                      collate_sft([examples[i] for i in idx], pad_id).items()}
             sync = a == len(micro) - 1
             with (contextlib.nullcontext() if sync else acc.no_sync(model)), acc.autocast():
-                total_lp, _, _ = forward_logps(model, batch)  # (B,)
+                total_lp, _, _ = forward_logps(model, batch, cfg.chunked_logps)  # (B,)
                 # DDP averages gradients over processes, hence × world.
                 loss = -total_lp.sum() / n_tokens * world
             if not torch.isfinite(loss):  # still backward: DDP processes must stay in step
                 bad = float(loss.detach())
-            acc.backward(loss)
+            if bad is None or not cfg.optimizer_in_backward:  # (whose backward steps)
+                acc.backward(loss)
             nll_sum += float(-total_lp.detach().sum())
             tokens += int(batch["attention_mask"].sum())
         raise_if_nonfinite(acc, bad is not None, bad, step + 1, last_ckpt)
