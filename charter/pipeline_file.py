@@ -142,6 +142,17 @@ def _looks_like_path(value: str) -> bool:
     return value.startswith((".", "/", "~")) or value.endswith((".yaml", ".yml"))
 
 
+def check_constitution(value: str, path: Path, line: int | None) -> None:
+    """The constitution a pipeline names exists and lints, before anything runs (`--check`
+    included): its own errors name its file and line."""
+    from constitution import load_constitution
+
+    if not Path(value).exists():
+        raise CharterError(f"principle file {value} not found", path=path, line=line,
+                           field="constitution")
+    load_constitution(value)
+
+
 def load_pipeline_file(path: str | Path) -> PipelineFile:
     """Read and check the whole file: top-level keys, prompt sets, section mappings."""
     path = Path(path)
@@ -150,6 +161,7 @@ def load_pipeline_file(path: str | Path) -> PipelineFile:
     base = path.resolve().parent
     cfg = config_from_dict(PipelineConfig, data, source=str(path), lines=top_lines)
     cfg.constitution = resolve_path(cfg.constitution, base)
+    check_constitution(cfg.constitution, path, top_lines.get("constitution"))
     for name in ("model", "labeler", "judge"):
         value = getattr(cfg, name)
         if value and value not in ("start", "policy", "smollm2") and _looks_like_path(value):

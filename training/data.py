@@ -79,6 +79,22 @@ def load_pair_rows(path: str | os.PathLike, split: str = "train",
     return _load(path, "dpo", split, hh_transcripts)
 
 
+def drop_degenerate_pairs(loaded: Loaded) -> list[str]:
+    """Remove pairs whose chosen equals rejected (no preference to learn: their DPO gradient is
+    zero and they only dilute the batch); return where each came from. None left: an error."""
+    keep, dropped = [], []
+    for row, src in zip(loaded.rows, loaded.sources):
+        if row.chosen == row.rejected:
+            dropped.append(_where(src))
+        else:
+            keep.append((row, src))
+    if dropped and not keep:
+        raise CharterError(f"every pair has chosen equal to rejected ({len(dropped)} pairs); "
+                           "expected two different responses", path=loaded.path, field="data")
+    loaded.rows, loaded.sources = [r for r, _ in keep], [s for _, s in keep]
+    return dropped
+
+
 def render_ids(tok, messages: list[dict], generation_prompt: bool) -> list[int]:
     """Token ids of the templated conversation (the template adds any BOS itself)."""
     if not getattr(tok, "chat_template", None):

@@ -31,7 +31,13 @@ from charter.core.writable import check_output, disk_error, write_bytes_durable
 from training import checkpoint as ckpt
 from training import shared_prompt
 from training.collate import collate_pairs
-from training.data import data_provenance, load_pair_rows, pairs_fingerprint, tokenise_pairs
+from training.data import (
+    data_provenance,
+    drop_degenerate_pairs,
+    load_pair_rows,
+    pairs_fingerprint,
+    tokenise_pairs,
+)
 from training.loop import (
     MetricsLog,
     clip_and_step,
@@ -174,11 +180,15 @@ def train_dpo(cfg: DPOConfig) -> Path:
     out = Path(cfg.out)
     cfg_dict = dataclasses.asdict(cfg)
     loaded = load_pair_rows(cfg.data, cfg.split, cfg.hh_transcripts)  # bad data fails first
+    degenerate = drop_degenerate_pairs(loaded)
     check_output(out)  # so does an output that cannot be written
     ckpt.check_run_dir(out, cfg_dict, "dpo")  # and a folder holding another run
     acc, model, tok, model_path = setup(cfg)
     log(acc, f"data: {loaded.path}: {len(loaded.rows)} rows, {loaded.shape}")
     ckpt.prepare_run_dir(acc, out, cfg_dict, "dpo")
+    if degenerate:
+        log(acc, f"dropped {len(degenerate)} pairs whose chosen equals rejected (first: "
+                 f"{degenerate[0]}); training on {len(loaded.rows)}")
     if acc.is_main_process:
         ckpt.clean_partial(out)
     examples = tokenise_pairs(tok, loaded, cfg.max_length, progress=acc.is_main_process,

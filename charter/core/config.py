@@ -23,8 +23,6 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from charter.core.errors import CharterError
 
 _DOC_CACHE: dict[type, dict[str, str]] = {}
@@ -151,30 +149,30 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
 
 
 def read_yaml_config(path: str | os.PathLike) -> tuple[dict, dict[str, int]]:
-    """The mapping in a YAML config file and the line of each top-level key."""
+    """The mapping in a YAML config file and the line of each top-level key. Read like a
+    principle file (size cap, UTF-8, safe loader, duplicate keys and Python tags refused with
+    their line); an empty file sets nothing."""
+    from charter.core.reader import read_bytes
+    from constitution.loader import MAX_FILE_BYTES
+    from constitution.source import read_yaml
+
     path = Path(path)
-    if path.is_dir():
-        raise CharterError("expected a YAML file, found a directory", path=path)
-    if not path.is_file():
+    if not path.exists():
         raise CharterError("config file not found", path=path)
+    raw = read_bytes(path, "YAML file", cap=MAX_FILE_BYTES)
     try:
-        text = path.read_text(encoding="utf-8")
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except UnicodeDecodeError:
-        raise CharterError("config file is not UTF-8 text", path=path) from None
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        raise CharterError(f"invalid YAML: {e.problem or e.context}", path=path,
-                           line=mark.line + 1 if mark else None) from None
-    except yaml.YAMLError as e:
-        raise CharterError(f"invalid YAML: {e}", path=path) from None
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise CharterError("config file is not UTF-8 text", path=path,
+                           line=raw[: e.start].count(b"\n") + 1) from None
+    if not text.strip():
+        return {}, {}
+    data, lines = read_yaml(text, str(path))
     if data is None:
         return {}, {}
-    if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
+    if not isinstance(data, dict):
         raise CharterError("expected a mapping of config keys", path=path, line=1)
-    lines = {k.value: k.start_mark.line + 1 for k, _ in node.value}
-    return data, lines
+    return data, {k: lines.line((k, "<key>")) or 1 for k in data}
 
 
 def config_from_dict(cls: type, values: dict, *, source: str | None = None,

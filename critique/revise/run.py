@@ -49,6 +49,7 @@ from charter.core.records import (
 from charter.core.writable import check_output
 from constitution import Constitution, draw, load_constitution
 from critique.backends.base import Backend, Conversation, Sampling
+from critique.backends.context import check_context
 from critique.backends.options import BackendFields, backend_kwargs, build_backend
 from critique.revise import outputs
 from critique.revise.cleaning import (
@@ -291,6 +292,7 @@ def _selection(path: str, cfg: CritiqueConfig, limit: int | None, errors: list[s
     items = read_prompts(path, cfg.prompt_field if kind == "critique" else None,
                          cfg.on_error, errors)
     items = items[:limit] if limit else items
+    items = check_context(items, cfg, cfg.on_error, errors)  # each fits, before the model loads
     seen: dict[str, PromptItem] = {}
     for it in items:
         rid = content_id(kind, it.messages, it.response if kind == "critique" else None, prov)
