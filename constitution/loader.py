@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from charter.core.errors import CharterError
+from charter.core.reader import read_bytes
 from constitution.render import TemplateProblem, compile_template, render
 from constitution.source import ConstitutionError, Lines, dotted, read_yaml
 
@@ -232,11 +234,10 @@ SAMPLE_VARS = {
 def load_constitution(path: str | Path) -> Constitution:
     """Load and fully validate one principle file (every template is rendered once)."""
     path = Path(path)
-    if not path.exists():
-        raise ConstitutionError("principle file not found", path=path)
-    if path.is_dir():
-        raise ConstitutionError("expected a principle file, found a directory", path=path)
-    raw = path.read_bytes()
+    try:  # the reader's checks (directory, permissions, devices/FIFOs capped), one error type
+        raw = read_bytes(path, "principle file", cap=MAX_FILE_BYTES)
+    except CharterError as e:
+        raise ConstitutionError(e.detail, path=path) from None
     if b"\x00" in raw[:8192]:
         raise ConstitutionError("binary file (NUL byte); expected YAML text", path=path,
                                 line=raw[:raw.index(b"\x00")].count(b"\n") + 1)

@@ -25,8 +25,6 @@ commands (--backend, --model, --base-url, ...).
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 from typing import Any
 
 SAMPLE = {
@@ -137,14 +135,10 @@ def _show(path: str) -> int:
 def load_conversation(path: str) -> dict[str, Any]:
     """Read `--conversation`: messages (ending, optionally, with the response) and extras."""
     from charter.core.errors import CharterError
+    from charter.core.reader import read_json_document
     from charter.core.records import validate_messages
 
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CharterError(f"invalid JSON: {e.msg}", path=path, line=e.lineno) from None
-    except UnicodeDecodeError:
-        raise CharterError("not UTF-8 text", path=path) from None
+    data = read_json_document(path, "conversation file")
     if isinstance(data, list):
         data = {"messages": data}
     if not isinstance(data, dict):
