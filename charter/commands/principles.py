@@ -192,6 +192,8 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from charter.core.errors import CharterError
     from critique.evaluate.attribution import render_section, write_attribution
 
