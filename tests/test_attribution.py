@@ -233,3 +233,15 @@ def test_prompts_and_rate_mode_folders(tmp_path):
     (d / "pairs.jsonl").write_text('{"rating_votes": {"h": [7]}}\n')
     with pytest.raises(CharterError, match=r"pairs.jsonl:1: rating_votes.h: expected two"):
         build_attribution(tmp_path)
+
+
+def test_pipeline_report_md_gets_the_section(run_dir):
+    from charter.pipeline_report import _attribution, render
+
+    section = _attribution(run_dir)
+    summary = {"pipeline": "p.yaml", "out": str(run_dir), "iterations": 1, "seconds": 1.0,
+               "final_model": None, "roles": {}, "stages": []}
+    text = render(summary, False, section)
+    assert "## Principles" in text and "- `inert`: never changed a response" in text
+    (run_dir / "label" / "labels.jsonl").write_text('{"votes": {"harm": 7}}\n')
+    assert "Attribution could not be computed" in _attribution(run_dir)[2]  # shown, not raised
