@@ -173,29 +173,11 @@ def render(result: dict, diff: str, image: str | None) -> str:
 
 
 def plot_compare(result: dict, path: Path) -> Path | None:
-    """Refusal rates of the two trained models (and the starting model), with intervals."""
-    from critique.evaluate.report import _pyplot, _save
+    """Refusal rates of the starting model and the two trained models, with intervals."""
+    from critique.evaluate.report import plot_refusal_bars
 
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    bars = [("starting model", result["a"]["baseline"]), ("A: " + result["a"]["constitution"]
-                                                          ["name"], result["a"]["model"]),
-            ("B: " + result["b"]["constitution"]["name"], result["b"]["model"])]
-    width = 0.8 / len(bars)
-    for i, (label, by_kind) in enumerate(bars):
-        xs, ys, errs = [], [], [[], []]
-        for j, kind in enumerate(("harmful", "benign")):
-            s = by_kind[kind]
-            if s["rate"] is None:
-                continue
-            xs.append(j + (i - (len(bars) - 1) / 2) * width)
-            ys.append(100 * s["rate"])
-            errs[0].append(max(0.0, 100 * (s["rate"] - s["ci95"][0])))
-            errs[1].append(max(0.0, 100 * (s["ci95"][1] - s["rate"])))
-        ax.bar(xs, ys, width, yerr=errs, capsize=4, label=label[:40])
-    ax.set_xticks([0, 1], ["held-out harmful prompts", "held-out benign prompts"])
-    ax.set_ylabel("refusal rate (%)")
-    ax.set_ylim(0, 105)
-    ax.legend(fontsize=7)
-    ax.set_title("Constitution A/B: refusal rates (95% Wilson intervals)")
-    return _save(fig, plt, path)
+    bars = [("starting model", result["a"]["baseline"])]
+    bars += [(f"{k.upper()}: {result[k]['constitution']['name']}"[:40], result[k]["model"])
+             for k in ("a", "b")]
+    return plot_refusal_bars(bars, path, "Constitution A/B: refusal rates (95% Wilson "
+                                         "intervals)")
