@@ -91,6 +91,22 @@ def test_trl_pairs_get_a_seeded_side(tmp_path):
     assert {p.preferred for p in pairs} == {"a", "b"}  # not always in one position
 
 
+def test_hh_rlhf_transcripts_are_pairs(tmp_path, example_data):
+    skipped: list[str] = []
+    pairs = read_preference_pairs(str(example_data / "hh-rlhf-harmless-base-test.jsonl.gz"), 0,
+                                  skipped)
+    assert len(pairs) > 100 and 0 < len(skipped) < len(pairs) / 10
+    assert ".jsonl.gz:1255: rejected: chosen and rejected differ" in skipped[0]
+    p = pairs[0]
+    assert p.messages[0]["content"] == "what are some pranks with a pen i can do?"
+    assert p.messages[-1]["role"] == "user" and p.response_a != p.response_b
+    bad = tmp_path / "hh.jsonl"
+    bad.write_text(json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: a",
+                               "rejected": "\n\nHuman: yo\n\nAssistant: b"}) + "\n")
+    with pytest.raises(CharterError, match="hh.jsonl:1: rejected: chosen and rejected differ"):
+        read_preference_pairs(str(bad), 0)
+
+
 SHORT_LONG = [("Name a primary colour.", "Red.", "A primary colour that many people like is red."),
               ("What is 2 + 2?", "4.", "Two plus two, when added together, equals four."),
               ("Capital of France?", "Paris.", "The capital city of France is Paris, of course."),

@@ -20,8 +20,9 @@
    agreement in a comment above it, plus OUT.report.json with every candidate, kept or not.
 
 Input pairs: the label stage's pairs format (`id`, `prompt`, `response_a`, `response_b`,
-`preferred` a/b: required here), or TRL preference data (`prompt`, `chosen`, `rejected`), whose
-chosen response is put in position a or b by a seeded coin per pair.
+`preferred` a/b: required here), TRL preference data (`prompt`, `chosen`, `rejected`), or
+HH-RLHF transcripts (`chosen`, `rejected`: whole Human:/Assistant: dialogues that differ in the last
+reply); a chosen response is put in position a or b by a seeded coin per pair.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from types import SimpleNamespace
 from charter.core.errors import CharterError
 from charter.core.records import (
     content_id,
+    parse_hh_transcript,
     read_jsonl,
     read_pairs,
     write_json_atomic,
@@ -100,8 +102,11 @@ class InduceConfig(BackendFields):
                 raise CharterError(msg, field=name)
 
 
-def read_preference_pairs(path: str, seed: int) -> list[LabelPair]:
-    """Pairs with a human `preferred` side, from either input format (module docstring)."""
+def read_preference_pairs(path: str, seed: int, skipped: list[str] | None = None
+                          ) -> list[LabelPair]:
+    """Pairs with a human `preferred` side, from any input format of the module docstring.
+    HH-RLHF rows whose two dialogues differ before the last reply (a few in the public data)
+    are not a pair: with a `skipped` list their messages go there, else they raise."""
     first = next((obj for _, obj in read_jsonl(path)), {})
     if "response_a" in first:
         pairs = read_label_pairs(path)
@@ -110,15 +115,42 @@ def read_preference_pairs(path: str, seed: int) -> list[LabelPair]:
             raise CharterError("missing field: induce needs every pair's `preferred` (a or b)",
                                path=missing[0].source, field="preferred")
         return pairs
+    rows = _hh_pairs(path, skipped) if "prompt" not in first else [
+        (p.prompt, p.chosen[-1]["content"], p.rejected[-1]["content"], p.id)
+        for p in read_pairs(path)]
     out = []
-    for k, p in enumerate(read_pairs(path)):
-        chosen, rejected = p.chosen[-1]["content"], p.rejected[-1]["content"]
-        pid = p.id or content_id(p.prompt, chosen, rejected)
+    for k, (prompt, chosen, rejected, pid) in enumerate(rows):
+        pid = pid or content_id(prompt, chosen, rejected)
         a_first = random.Random(f"{seed}:{pid}").random() < 0.5
         a, b = (chosen, rejected) if a_first else (rejected, chosen)
-        out.append(LabelPair(str(pid), p.prompt, a, b, "a" if a_first else "b",
+        out.append(LabelPair(str(pid), prompt, a, b, "a" if a_first else "b",
                              f"{path}:{k + 1}"))
     return out
+
+
+def _hh_pairs(path: str, skipped: list[str] | None) -> list[tuple]:
+    """(prompt messages, chosen, rejected, None) from HH-RLHF transcripts (`chosen` and
+    `rejected` strings of Human:/Assistant: turns that differ in the last assistant turn)."""
+    rows = []
+    for line, obj in read_jsonl(path):
+        convs = []
+        for key in ("chosen", "rejected"):
+            text = obj.get(key)
+            msgs = parse_hh_transcript(text) if isinstance(text, str) else []
+            if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
+                raise CharterError("expected prompt/chosen/rejected, response_a/response_b, or an "
+                                   "HH-RLHF transcript ending with an Assistant turn", path=path,
+                                   line=line, field=key)
+            convs.append(msgs)
+        if convs[0][:-1] != convs[1][:-1]:
+            err = CharterError("chosen and rejected differ before their last Assistant turn",
+                               path=path, line=line, field="rejected")
+            if skipped is None:
+                raise err
+            skipped.append(str(err))
+            continue
+        rows.append((convs[0][:-1], convs[0][-1]["content"], convs[1][-1]["content"], None))
+    return rows
 
 
 def split_pairs(pairs: list, holdout: float, seed: int) -> tuple[list, list]:
@@ -194,7 +226,8 @@ def measure(backend, candidates: list[dict], test: list[LabelPair], cfg: InduceC
 def run_induce(cfg: InduceConfig, backend=None) -> dict:
     """Propose, de-duplicate, test and write; returns OUT.report.json's content."""
     cfg.validate()
-    pairs = read_preference_pairs(cfg.pairs, cfg.seed)[: cfg.limit]
+    skipped: list[str] = []
+    pairs = read_preference_pairs(cfg.pairs, cfg.seed, skipped)[: cfg.limit]
     template = PROPOSE_TEMPLATE
     if cfg.propose_template:
         try:
@@ -227,6 +260,7 @@ def run_induce(cfg: InduceConfig, backend=None) -> dict:
               "backend": cfg.backend, "proposal_pairs": len(train), "held_out_pairs": len(test),
               "proposals": proposals, "unparsed": sum(p["principle"] is None for p in proposals),
               "candidates": ranked, "kept": [c["id"] for c in kept],
+              "input_skipped": {"count": len(skipped), "first": skipped[:5]},
               "seconds": round(time.monotonic() - start, 2)}
     write_json_atomic(out.with_name(out.name + ".report.json"), report)
     if not candidates:
