@@ -373,15 +373,19 @@ def default_out(path: str | Path) -> Path:
 
 
 def run_pipeline(path: str | Path, out: str | Path | None = None,
-                 kinds: dict[str, StageKind] | None = None, check: bool = False) -> dict:
+                 kinds: dict[str, StageKind] | None = None, check: bool = False,
+                 constitution: str | None = None) -> dict:
     """Run (or resume) the pipeline file at `path` into `out`; returns summary.json's content.
 
     `check=True` only validates: it returns the plan (each stage, whether it is done, and its
-    resolved config) and writes nothing."""
+    resolved config) and writes nothing. `constitution` replaces the file's principle file
+    (the B side of `charter run --compare`)."""
     from charter.pipeline_report import card_roles, write_summary
 
     kinds = kinds or STAGE_KINDS
     pf = load_pipeline_file(path)
+    if constitution is not None:
+        pf.cfg.constitution = str(Path(constitution).resolve())
     out = Path(out or pf.cfg.out or default_out(path))
     splits = split_data(pf)  # reads (and so checks) every prompt file
     data_sha = hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest()[:16]

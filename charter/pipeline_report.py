@@ -80,11 +80,24 @@ def write_summary(out: Path, pf, stages, state: dict, seconds: float,
     trend_png = plot_trend(points, out / "trend.png") if plot else None
     has_trend = trend_png is not None or (out / "trend.png").exists()
     write_json_atomic(out / "summary.json", summary)
-    write_text_atomic(out / "report.md", render(summary, has_trend))
+    write_text_atomic(out / "report.md", render(summary, has_trend,
+                                                _attribution(out) if plot else []))
     return summary
 
 
-def render(summary: dict, has_trend: bool) -> str:
+def _attribution(out: Path) -> list[str]:
+    """The principle attribution section (critique/evaluate/attribution.py); a problem in the
+    run's records is shown, never raised (the report is written on the way out of a run)."""
+    from charter.core.errors import CharterError
+    from critique.evaluate.attribution import attribution_section
+
+    try:
+        return attribution_section(out)
+    except CharterError as e:
+        return ["## Principles", "", f"Attribution could not be computed: {e}"]
+
+
+def render(summary: dict, has_trend: bool, attribution: list[str] = ()) -> str:
     lines = ["# Charter pipeline report", "",
              f"Pipeline file: `{summary['pipeline']}`; output: `{summary['out']}`; "
              f"iterations: {summary['iterations']}; total time {summary['seconds']:.0f} s.", "",
@@ -122,6 +135,8 @@ def render(summary: dict, has_trend: bool) -> str:
                 st["result"]["diagnostics"], f"## Label diagnostics ({st['name']})")
             if (Path(st["dir"]) / "margins.png").exists():
                 lines += ["", f"![{st['name']} label margins]({st['name']}/margins.png)"]
+    if attribution:
+        lines += ["", *attribution]
     if has_trend:
         lines += ["", "![refusal rates across the pipeline](trend.png)"]
     for st in evals:

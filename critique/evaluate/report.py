@@ -140,30 +140,37 @@ def _sample(entry: dict) -> str:
 
 
 def plot_refusals(report: dict, path: Path) -> Path | None:
-    plt = _pyplot()
     models = report["models"]
-    roles = [r for r in ROLE_ORDER if r in models]
+    bars = [(f"{ROLE_NAMES[role]}: {models[role]['name']}"[-48:],
+             {label: models[role][label]["refusal"] for label in ("harmful", "benign")})
+            for role in ROLE_ORDER if role in models]
+    return plot_refusal_bars(bars, path, "Refusal rates (95% Wilson intervals)")
+
+
+def plot_refusal_bars(bars: list[tuple[str, dict]], path: Path, title: str) -> Path:
+    """Grouped bars of refusal rates with their intervals: `bars` = [(legend label,
+    {"harmful": rate summary, "benign": rate summary})], summaries as `stats.rate_summary`."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    width = 0.8 / len(roles)
-    for i, role in enumerate(roles):
+    width = 0.8 / len(bars)
+    for i, (name, by_label) in enumerate(bars):
         xs, ys, errs = [], [], [[], []]
         for j, label in enumerate(("harmful", "benign")):
-            s = models[role][label]["refusal"]
+            s = by_label[label]
             if s["rate"] is None:
                 continue
-            xs.append(j + (i - (len(roles) - 1) / 2) * width)
+            xs.append(j + (i - (len(bars) - 1) / 2) * width)
             ys.append(100 * s["rate"])
             # max(0, ...): at a rate of 0 or 1 the Wilson bound equals it up to rounding
             errs[0].append(max(0.0, 100 * (s["rate"] - s["ci95"][0])))
             errs[1].append(max(0.0, 100 * (s["ci95"][1] - s["rate"])))
-        ax.bar(xs, ys, width, yerr=errs, capsize=4,
-               label=f"{ROLE_NAMES[role]}: {models[role]['name']}"[-48:])
+        ax.bar(xs, ys, width, yerr=errs, capsize=4, label=name)
     ax.set_xticks([0, 1], ["harmful prompts\n(higher is better)", "benign prompts\n"
-                                                                    "(lower is better)"])
+                                                                     "(lower is better)"])
     ax.set_ylabel("refusal rate (%)")
     ax.set_ylim(0, 105)
     ax.legend(fontsize=7)
-    ax.set_title("Refusal rates (95% Wilson intervals)")
+    ax.set_title(title)
     return _save(fig, plt, path)
 
 
