@@ -81,6 +81,7 @@ ALIASES: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "num_train_epochs": ("epochs", _epochs),
     "gradient_accumulation_steps": ("grad_accum", _same),
     "lr_scheduler_type": ("schedule", _schedule),
+    "max_seq_length": ("max_length", _same),  # older TRL SFTConfig
     "max_steps": ("max_steps", _max_steps),
     "logging_steps": ("log_every", _same),
     "save_steps": ("save_every", _same),

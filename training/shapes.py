@@ -109,8 +109,9 @@ def _pick_split(ds, split: str, where: object):
     return ds
 
 
-def _indexed(where: str, rows: list[dict]) -> Rows:
-    return Rows(rows, [(f"{where}[row {i}]", None) for i in range(len(rows))], where)
+def _indexed(where: str, rows: list[dict], path: Path | str) -> Rows:
+    """Rows with no line numbers (parquet, JSON arrays, datasets): named `where[row N]`."""
+    return Rows(rows, [(f"{where}[row {i}]", None) for i in range(len(rows))], path)
 
 
 def _hub_rows(name: str, split: str) -> Rows:
@@ -129,9 +130,7 @@ def _hub_rows(name: str, split: str) -> Rows:
             "on a machine with network run `datasets.load_dataset(NAME, split=SPLIT)"
             ".save_to_disk(DIR)` or write JSONL, and pass that here", path=name,
             field="data") from None
-    rows = _indexed(f"{name}[{split}]", [dict(r) for r in ds])
-    rows.path = name
-    return rows
+    return _indexed(f"{name}[{split}]", [dict(r) for r in ds], name)
 
 
 def read_rows(data: str | os.PathLike, kind: str, split: str = "train") -> Rows:
@@ -150,9 +149,7 @@ def read_rows(data: str | os.PathLike, kind: str, split: str = "train") -> Rows:
             from datasets import load_from_disk
 
             ds = _pick_split(load_from_disk(str(p)), split, p)
-            rows = _indexed(str(p), [dict(r) for r in ds])
-            rows.path = p
-            return rows
+            return _indexed(str(p), [dict(r) for r in ds], p)
         else:
             raise CharterError(f"expected {name} in this directory, or a dataset saved with "
                                "datasets' save_to_disk", path=p, field="data")
@@ -188,7 +185,7 @@ def _is_hh(text: Any) -> bool:
 
 def describe(shape: str, row: dict, hh_transcripts: str = "chat") -> str:
     """The name logged for the data: shape plus conversational/standard."""
-    key = SHAPE_KEYS[shape][-1]
+    key = SHAPE_KEYS[shape][0]  # the prompt decides: a chat prompt means the chat template
     if shape == "preference, implicit prompt" and _is_hh(row.get("chosen")):
         style = ("HH-RLHF transcripts, read as conversations" if hh_transcripts == "chat"
                  else "HH-RLHF transcripts, read as plain text as TRL does")

@@ -29,7 +29,9 @@ How each call maps to the API (a choice, documented here):
   same boundary rule as the transformers and vLLM backends (after the longest common prefix of
   the ids of prompt and prompt+option), so all three agree. Servers that return no prompt
   log-probs (most hosted chat APIs) raise a `CharterError` that points to `--cot` labelling,
-  which needs only generation.
+  which needs only generation. Servers that return only the next token's top-k log-probs:
+  `score_logprobs: top` (critique/backends/topk.py; an option outside the top k is reported
+  missing, never guessed).
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ class OpenAIBackend:
                  api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8,
                  timeout: float = 60.0, max_retries: int = 5, backoff: float = 0.5,
                  max_backoff: float = 30.0, tokenizer: str | None = None,
-                 progress: bool = True):
+                 progress: bool = True, score_logprobs: str = "prompt", top_k: int = 20):
         import httpx
 
         urls = [base_url] if isinstance(base_url, str) else list(base_url)
@@ -109,6 +111,11 @@ class OpenAIBackend:
         self.concurrency, self.timeout, self.max_retries = concurrency, timeout, max_retries
         self.backoff, self.max_backoff = backoff, max_backoff
         self.tokenizer_name, self._tokenizer = tokenizer, None
+        if score_logprobs not in ("prompt", "top") or top_k < 1:
+            raise CharterError("score_logprobs must be prompt (echoed prompt log-probs) or top "
+                               "(the next token's top_k log-probs, top_k >= 1)",
+                               field="score_logprobs")
+        self.score_logprobs, self.top_k = score_logprobs, top_k
         self.progress = progress
         self.usage = Usage()
         self.retries = 0
@@ -304,6 +311,12 @@ class OpenAIBackend:
         """Summed log-prob of each option's tokens (see the module docstring)."""
         t0 = time.perf_counter()
         prefixes = score_args(conversations, options, prefixes)
+        if self.score_logprobs == "top":  # only top-k log-probs: critique/backends/topk.py
+            from critique.backends.topk import score_top
+
+            out = score_top(self, conversations, options, prefixes, self.top_k)
+            self.usage.score_seconds += time.perf_counter() - t0
+            return out
         tok = self.tokenizer
         rows: list[tuple[list[int], int]] = []
         for conv, opts, prefix in zip(conversations, options, prefixes):
