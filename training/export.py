@@ -35,6 +35,7 @@ from charter.core.records import (
     write_jsonl_atomic,
     write_text_atomic,
 )
+from charter.core.writable import check_output
 from training.cards import dataset_card
 
 FORMATS = ("trl-conversational", "trl-standard")
@@ -138,6 +139,7 @@ def export(cfg: ExportConfig) -> dict:
     cfg.validate()
     run, out = Path(cfg.run), Path(cfg.out)
     sft_file, pair_files = find_sources(run)
+    check_output(out)  # writable and not in use by another writer
     configs, counts, dropped = {}, {}, 0
     if sft_file is not None:
         rows = [sft_row(m, cfg) for m in read_sft(sft_file)]

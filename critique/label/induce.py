@@ -43,6 +43,7 @@ from charter.core.records import (
     write_json_atomic,
     write_text_atomic,
 )
+from charter.core.writable import check_output
 from constitution import parse_constitution
 from critique.backends.base import Sampling
 from critique.backends.options import BackendFields, build_backend
@@ -240,6 +241,7 @@ def run_induce(cfg: InduceConfig, backend=None) -> dict:
     if out.is_dir():
         raise CharterError("--out is a principle file to write, found a directory", path=out,
                            field="out")
+    check_output(out, is_dir=False)  # writable and not in use, before any model loads
     owned = backend is None
     backend = build_backend(cfg) if owned else backend
     start = time.monotonic()
