@@ -296,7 +296,8 @@ def plot_attribution(report: dict, path: Path) -> Path | None:
     right.axvline(50, color="black", linestyle=":", linewidth=0.8)
     right.set_xlim(0, 100)
     right.set_xlabel("share of the principle's votes (%)")
-    right.legend(**below)
+    if right.get_legend_handles_labels()[0]:  # no votes at all: nothing to label
+        right.legend(**below)
     fig.suptitle("What each principle did")
     return _save(fig, plt, path)
 
