@@ -245,3 +245,23 @@ def test_pipeline_report_md_gets_the_section(run_dir):
     assert "## Principles" in text and "- `inert`: never changed a response" in text
     (run_dir / "label" / "labels.jsonl").write_text('{"votes": {"harm": 7}}\n')
     assert "Attribution could not be computed" in _attribution(run_dir)[2]  # shown, not raised
+
+
+def test_distilled_rounds_belong_to_the_file(tmp_path):
+    """Mode distill: one round per record under the id the loop gives the whole file; the
+    report says so instead of treating it as a principle."""
+    d = tmp_path / "critique"
+    d.mkdir()
+    (d / "manifest.json").write_text(json.dumps({"config": {"mode": "distill"}}))
+    recs = [{"initial_response": "Sure: step 1...", "flagged": None,
+             "rounds": [{"principle_id": "constitution", "critique": "",
+                         "revision": "I can't help with that."}]},
+            {"initial_response": "Paris.", "flagged": None,
+             "rounds": [{"principle_id": "constitution", "critique": "", "revision": "Paris."}]}]
+    (d / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    rep = build_attribution(tmp_path)
+    (row,) = rep["principles"]
+    assert (row["id"], row["drawn"], row["changed"], row.get("not_in_file")) == \
+        ("constitution", 2, 1, True)
+    text = "\n".join(attribution_section(tmp_path))
+    assert rep["distilled"] == ["critique"] and "mode distill (critique)" in text

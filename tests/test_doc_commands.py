@@ -20,6 +20,10 @@ from charter.cli import build_parser, main
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FAST_GEN = ["--backend", "fake", "--limit", "4"]
+# subcommands this test knows how to make short (`shorten`); others are parsed only: extend
+# `shorten` and `_fixtures` when a new command should run here too
+RUNS = {"generate", "critique", "label", "train", "eval", "run", "export", "models"}
+PRINCIPLES_RUNS = {"lint", "show", "render"}
 NEEDS_SERVER = ("--base-url", "--tensor-parallel-size", "--backend vllm", "--backend openai")
 
 
@@ -45,6 +49,7 @@ def _fixtures(d: Path, tiny: Path) -> None:
     benign.jsonl, hh.jsonl, recipe.yaml) and the repository's examples/ and principles/."""
     for name in ("examples", "principles"):
         (d / name).symlink_to(ROOT / name)
+    (d / "mine.yaml").write_text((ROOT / "principles" / "harmless.yaml").read_text())  # cp
     qs = ["How do I pick a lock?", "How can I hurt someone?", "Name a prime.", "Say hi."]
     w = lambda f, rows: (d / f).write_text("".join(json.dumps(r) + "\n" for r in rows))  # noqa: E731
     w("prompts.jsonl", [{"prompt": q} for q in qs])
@@ -59,6 +64,14 @@ def _fixtures(d: Path, tiny: Path) -> None:
     (d / "recipe.yaml").write_text(f"model_name_or_path: {tiny}\nlearning_rate: 2.0e-5\n"
                                    "per_device_train_batch_size: 2\nnum_train_epochs: 1\n"
                                    "do_eval: false\n")
+
+
+def runs_here(argv: list[str]) -> bool:
+    """Whether this test runs the command (else it only parses it)."""
+    if argv[0] == "principles":  # on principle files that exist (not ones a model writes)
+        return argv[1] in PRINCIPLES_RUNS and all(Path(a).exists() for a in argv[2:]
+                                                  if a.endswith(".yaml"))
+    return argv[0] in RUNS and "--compare" not in argv
 
 
 def shorten(argv: list[str], tiny: Path) -> list[str] | None:
@@ -117,7 +130,7 @@ def test_every_doc_command_runs_as_written(workdir, tiny_model_dir, monkeypatch,
     for where, line in COMMANDS:
         argv = shlex.split(line)[1:]
         expanded = [g for a in argv for g in (sorted(glob.glob(a)) if "*" in a else [a])]
-        if "..." in expanded or any(s in line for s in NEEDS_SERVER):
+        if "..." in expanded or any(s in line for s in NEEDS_SERVER) or not runs_here(expanded):
             try:
                 build_parser().parse_args([a for a in expanded if a != "..."])
             except SystemExit:

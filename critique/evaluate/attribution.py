@@ -198,10 +198,19 @@ def build_attribution(run_dir: str | Path, min_count: int = 3) -> dict:
                      "ensemble_agreement": _r(v.ensemble_agreement), "ensemble_n": v.ensemble_n,
                      "human_agreement": _r(v.human_agreement), "human_n": v.human_n})
     return {"run_dir": str(run_dir), "critique_dirs": [d.name for d in crit_dirs],
+            "distilled": [d.name for d in crit_dirs if _critique_mode(d) == "distill"],
             "label_dirs": modes, "constitutions": files, "min_count": min_count,
             "principles": rows, "candidates": rewrite_candidates(crit, votes, min_count),
             "never_used": [r["id"] for r in rows if not r["drawn"] and not r["votes"]],
             "unreadable_lines": len(skipped), "first_unreadable": skipped[:5]}
+
+
+def _critique_mode(d: Path) -> str | None:
+    """The critique stage's mode (revise, distill) from its manifest, where it says."""
+    try:
+        return json.loads((d / "manifest.json").read_text(encoding="utf-8"))["config"]["mode"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _r(x: float | None) -> float | None:
@@ -235,6 +244,11 @@ def render_section(report: dict, image: str | None = None, title: str = "## Prin
                      f"{_pct(r['human_agreement'], r['human_n'] or None)} | "
                      f"{_pct(r['low_margin_share'])} |")
     lines.append("")
+    if report.get("distilled"):
+        lines += [f"Critique in mode distill ({', '.join(report['distilled'])}): each record's "
+                  "one round is the teacher's answer with the whole file in context, so its "
+                  "draws and changes belong to the file, not to one principle (the row not in "
+                  "the file).", ""]
     if report["candidates"]:
         lines += [f"Candidates to rewrite (at least {report['min_count']} rounds or votes "
                   "behind each reason):", ""]
@@ -282,7 +296,8 @@ def plot_attribution(report: dict, path: Path) -> Path | None:
     right.axvline(50, color="black", linestyle=":", linewidth=0.8)
     right.set_xlim(0, 100)
     right.set_xlabel("share of the principle's votes (%)")
-    right.legend(**below)
+    if right.get_legend_handles_labels()[0]:  # no votes at all: nothing to label
+        right.legend(**below)
     fig.suptitle("What each principle did")
     return _save(fig, plt, path)
 
