@@ -58,23 +58,30 @@ class Stage:
 
 
 class Context:
-    """What stages share while the pipeline runs: loaded backends, by (kind, model)."""
+    """What stages share while the pipeline runs: loaded backends, by stage kind and backend
+    description. The roles of one stage share a backend, and so do the iterations of one stage
+    kind; stage kinds do not, so no generation state (the transformers backend's KV store of
+    its last call) crosses from one stage into another."""
 
     def __init__(self) -> None:
         self._backends: dict[tuple[str, str], Any] = {}
+        self._models: dict[tuple[str, str], str] = {}
 
-    def backend(self, kind: str, model: str | None, options: dict | None = None):
+    def backend(self, stage: str, spec):
+        """The backend `spec` (a `BackendSpec`) describes, for a stage of kind `stage`."""
         from charter.core.models import model_label
-        from critique.backends import load_backend
+        from critique.backends.options import build_backend
 
-        key = (kind, model_label(model), json.dumps(options or {}, sort_keys=True))
+        key = (stage, spec.key())
         if key not in self._backends:
-            self._backends[key] = load_backend(kind, model, **(options or {}))
+            self._backends[key] = build_backend(spec)
+            self._models[key] = model_label(spec.model)
         return self._backends[key]
 
     def drop(self, model: str) -> None:
         """Free a model's backends (a model about to be retrained or no longer needed)."""
-        for key in [k for k in self._backends if k[1] == model]:
+        for key in [k for k, m in self._models.items() if m == model]:
+            self._models.pop(key)
             self._backends.pop(key).close()
 
     def close(self) -> None:
@@ -87,12 +94,11 @@ class Context:
 
 
 def _run_critique(cfg, ctx: Context) -> dict:
-    from critique.backends.options import backend_kwargs
+    from critique.backends.options import spec_of
     from critique.revise.run import run_critique
 
     # every backend field of the stage's section (dtype, batch_size, server URLs...) applies
-    manifest = run_critique(cfg, backend=ctx.backend(cfg.backend, cfg.model,
-                                                     backend_kwargs(cfg)))
+    manifest = run_critique(cfg, backend=ctx.backend("critique", spec_of(cfg, cfg.model)))
     counts = manifest.get("counts") or {}
     if not counts.get("sft_examples"):
         raise CharterError(f"critique wrote no SFT examples ({counts.get('flagged', 0)} records "
@@ -116,11 +122,11 @@ def _train(fn: str) -> Callable[[Any, Context], dict]:
 
 
 def _run_label(cfg, ctx: Context) -> dict:
-    from critique.backends.options import backend_kwargs
+    from critique.backends.options import spec_of
     from critique.label.run import run_label
 
-    policy = ctx.backend(cfg.backend, cfg.policy, backend_kwargs(cfg))
-    labeler = ctx.backend(cfg.backend, cfg.labeler_model, backend_kwargs(cfg))
+    policy = ctx.backend("label", spec_of(cfg, cfg.policy))
+    labeler = ctx.backend("label", spec_of(cfg, cfg.labeler_model))
     report = run_label(cfg, backend=labeler, policy_backend=policy)
     if not report.get("n"):
         raise CharterError("labelling made no preference pairs (every prompt's samples were "
@@ -130,13 +136,9 @@ def _run_label(cfg, ctx: Context) -> dict:
 
 
 def _run_eval(cfg, ctx: Context) -> dict:
-    from critique.evaluate.run import run_eval
+    from critique.evaluate.run import backend_specs, run_eval
 
-    backends = {"model": ctx.backend(cfg.backend, cfg.model)}
-    if cfg.baseline is not None:
-        backends["baseline"] = ctx.backend(cfg.backend, cfg.baseline)
-    if cfg.judge:
-        backends["judge"] = ctx.backend(cfg.judge_backend or cfg.backend, cfg.judge)
+    backends = {role: ctx.backend("eval", spec) for role, spec in backend_specs(cfg).items()}
     return eval_headline(run_eval(cfg, backends))
 
 

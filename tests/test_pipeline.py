@@ -267,7 +267,7 @@ def test_cli_run_reports_bad_file_on_one_line(project, capsys):
     assert "bad.yaml:3: steps: unknown config key" in capsys.readouterr().err
 
 
-def test_critique_stage_that_writes_no_sft_data_fails_clearly(tmp_path):
+def test_critique_stage_that_writes_no_sft_data_fails_clearly(tmp_path, monkeypatch):
     """The real critique stage on a backend whose answers are all empty: every record is
     flagged, so SFT would have nothing to train on; the pipeline says so, naming the records."""
     from charter.pipeline import Context, _run_critique
@@ -279,7 +279,10 @@ def test_critique_stage_that_writes_no_sft_data_fails_clearly(tmp_path):
                                           "harmless.yaml"),
                          prompts=str(tmp_path / "p.jsonl"), out=str(tmp_path / "c"),
                          backend="fake", progress=False)
+    built = []
+    monkeypatch.setattr("critique.backends.options.build_backend",
+                        lambda spec: built.append(spec) or FakeBackend(lambda conv, prefix: ""))
     ctx = Context()
-    ctx._backends[("fake", "smollm2", "{}")] = FakeBackend(lambda conv, prefix: "")
     with pytest.raises(CharterError, match=r"records\.jsonl: critique wrote no SFT examples"):
         _run_critique(cfg, ctx)
+    assert [(s.backend, s.model) for s in built] == [("fake", None)]  # the section's backend

@@ -26,8 +26,8 @@ How each call maps to the API (a choice, documented here):
 - `score`: /v1/completions with `echo: true, logprobs: 1, max_tokens: 1` over the token ids of
   the locally rendered chat template + prefix + option (the tokenizer is loaded locally:
   `tokenizer=`, or the model name when it is a local directory). The scored tokens follow the
-  same boundary rule as the transformers and vLLM backends (after the longest common prefix of
-  the ids of prompt and prompt+option), so all three agree. Servers that return no prompt
+  token rule as the transformers and vLLM backends (`critique.backends.tokens`), so all three
+  agree. Servers that return no prompt
   log-probs (most hosted chat APIs) raise a `CharterError` that points to `--cot` labelling,
   which needs only generation.
 """
@@ -50,7 +50,7 @@ from critique.backends.base import (
     generate_args,
     score_args,
 )
-from critique.backends.vllm_backend import common_prefix_len
+from critique.backends.tokens import option_rows
 
 RETRY_STATUS = frozenset({408, 409, 429})
 NO_LOGPROBS_HINT = ("this server cannot return prompt log-probs, which `score` needs; label with "
@@ -298,10 +298,8 @@ class OpenAIBackend:
         for conv, opts, prefix in zip(conversations, options, prefixes):
             text = tok.apply_chat_template(list(conv), tokenize=False,
                                            add_generation_prompt=True) + (prefix or "")
-            p_ids = tok(text, add_special_tokens=False)["input_ids"]
-            for opt in opts:
-                full = tok(text + opt, add_special_tokens=False)["input_ids"]
-                rows.append((full, max(common_prefix_len(p_ids, full), 1)))
+            rows += option_rows(lambda t: tok(t, add_special_tokens=False)["input_ids"], text,
+                                opts)
         scores = self._gather([self._score_row(full, start) for full, start in rows], "score")
         return finish_score(self.usage, rows, scores, options, time.perf_counter() - t0)
 

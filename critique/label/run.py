@@ -30,7 +30,7 @@ import dataclasses
 import itertools
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -49,16 +49,24 @@ from charter.core.records import (
 from charter.core.writable import check_output
 from constitution import draw, load_constitution
 from critique.backends.base import Sampling
+from critique.backends.options import BackendSettings, backend_kwargs, build_backend, spec_of
 from critique.label.inputs import LabelPair, read_label_pairs  # noqa: F401  (re-exported)
 from critique.label.report import build_report
 from critique.preference.labelmath import (
     low_margin,
 )
-from critique.preference.score import compare_pairs, rate_responses  # noqa: F401  (re-exported)
+from critique.preference.score import (  # noqa: F401  (compare_pairs re-exported)
+    CompareSettings,
+    compare_pairs,
+    rate_responses,
+)
 
 
 @dataclass(kw_only=True)
-class LabelConfig:
+class LabelConfig(BackendSettings):
+    """Settings of `charter label`; the backend settings (backend, dtype, base_url, ...) come
+    from `BackendSettings` and apply to both models (policy and labeller)."""
+
     constitution: str
     """Principle file (YAML) whose preference principles ask the questions."""
     out: str
@@ -73,11 +81,6 @@ class LabelConfig:
     """Model that writes the responses in prompts mode (None: the embedded default)."""
     labeler: str | None = None
     """Model that labels (None: the policy, or the embedded default when there is none)."""
-    backend: str = "transformers"
-    """Generation backend for both models: transformers, vllm, openai, fake."""
-    backend_options: dict = field(default_factory=dict)
-    """Extra keyword options for the backends (YAML only), e.g. {dtype: bfloat16} or, for
-    openai, {base_url: [http://host:8000/v1]}."""
     mode: Literal["compare", "rate"] = "compare"
     """compare: A/B question read in both orders; rate: 1-10 rating of each response."""
     samples: int = 2
@@ -111,13 +114,12 @@ class LabelConfig:
     limit: int | None = None
     """Use only the first N prompts or pairs."""
     batch_size: int = 8
-    """Prompts or pairs per chunk: one generate and one score call each, then appended."""
+    """Prompts or pairs per chunk: one generate and one score call each, then appended (also
+    the transformers backend's forward batch)."""
     progress: bool = True
     """Show tqdm progress bars."""
     on_error: Literal["raise", "skip"] = "raise"
     """Bad input records: raise, or skip them (counted in report.json's input_errors)."""
-    trust_remote_code: bool = False
-    """Let transformers/vLLM run Python code shipped in the model folder (trusted models only)."""
 
     def validate(self) -> None:
         if bool(self.prompts) == bool(self.pairs):
@@ -150,6 +152,13 @@ class LabelConfig:
         for ok, name, msg in checks:
             if not ok:
                 raise CharterError(msg, field=name)
+        backend_kwargs(self)  # server settings given with a local backend, ... (fail early)
+
+    def compare_settings(self) -> CompareSettings:
+        return CompareSettings(few_shot=self.few_shot, cot=self.cot,
+                               cot_max_new_tokens=self.cot_max_new_tokens,
+                               clamp_low=self.clamp_low, clamp_high=self.clamp_high,
+                               seed=self.seed)
 
     @property
     def labeler_model(self) -> str | None:
@@ -158,8 +167,8 @@ class LabelConfig:
 
 # Settings that change what is written; a resumed run must match them (limit, batch_size and
 # out may differ).
-_RESUME_FREE = ("out", "limit", "batch_size", "progress", "on_error",
-                "trust_remote_code")
+_RESUME_FREE = ("out", "limit", "batch_size", "progress", "on_error", "trust_remote_code",
+                "base_url", "api_key_env", "concurrency", "request_timeout", "max_retries")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,21 +223,13 @@ def run_label(cfg: LabelConfig, backend=None, policy_backend=None) -> dict:
     write_text_atomic(out / "constitution.yaml", constitution.source_text)
     owned = []
     if backend is None:
-        from critique.backends import load_backend
-
-        backend = load_backend(cfg.backend, cfg.labeler_model,
-                               trust_remote_code=cfg.trust_remote_code,
-                               **cfg.backend_options)
+        backend = build_backend(spec_of(cfg, cfg.labeler_model))
         owned.append(backend)
     if cfg.prompts and policy_backend is None:
         if cfg.labeler is None or cfg.labeler == cfg.policy:
             policy_backend = backend  # the same model: load it once
         else:
-            from critique.backends import load_backend
-
-            policy_backend = load_backend(cfg.backend, cfg.policy,
-                                          trust_remote_code=cfg.trust_remote_code,
-                                          **cfg.backend_options)
+            policy_backend = build_backend(spec_of(cfg, cfg.policy))
             owned.append(policy_backend)
     provenance = {"labeler": model_label(cfg.labeler_model), "backend": cfg.backend,
                   "constitution": constitution.name,
@@ -272,7 +273,7 @@ def _run_pairs(cfg, items, out, constitution, pool, backend) -> tuple[list[dict]
                 if cfg.mode == "compare":
                     jobs = [(it.messages, it.response_a, it.response_b, d)
                             for it, d in zip(chunk, drawn)]
-                    results = compare_pairs(backend, constitution, jobs, cfg)
+                    results = compare_pairs(backend, constitution, jobs, cfg.compare_settings())
                 else:
                     jobs = [(it.messages, r, d) for it, d in zip(chunk, drawn)
                             for r in (it.response_a, it.response_b)]
@@ -361,7 +362,8 @@ def _compare_prompts(cfg, constitution, pool, backend, per_prompt) -> list[list[
             jobs.append((p.messages, unique[i], unique[j],
                          draw(pool, cfg.principles_per_pair, cfg.seed, pid)))
             owner.append(idx)
-    results = compare_pairs(backend, constitution, jobs, cfg) if jobs else []
+    results = (compare_pairs(backend, constitution, jobs, cfg.compare_settings())
+               if jobs else [])
     made: list[list[dict]] = [[] for _ in per_prompt]
     for (messages, ra, rb, _), res, idx in zip(jobs, results, owner):
         a_wins = res["p_a"] >= 0.5

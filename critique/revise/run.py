@@ -49,16 +49,20 @@ from charter.core.records import (
 from charter.core.writable import check_output
 from constitution import Constitution, draw, load_constitution
 from critique.backends.base import Backend, Conversation, Sampling
-from critique.backends.options import BackendFields, backend_kwargs, build_backend
+from critique.backends.options import BackendSettings, backend_kwargs, build_backend, spec_of
 from critique.revise import outputs
 from critique.revise.cleaning import clean, problem, salvage, says_nothing_to_fix, trim_incomplete
 from critique.revise.conversation import Dialogue
 
 
 @dataclass(kw_only=True)
-class CritiqueConfig(BackendFields):
+class CritiqueConfig(BackendSettings):
     """Settings of `charter critique` (flags, or keys of a `--config` YAML file); the backend
-    settings (backend, model, dtype, base_url, ...) come from `BackendFields`."""
+    settings (backend, dtype, base_url, ...) come from `BackendSettings`."""
+
+    model: str | None = None
+    """Model that answers, critiques and revises: a model dir, a run dir, a hub id, or the
+    served model name (openai); None: the embedded SmolLM2."""
 
     constitution: str
     """Principle file (YAML) whose critique/revision templates drive the loop."""
@@ -320,7 +324,7 @@ def run_critique(cfg: CritiqueConfig, backend: Backend | None = None) -> dict:
 
     built = backend is None
     if built and (todo or todo_helpful):
-        backend = build_backend(cfg)
+        backend = build_backend(spec_of(cfg, cfg.model))
     steps = _Steps(backend, cfg) if backend is not None else None
     try:
         if todo:
