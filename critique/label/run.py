@@ -39,6 +39,7 @@ from charter.core.errors import CharterError
 from charter.core.models import model_label
 from charter.core.records import (
     JsonlAppender,
+    PreferencePair,
     content_id,
     load_jsonl_for_resume,
     read_prompts,
@@ -344,10 +345,10 @@ def _run_prompts(cfg, prompts, out, constitution, pool, backend, policy, provena
     return records, len(todo), extra
 
 
-def _pair_record(messages, chosen: str, rejected: str) -> dict:
-    return {"id": content_id(messages, chosen, rejected), "prompt": messages,
-            "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}]}
+def _pair_record(messages, chosen: str, rejected: str, p_chosen: float | None, **extra) -> dict:
+    """A labelled preference pair's JSONL row (`PreferencePair`, id = content hash)."""
+    return PreferencePair.of(messages, chosen, rejected, id=content_id(messages, chosen, rejected),
+                             p_chosen=p_chosen, **extra).to_dict()
 
 
 def _compare_prompts(cfg, constitution, pool, backend, per_prompt) -> list[list[dict]]:
@@ -368,14 +369,14 @@ def _compare_prompts(cfg, constitution, pool, backend, per_prompt) -> list[list[
     for (messages, ra, rb, _), res, idx in zip(jobs, results, owner):
         a_wins = res["p_a"] >= 0.5
         flip = (lambda x: x) if a_wins else (lambda x: 1.0 - x)  # to chosen's terms
-        rec = _pair_record(messages, ra if a_wins else rb, rb if a_wins else ra)
         p = flip(res["p_a"])
-        rec.update(p_chosen=p, votes={k: flip(v) for k, v in res["votes"].items()},
-                   orders=[flip(o) for o in res["orders"]],
-                   vote_orders={k: [flip(o) for o in v] for k, v in res["vote_orders"].items()},
-                   low_margin=low_margin(p, cfg.min_margin))
-        if "reasoning" in res:
-            rec["reasoning"] = res["reasoning"]
+        extra = {"reasoning": res["reasoning"]} if "reasoning" in res else {}
+        rec = _pair_record(messages, ra if a_wins else rb, rb if a_wins else ra, p,
+                           votes={k: flip(v) for k, v in res["votes"].items()},
+                           orders=[flip(o) for o in res["orders"]],
+                           vote_orders={k: [flip(o) for o in v]
+                                        for k, v in res["vote_orders"].items()},
+                           low_margin=low_margin(p, cfg.min_margin), **extra)
         made[idx].append(rec)
     return made
 
@@ -403,10 +404,11 @@ def _rate_prompts(cfg, constitution, pool, backend, per_prompt) -> list[list[dic
         if best == worst:  # all ratings equal: pick distinct slots, the gap is 0
             best, worst = 0, 1
         gap = ratings[best] - ratings[worst]
-        rec = _pair_record(p.messages, unique[best], unique[worst])
-        rec.update(rating_gap=gap, ratings=ratings,
-                   rating_votes={pid: [mine[best]["votes"][pid], mine[worst]["votes"][pid]]
-                                 for pid in mine[best]["votes"]},
-                   low_margin=gap < cfg.min_rating_gap)
+        rec = _pair_record(p.messages, unique[best], unique[worst], None, rating_gap=gap,
+                           ratings=ratings,
+                           rating_votes={pid: [mine[best]["votes"][pid],
+                                               mine[worst]["votes"][pid]]
+                                         for pid in mine[best]["votes"]},
+                           low_margin=gap < cfg.min_rating_gap)
         made[idx].append(rec)
     return made
