@@ -86,8 +86,7 @@ def by_score(backend, constitution, pairs, cfg) -> list[dict]:
     for i in range(0, len(pairs), cfg.batch_size):
         chunk = pairs[i:i + cfg.batch_size]
         out += compare_pairs(backend, constitution,
-                             [(p["messages"], p["a"], p["b"], pr) for p in chunk],
-                             cfg.compare_settings())
+                             [(p["messages"], p["a"], p["b"], pr) for p in chunk], cfg)
     return out
 
 

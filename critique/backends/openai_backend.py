@@ -42,15 +42,8 @@ import time
 from collections.abc import Sequence
 
 from charter.core.errors import CharterError
-from critique.backends.base import (
-    Conversation,
-    Sampling,
-    Usage,
-    finish_score,
-    generate_args,
-    score_args,
-)
-from critique.backends.tokens import option_rows
+from critique.backends.base import Conversation, Sampling, Usage, generate_args
+from critique.backends.tokens import chat_prompt, encode, finish_score, option_rows, score_args
 
 RETRY_STATUS = frozenset({408, 409, 429})
 NO_LOGPROBS_HINT = ("this server cannot return prompt log-probs, which `score` needs; label with "
@@ -296,10 +289,7 @@ class OpenAIBackend:
         tok = self.tokenizer
         rows: list[tuple[list[int], int]] = []
         for conv, opts, prefix in zip(conversations, options, prefixes):
-            text = tok.apply_chat_template(list(conv), tokenize=False,
-                                           add_generation_prompt=True) + (prefix or "")
-            rows += option_rows(lambda t: tok(t, add_special_tokens=False)["input_ids"], text,
-                                opts)
+            rows += option_rows(lambda t: encode(tok, t), chat_prompt(tok, conv, prefix), opts)
         scores = self._gather([self._score_row(full, start) for full, start in rows], "score")
         return finish_score(self.usage, rows, scores, options, time.perf_counter() - t0)
 

@@ -23,15 +23,8 @@ from typing import Any
 
 from charter.core.errors import CharterError
 from charter.core.models import model_label, require_safetensors, resolve_model
-from critique.backends.base import (
-    Conversation,
-    Sampling,
-    Usage,
-    finish_score,
-    generate_args,
-    score_args,
-)
-from critique.backends.tokens import option_rows
+from critique.backends.base import Conversation, Sampling, Usage, generate_args
+from critique.backends.tokens import chat_prompt, encode, finish_score, option_rows, score_args
 
 # Measured on an AMX Xeon (benchmarks/README.md, "Backend dtype"): bf16 weights make generation
 # 1.6x and score() 3.6x faster, but 12/16 greedy SmolLM2 answers diverge from fp32 and option
@@ -154,13 +147,10 @@ class TransformersBackend:
     # prompts
 
     def prompt_text(self, conversation: Conversation, prefix: str = "") -> str:
-        text = self.tokenizer.apply_chat_template(list(conversation), tokenize=False,
-                                                  add_generation_prompt=True)
-        return text + (prefix or "")
+        return chat_prompt(self.tokenizer, conversation, prefix)
 
     def _encode(self, text: str) -> list[int]:
-        # The chat template already wrote the special tokens (BOS, <|im_start|>...).
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode(self.tokenizer, text)
 
     def _batches(self, order: list[int]) -> list[list[int]]:
         return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]

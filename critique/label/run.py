@@ -64,9 +64,10 @@ from critique.preference.score import (  # noqa: F401  (compare_pairs re-exporte
 
 
 @dataclass(kw_only=True)
-class LabelConfig(BackendSettings):
+class LabelConfig(BackendSettings, CompareSettings):
     """Settings of `charter label`; the backend settings (backend, dtype, base_url, ...) come
-    from `BackendSettings` and apply to both models (policy and labeller)."""
+    from `BackendSettings` and apply to both models (policy and labeller); how a comparison is
+    asked and read (few_shot, cot, clamps) from `CompareSettings`."""
 
     constitution: str
     """Principle file (YAML) whose preference principles ask the questions."""
@@ -90,16 +91,6 @@ class LabelConfig(BackendSettings):
     """Compare mode: label this many of the K(K-1)/2 pairs per prompt (seeded); None: all."""
     principles_per_pair: int = 4
     """Preference principles drawn per pair (seeded); their labels are averaged."""
-    few_shot: int = 3
-    """At most this many labelling examples from the principle file before each question."""
-    cot: bool = False
-    """Chain of thought: the labeller reasons first, then the options are read after it."""
-    cot_max_new_tokens: int = 128
-    """Length limit of the chain-of-thought reasoning."""
-    clamp_low: float = 0.2
-    """Chain-of-thought: each order's P(A) is clamped to at least this."""
-    clamp_high: float = 0.8
-    """Chain-of-thought: each order's P(A) is clamped to at most this."""
     min_margin: float = 0.1
     """Pairs with |p_chosen - 0.5| below this are kept but marked low_margin."""
     min_rating_gap: float = 1.0
@@ -154,12 +145,6 @@ class LabelConfig(BackendSettings):
             if not ok:
                 raise CharterError(msg, field=name)
         backend_kwargs(self)  # server settings given with a local backend, ... (fail early)
-
-    def compare_settings(self) -> CompareSettings:
-        return CompareSettings(few_shot=self.few_shot, cot=self.cot,
-                               cot_max_new_tokens=self.cot_max_new_tokens,
-                               clamp_low=self.clamp_low, clamp_high=self.clamp_high,
-                               seed=self.seed)
 
     @property
     def labeler_model(self) -> str | None:
@@ -274,7 +259,7 @@ def _run_pairs(cfg, items, out, constitution, pool, backend) -> tuple[list[dict]
                 if cfg.mode == "compare":
                     jobs = [(it.messages, it.response_a, it.response_b, d)
                             for it, d in zip(chunk, drawn)]
-                    results = compare_pairs(backend, constitution, jobs, cfg.compare_settings())
+                    results = compare_pairs(backend, constitution, jobs, cfg)
                 else:
                     jobs = [(it.messages, r, d) for it, d in zip(chunk, drawn)
                             for r in (it.response_a, it.response_b)]
@@ -363,7 +348,7 @@ def _compare_prompts(cfg, constitution, pool, backend, per_prompt) -> list[list[
             jobs.append((p.messages, unique[i], unique[j],
                          draw(pool, cfg.principles_per_pair, cfg.seed, pid)))
             owner.append(idx)
-    results = (compare_pairs(backend, constitution, jobs, cfg.compare_settings())
+    results = (compare_pairs(backend, constitution, jobs, cfg)
                if jobs else [])
     made: list[list[dict]] = [[] for _ in per_prompt]
     for (messages, ra, rb, _), res, idx in zip(jobs, results, owner):

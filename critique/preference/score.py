@@ -11,9 +11,10 @@ from critique.preference import prompt as lp
 from critique.preference.labelmath import clamp, ensemble, p_first, rating_expectation, swap_average
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True)
 class CompareSettings:
-    """How a comparison is asked and read (the labeller's and the judge's settings)."""
+    """How a comparison is asked and read: the labeller's settings (`LabelConfig` inherits
+    them) and the judge's."""
 
     few_shot: int = 3
     """At most this many labelling examples from the principle file before each question."""
