@@ -1,26 +1,32 @@
 """Our DPO loop against TRL's DPOTrainer: same model, data, batch, length and steps.
 
-    python benchmarks/dpo_vs_trl.py --quick          # < 10 min on a laptop CPU
-    python benchmarks/dpo_vs_trl.py --steps 20 --batch-size 4 --max-length 512
+    python benchmarks/dpo_vs_trl.py                  # 20 steps x 8 pairs x 512 tokens, bf16
+    python benchmarks/dpo_vs_trl.py --quick          # 4 steps x 2 pairs x 128 tokens
+    python benchmarks/dpo_vs_trl.py --steps 3 --quality-steps 0 --precision bf16-mixed
 
 Both sides train the embedded SmolLM2-135M-Instruct for the same steps on the same pairs (one
-epoch, so each side sees every pair once), each in its own subprocess so that peak RSS is its own,
-each in its best CPU configuration: reference log-probs precomputed before training and bf16
-autocast (TRL: `precompute_ref_log_probs=True`, `bf16=True`; ours: `--mixed-precision bf16`).
-Timing covers the training steps only (not model loading or the reference pass).
+epoch, so each side sees every pair once), each in its own subprocess so that peak RSS is its own.
+TRL gets its best CPU configuration: reference log-probs precomputed before training and bf16
+autocast (`precompute_ref_log_probs=True`, `bf16=True`); ours runs `--precision` (default bf16:
+bf16 weights, BF16AdamW, chunked log-probs). Timing covers the training steps only (not model
+loading or the reference pass).
 
 Same math: in fp32, with a reference that differs from the policy (SmolLM2 with its final norm
 scaled by 0.9, so the loss is not trivially log 2), the per-batch DPO loss of both
 implementations is compared on the same batches of pairs: largest relative difference.
 
-MFU: 6 · parameters · tokens/s over the machine's bf16 matmul peak measured here
-(2048² matmuls). Needs the `bench` extra (trl). Last line: one JSON object.
+Quality guard (`--quality-steps`, default 50): the same small DPO run in fp32 and in
+`--precision`; largest per-step loss difference and the mean reward accuracy of each.
+
+MFU: 6 · parameters · tokens/s over the machine's bf16 matmul peak measured here (2048²
+matmuls; fp32 peak printed too). Needs the `bench` extra (trl). Last line: one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import subprocess
@@ -74,15 +80,17 @@ def run_ours(a) -> dict:
     from training.dpo import train_dpo
     from training.options import DPOConfig
 
-    out = Path(a.work) / "ours"
+    out = Path(a.work) / f"ours-{a.precision}-{a.lr}"
+    extra = json.loads(a.ours_options or "{}")
     cfg = DPOConfig(data=str(a.pairs), out=str(out), model=a.model, batch_size=a.batch_size,
-                    max_length=a.max_length, lr=1e-6, beta=0.1, mixed_precision=a.precision,
-                    save_every=None, warmup_ratio=0.0, ref_batch_size=a.batch_size)
+                    max_length=a.max_length, lr=a.lr, beta=0.1, precision=a.precision,
+                    save_every=None, warmup_ratio=0.0, ref_batch_size=a.batch_size, **extra)
     train_dpo(cfg)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     # elapsed_s: wall time of the steps since the previous log row (training steps only)
     return {"seconds": sum(r["elapsed_s"] for r in rows), "steps": len(rows),
-            "peak_rss_mb": peak_rss_mb()}
+            "peak_rss_mb": peak_rss_mb(), "loss": [r["loss"] for r in rows],
+            "accuracy": [r["rewards/accuracies"] for r in rows]}
 
 
 def run_trl(a) -> dict:
@@ -98,8 +106,8 @@ def run_trl(a) -> dict:
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     args = DPOConfig(output_dir=str(Path(a.work) / "trl"),
                      per_device_train_batch_size=a.batch_size,
-                     max_length=a.max_length, learning_rate=1e-6, beta=0.1, num_train_epochs=1,
-                     bf16=a.precision == "bf16", use_cpu=True, precompute_ref_log_probs=True,
+                     max_length=a.max_length, learning_rate=a.lr, beta=0.1, num_train_epochs=1,
+                     bf16=a.precision != "fp32", use_cpu=True, precompute_ref_log_probs=True,
                      precompute_ref_batch_size=a.batch_size, report_to=[], save_strategy="no",
                      logging_steps=10**6, warmup_steps=0, lr_scheduler_type="cosine",
                      dataloader_num_workers=0)
@@ -165,11 +173,11 @@ def loss_parity(a, n_batches: int) -> float:
     return worst
 
 
-def bf16_peak_flops(seconds: float = 2.0, n: int = 2048) -> float:
+def matmul_peak_flops(dtype: str = "bfloat16", seconds: float = 2.0, n: int = 2048) -> float:
     import torch
 
-    x = torch.randn(n, n, dtype=torch.bfloat16)
-    y = torch.randn(n, n, dtype=torch.bfloat16)
+    x = torch.randn(n, n, dtype=getattr(torch, dtype))
+    y = torch.randn(n, n, dtype=getattr(torch, dtype))
     for _ in range(2):
         x @ y
     k, t0 = 0, time.perf_counter()
@@ -179,14 +187,48 @@ def bf16_peak_flops(seconds: float = 2.0, n: int = 2048) -> float:
     return 2 * n**3 * k / (time.perf_counter() - t0)
 
 
+def run_side(a, side: str, pairs: Path, batch_size: int, max_length: int, precision: str,
+             lr: float, options: str = "") -> dict:
+    cmd = [sys.executable, __file__, "--side", side, "--work", a.work, "--pairs", str(pairs),
+           "--model", a.model, "--batch-size", str(batch_size), "--max-length", str(max_length),
+           "--precision", precision, "--lr", str(lr), "--ours-options", options or "{}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not line:
+        sys.exit(f"{side} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(line[-1][len("RESULT "):])
+
+
+def quality_guard(a) -> dict:
+    """`--quality-steps` DPO steps on the embedded model (2 pairs x 128 tokens a step, lr 5e-6)
+    in fp32 and in `--precision`: the largest per-step loss difference and both runs' mean
+    reward accuracy (tolerance stated in benchmarks/README.md: 0.02 and equal accuracy)."""
+    pairs = Path(a.work) / "quality.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in
+                             make_pairs(2 * a.quality_steps, 128, seed=1)))
+    runs = {p: run_side(a, "ours", pairs, 2, 128, p, 5e-6) for p in ("fp32", a.precision)}
+    base, test = runs["fp32"], runs[a.precision]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {"quality_max_loss_diff": max(abs(x - y) for x, y in zip(base["loss"], test["loss"])),
+            "quality_accuracy_fp32": mean(base["accuracy"]),
+            "quality_accuracy": mean(test["accuracy"]),
+            "quality_final_loss_fp32": base["loss"][-1], "quality_final_loss": test["loss"][-1]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="4 steps of 2 pairs, 128 tokens")
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--precision", choices=["bf16", "no"], default="bf16")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per step")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--precision", choices=["fp32", "bf16-mixed", "bf16"], default="bf16",
+                   help="ours; TRL runs bf16 autocast unless fp32")
+    p.add_argument("--ours-options", default="",
+                   help='extra DPOConfig fields for our side, JSON, e.g. {"chunked_logps": false}')
+    p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--parity-batches", type=int, default=2)
+    p.add_argument("--quality-steps", type=int, default=50, help="0 = skip the quality guard")
+    p.add_argument("--quality-only", action="store_true", help="run only the quality guard")
     p.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--pairs", help=argparse.SUPPRESS)
@@ -203,37 +245,45 @@ def main() -> None:
     a.model = resolve_model(None)
     work = Path(tempfile.mkdtemp(prefix="dpo-vs-trl-"))
     a.work, a.pairs = str(work), work / "pairs.jsonl"
+    if a.quality_only:
+        print(json.dumps({**quality_guard(a), "load_avg_1m": os.getloadavg()[0]}))
+        return
     a.pairs.write_text("".join(json.dumps(r) + "\n"
                                for r in make_pairs(a.steps * a.batch_size, a.max_length)))
     tokens = count_tokens(a.model, a.pairs, a.max_length)
     res = {}
     for side in ("ours", "trl"):
-        cmd = [sys.executable, __file__, "--side", side, "--work", a.work, "--pairs", str(a.pairs),
-               "--model", a.model, "--batch-size", str(a.batch_size),
-               "--max-length", str(a.max_length), "--precision", a.precision]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode or not line:
-            sys.exit(f"{side} failed:\n{proc.stderr[-4000:]}")
-        res[side] = json.loads(line[-1][len("RESULT "):])
+        res[side] = run_side(a, side, a.pairs, a.batch_size, a.max_length, a.precision, a.lr,
+                             a.ours_options)
         res[side]["tokens_per_s"] = tokens / res[side]["seconds"]
-        print(f"{side}: {res[side]}", file=sys.stderr)
+        print(f"{side}: { {k: v for k, v in res[side].items() if k not in ('loss', 'accuracy')} }",
+              file=sys.stderr)
     import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    n_params = sum(p.numel() for p in
-                   __import__("transformers").AutoModelForCausalLM.from_pretrained(a.model)
-                   .parameters())
-    peak = bf16_peak_flops()
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(a.model)).parameters())
+    peak, peak32 = matmul_peak_flops("bfloat16"), matmul_peak_flops("float32")
     diff = loss_parity(a, a.parity_batches)
     out = {"tokens_per_s_ratio": res["ours"]["tokens_per_s"] / res["trl"]["tokens_per_s"],
            "peak_rss_ratio": res["ours"]["peak_rss_mb"] / res["trl"]["peak_rss_mb"],
            "loss_max_rel_diff": diff,
-           "mfu": 6 * n_params * res["ours"]["tokens_per_s"] / peak}
+           "mfu": 6 * n_params * res["ours"]["tokens_per_s"] / peak,
+           "ours_tokens_per_s": res["ours"]["tokens_per_s"],
+           "trl_tokens_per_s": res["trl"]["tokens_per_s"],
+           "ours_peak_rss_mb": res["ours"]["peak_rss_mb"],
+           "trl_peak_rss_mb": res["trl"]["peak_rss_mb"],
+           "bf16_peak_gflops": peak / 1e9, "fp32_peak_gflops": peak32 / 1e9,
+           "load_avg_1m": os.getloadavg()[0]}
+    if a.quality_steps:
+        out.update(quality_guard(a))
     print(f"ours {res['ours']['tokens_per_s']:.0f} tok/s, {res['ours']['peak_rss_mb']:.0f} MB; "
           f"trl {res['trl']['tokens_per_s']:.0f} tok/s, {res['trl']['peak_rss_mb']:.0f} MB; "
-          f"bf16 matmul peak {peak / 1e9:.0f} GFLOP/s; {n_params / 1e6:.1f}M params; "
-          f"{a.steps} steps x {a.batch_size} pairs, max_length {a.max_length}, "
-          f"{a.precision}, torch threads {torch.get_num_threads()}")
+          f"matmul peak bf16 {peak / 1e9:.0f} / fp32 {peak32 / 1e9:.0f} GFLOP/s; "
+          f"{n_params / 1e6:.1f}M params; {a.steps} steps x {a.batch_size} pairs, max_length "
+          f"{a.max_length}, {a.precision}, torch threads {torch.get_num_threads()}, load "
+          f"{os.getloadavg()}", file=sys.stderr)
     print(json.dumps(out))
 
 

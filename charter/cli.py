@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "label": ("charter.commands.label", "AI preference labels from the constitution"),
     "train": ("charter.commands.train", "SFT and DPO training"),
     "eval": ("charter.commands.eval", "refusal rates and AI-judge win rate"),
+    "export": ("charter.commands.export", "a run's data in TRL's formats, with a dataset card"),
     "run": ("charter.commands.run", "the whole pipeline from one YAML file"),
 }
 
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="charter", description="Constitutional AI and RLAIF: principle files in, "
         "a more harmless assistant out.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--max-input-mb", type=float, default=None, metavar="MB",
+                        help="largest input file read, in MB after decompression (default "
+                        "1024, or CHARTER_MAX_INPUT_MB); a bigger one is refused, not read")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         try:
@@ -63,6 +67,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     debug = getattr(args, "debug", False) or os.environ.get("CHARTER_DEBUG") == "1"
+    old_cap = os.environ.get("CHARTER_MAX_INPUT_MB")
+    if args.max_input_mb is not None:
+        os.environ["CHARTER_MAX_INPUT_MB"] = str(args.max_input_mb)
+    try:
+        return _run(args, debug)
+    finally:
+        from charter.core.runlock import release_all
+
+        release_all()
+        if old_cap is None:
+            os.environ.pop("CHARTER_MAX_INPUT_MB", None)
+        else:
+            os.environ["CHARTER_MAX_INPUT_MB"] = old_cap
+
+
+def _run(args: argparse.Namespace, debug: bool) -> int:
+    """Run the command; every failure is one line on stderr and exit status 1."""
     try:
         return int(args._run(args) or 0)
     except CharterError as e:
@@ -82,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug: still one line for the user, the traceback on request
         if debug:
             traceback.print_exc()
+        from charter.core.writable import disk_error
+
+        full = disk_error(e, getattr(args, "out", None) or ".")  # a library's disk-full error
+        if full is not None:
+            print(f"charter: error: {full}", file=sys.stderr)
+            return 1
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         print(f"charter: internal error: {type(e).__name__}: {first} (a bug in charter; re-run "
               "with --debug for the traceback and report it)", file=sys.stderr)

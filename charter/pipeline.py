@@ -37,6 +37,7 @@ from charter.core.errors import CharterError
 from charter.core.records import write_json_atomic, write_jsonl_atomic
 from charter.core.writable import check_output
 from charter.pipeline_file import PipelineFile, load_pipeline_file, split_data
+from charter.roles import BackendPool, RoleSpec, make_spec
 
 
 @dataclass
@@ -55,50 +56,42 @@ class Stage:
     iteration: int
     cfg: Any
     fingerprint: str = ""
+    roles: dict[str, RoleSpec] = dataclasses.field(default_factory=dict)  # role -> model
 
 
 class Context:
-    """What stages share while the pipeline runs: loaded backends, by stage kind and backend
-    description. The roles of one stage share a backend, and so do the iterations of one stage
-    kind; stage kinds do not, so no generation state (the transformers backend's KV store of
-    its last call) crosses from one stage into another."""
+    """What stages share while the pipeline runs: the pool of loaded backends, and the roles
+    (role -> `charter.roles.RoleSpec`) of the stage now running."""
 
-    def __init__(self) -> None:
-        self._backends: dict[tuple[str, str], Any] = {}
-        self._models: dict[tuple[str, str], str] = {}
+    def __init__(self, pool: BackendPool | None = None) -> None:
+        self.pool = pool or BackendPool()
+        self.roles: dict[str, RoleSpec] = {}
 
-    def backend(self, stage: str, spec):
-        """The backend `spec` (a `BackendSpec`) describes, for a stage of kind `stage`."""
-        from charter.core.models import model_label
-        from critique.backends.options import build_backend
+    def backend(self, role: str):
+        """The loaded backend of this stage's `role` (None when the stage has no such role)."""
+        spec = self.roles.get(role)
+        return None if spec is None else self.pool.get(spec)
 
-        key = (stage, spec.key())
-        if key not in self._backends:
-            self._backends[key] = build_backend(spec)
-            self._models[key] = model_label(spec.model)
-        return self._backends[key]
-
-    def drop(self, model: str) -> None:
-        """Free a model's backends (a model about to be retrained or no longer needed)."""
-        for key in [k for k, m in self._models.items() if m == model]:
-            self._models.pop(key)
-            self._backends.pop(key).close()
+    def release(self, role: str) -> None:
+        """Done with `role` in this stage: free its backend unless another role uses it."""
+        spec = self.roles.get(role)
+        if spec is not None:
+            keep = {s.load_key() for r, s in self.roles.items() if r != role and s is not None}
+            keep |= {k for k in self.pool.keys() if k != spec.load_key()}
+            self.pool.release(keep)
 
     def close(self) -> None:
-        for b in self._backends.values():
-            b.close()
-        self._backends.clear()
+        self.pool.close()
 
 
 # -- the stage kinds (their real entry points; tests may pass others) -------------------------
 
 
 def _run_critique(cfg, ctx: Context) -> dict:
-    from critique.backends.options import spec_of
     from critique.revise.run import run_critique
 
-    # every backend field of the stage's section (dtype, batch_size, server URLs...) applies
-    manifest = run_critique(cfg, backend=ctx.backend("critique", spec_of(cfg, cfg.model)))
+    manifest = run_critique(cfg, backend=ctx.backend("policy"),
+                            teacher_backend=ctx.backend("teacher"))
     counts = manifest.get("counts") or {}
     if not counts.get("sft_examples"):
         raise CharterError(f"critique wrote no SFT examples ({counts.get('flagged', 0)} records "
@@ -122,24 +115,32 @@ def _train(fn: str) -> Callable[[Any, Context], dict]:
 
 
 def _run_label(cfg, ctx: Context) -> dict:
-    from critique.backends.options import spec_of
     from critique.label.run import run_label
 
-    policy = ctx.backend("label", spec_of(cfg, cfg.policy))
-    labeler = ctx.backend("label", spec_of(cfg, cfg.labeler_model))
-    report = run_label(cfg, backend=labeler, policy_backend=policy)
+    report = run_label(cfg, backend=ctx.backend("labeler"), policy_backend=ctx.backend("policy"),
+                       second_backend=ctx.backend("second_labeler"))
     if not report.get("n"):
         raise CharterError("labelling made no preference pairs (every prompt's samples were "
                            "identical or failed); raise temperature or samples",
                            path=Path(cfg.out) / "pairs.jsonl")
-    return {k: v for k, v in report.items() if isinstance(v, (int, float)) or k == "counts"}
+    keep = ("counts", "diagnostics", "relabel")
+    return {k: v for k, v in report.items() if isinstance(v, (int, float)) or k in keep}
 
 
 def _run_eval(cfg, ctx: Context) -> dict:
-    from critique.evaluate.run import backend_specs, run_eval
+    from critique.evaluate.run import run_eval
 
-    backends = {role: ctx.backend("eval", spec) for role, spec in backend_specs(cfg).items()}
-    return eval_headline(run_eval(cfg, backends))
+    # loaded when the eval reaches each role, freed when done with it (one model at a time)
+    backends = {role: (lambda r=role: ctx.backend(r)) for role in ctx.roles}
+    headline = eval_headline(run_eval(cfg, backends, release=ctx.release))
+    from charter.core.models import resolve_model
+    from training.cards import add_to_card
+
+    try:  # the evaluated model's card gains the headline (a trained model of this run)
+        add_to_card(Path(resolve_model(cfg.model)) / "README.md", headline=headline)
+    except CharterError:
+        pass  # not a local model folder: no card to update
+    return headline
 
 
 def eval_headline(report: dict) -> dict:
@@ -153,21 +154,29 @@ def eval_headline(report: dict) -> dict:
     for label, w in (report.get("win_rate") or {}).items():
         out[f"win_rate_{label}"] = w["win_rate"]
         out[f"win_ci95_{label}"] = w["win_ci95"]
+    for name, by_label in (report.get("win_rates") or {}).items():
+        if name != "model_vs_baseline":
+            for label in ("harmful", "benign"):
+                if label in by_label:
+                    out[f"win_rate_{name}_{label}"] = by_label[label]["win_rate"]
+                    out[f"win_ci95_{name}_{label}"] = by_label[label]["win_ci95"]
     return out
 
 
 STAGE_KINDS: dict[str, StageKind] = {
     "critique": StageKind("critique.revise.run:CritiqueConfig", _run_critique,
-                          ("constitution", "prompts", "helpful_prompts", "out", "model")),
+                          ("constitution", "prompts", "helpful_prompts", "out", "model",
+                           "teacher")),
     "sft": StageKind("training.options:SFTConfig", _train("training.sft:train_sft"),
                      ("data", "out", "model")),
     "label": StageKind("critique.label.run:LabelConfig", _run_label,
-                       ("constitution", "prompts", "pairs", "policy", "labeler", "out")),
+                       ("constitution", "prompts", "pairs", "policy", "labeler",
+                        "second_labeler", "out")),
     "dpo": StageKind("training.options:DPOConfig", _train("training.dpo:train_dpo"),
                      ("data", "out", "model")),
     "eval": StageKind("critique.evaluate.run:EvalConfig", _run_eval,
-                      ("model", "baseline", "prompts", "harmful", "benign", "out", "judge",
-                       "constitution", "metrics")),
+                      ("model", "baseline", "sft_model", "prompts", "harmful", "benign", "out",
+                       "judge", "judge_backend", "constitution", "metrics")),
 }
 SHARED_DEFAULTS = ("backend", "seed")  # top-level keys copied into sections that have them
 
@@ -189,7 +198,8 @@ def plan(pf: PipelineFile, out: Path, kinds: dict[str, StageKind]) -> list[Stage
     data = out / "data"
     start = c.model
 
-    def make(name: str, kind: str, iteration: int, wiring: dict) -> Stage:
+    def make(name: str, kind: str, iteration: int, wiring: dict,
+             roles: dict | None = None) -> Stage:
         section = "eval" if kind == "eval" else kind
         raw, lines = pf.sections[section], pf.lines.get(section, {})
         spec = kinds[kind]
@@ -210,26 +220,35 @@ def plan(pf: PipelineFile, out: Path, kinds: dict[str, StageKind]) -> list[Stage
         cfg = config_from_dict(cls, values, source=str(pf.path),
                                lines={k: lines.get(k) or pf.lines[""].get(k)
                                       or pf.lines[""].get(section) for k in values})
-        return Stage(name, kind, iteration, cfg)
+        return Stage(name, kind, iteration, cfg, roles=_stage_roles(cfg, roles or {}))
+
+    def role(name: str, policy: str) -> RoleSpec | None:
+        """The role `name` of the pipeline file with start/policy resolved."""
+        spec = pf.roles.get(name)
+        if spec is None or spec.model not in ("start", "policy"):
+            return spec
+        return spec.with_model(start if spec.model == "start" else policy)
 
     def suffix(k: int) -> str:
         return "" if k == 1 else f"-{k}"
 
-    def judge_for(model: str) -> str | None:
-        return {"start": start, "policy": model}.get(c.judge, c.judge) if c.judge else None
-
     def evaluate(name: str, model: str, metrics: list[str], k: int) -> Stage:
+        judge = role("judge", model)
+        sft = str(out / "sft") if model != str(out / "sft") else None
         return make(name, "eval", k, {
-            "model": model, "baseline": start, "prompts": str(data / "eval.jsonl"),
-            "out": str(out / name), "judge": judge_for(model), "constitution": c.constitution,
-            "metrics": metrics})
+            "model": model, "baseline": start, "sft_model": sft,
+            "prompts": str(data / "eval.jsonl"), "out": str(out / name),
+            "judge": _label(judge), "constitution": c.constitution, "metrics": metrics},
+            {"model": model, "baseline": start, "sft_model": sft, "judge": judge})
 
     benign_train = pf.benign is not None and pf.benign.train != 0
     stages = [
         make("critique", "critique", 0, {
             "constitution": c.constitution, "prompts": str(data / "harmful-train.jsonl"),
             "helpful_prompts": str(data / "benign-train.jsonl") if benign_train else None,
-            "out": str(out / "critique"), "model": start}),
+            "out": str(out / "critique"), "model": start,
+            "teacher": _label(role("teacher", start))},
+            {"policy": start, "teacher": role("teacher", start)}),
         make("sft", "sft", 0, {"data": str(out / "critique" / "sft.jsonl"),
                                "out": str(out / "sft"), "model": start}),
     ]
@@ -237,10 +256,14 @@ def plan(pf: PipelineFile, out: Path, kinds: dict[str, StageKind]) -> list[Stage
     if c.eval_sft:
         stages.append(evaluate("eval-sft", policy, [str(out / "sft")], 0))
     for k in range(1, c.iterations + 1):
-        labeler = {"start": start, "policy": policy}.get(c.labeler, c.labeler)
+        labeler = role("labeler", policy)
         stages.append(make(f"label{suffix(k)}", "label", k, {
             "constitution": c.constitution, "prompts": str(data / "train.jsonl"),
-            "policy": policy, "labeler": labeler, "out": str(out / f"label{suffix(k)}")}))
+            "policy": policy, "labeler": _label(labeler),
+            "second_labeler": _label(role("second_labeler", policy)),
+            "out": str(out / f"label{suffix(k)}")},
+            {"policy": policy, "labeler": labeler,
+             "second_labeler": role("second_labeler", policy)}))
         stages.append(make(f"dpo{suffix(k)}", "dpo", k, {
             "data": str(out / f"label{suffix(k)}" / "pairs.jsonl"),
             "out": str(out / f"dpo{suffix(k)}"), "model": policy}))
@@ -250,10 +273,34 @@ def plan(pf: PipelineFile, out: Path, kinds: dict[str, StageKind]) -> list[Stage
     return stages
 
 
+def _label(spec: RoleSpec | None) -> str | None:
+    from charter.core.models import model_label
+
+    return None if spec is None else model_label(spec.model)
+
+
+def _stage_roles(cfg: Any, roles: dict) -> dict[str, RoleSpec]:
+    """Each role of a stage as a RoleSpec: a plain model name runs on the stage's own backend
+    with the stage section's backend settings (dtype, batch_size, server URLs...)."""
+    from critique.backends.options import backend_kwargs
+
+    out = {}
+    for name, value in roles.items():
+        if value is None:
+            continue
+        if isinstance(value, RoleSpec):
+            out[name] = value
+        else:
+            out[name] = make_spec(getattr(cfg, "backend", "transformers"), value,
+                                  backend_kwargs(cfg))
+    return out
+
+
 def fingerprint(stage: Stage, data_sha: str) -> str:
-    """What a finished stage must match to be skipped: its settings and the data split."""
-    blob = json.dumps({"config": dataclasses.asdict(stage.cfg), "data": data_sha},
-                      sort_keys=True, default=str)
+    """What a finished stage must match to be skipped: its settings, roles and the data split."""
+    roles = {k: v.describe() for k, v in sorted(stage.roles.items())}
+    blob = json.dumps({"config": dataclasses.asdict(stage.cfg), "data": data_sha,
+                       **({"roles": roles} if roles else {})}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -326,15 +373,19 @@ def default_out(path: str | Path) -> Path:
 
 
 def run_pipeline(path: str | Path, out: str | Path | None = None,
-                 kinds: dict[str, StageKind] | None = None, check: bool = False) -> dict:
+                 kinds: dict[str, StageKind] | None = None, check: bool = False,
+                 constitution: str | None = None) -> dict:
     """Run (or resume) the pipeline file at `path` into `out`; returns summary.json's content.
 
     `check=True` only validates: it returns the plan (each stage, whether it is done, and its
-    resolved config) and writes nothing."""
-    from charter.pipeline_report import write_summary
+    resolved config) and writes nothing. `constitution` replaces the file's principle file
+    (the B side of `charter run --compare`)."""
+    from charter.pipeline_report import card_roles, write_summary
 
     kinds = kinds or STAGE_KINDS
     pf = load_pipeline_file(path)
+    if constitution is not None:
+        pf.cfg.constitution = str(Path(constitution).resolve())
     out = Path(out or pf.cfg.out or default_out(path))
     splits = split_data(pf)  # reads (and so checks) every prompt file
     data_sha = hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest()[:16]
@@ -346,6 +397,7 @@ def run_pipeline(path: str | Path, out: str | Path | None = None,
         return {"pipeline": str(pf.path), "out": str(out), "data": {
             k: len(v) for k, v in splits.items()}, "stages": [
             {"name": st.name, "status": "done" if d else "pending",
+             "roles": {r: spec.describe() for r, spec in st.roles.items()},
              "config": dataclasses.asdict(st.cfg)} for st, d in zip(stages, done)]}
 
     check_output(out)  # writable, with free space, before any stage runs
@@ -368,8 +420,8 @@ def run_pipeline(path: str | Path, out: str | Path | None = None,
                 continue
             print(f"[charter run] {st.name}: running into {out / st.name}")
             _reuse_baseline(out, st)
-            if st.kind in ("sft", "dpo"):
-                ctx.drop(str(out / st.name))  # a stale backend of this (re)trained model
+            ctx.pool.release(_needed_from(stages, stages.index(st)))
+            ctx.roles = st.roles
             state[st.name]["status"] = "running"
             write_summary(out, pf, stages, state, time.time() - t_all, plot=False)
             t0 = time.time()
@@ -388,7 +440,21 @@ def run_pipeline(path: str | Path, out: str | Path | None = None,
     finally:
         ctx.close()
         summary = write_summary(out, pf, stages, state, time.time() - t_all)
+        if summary.get("final_model"):
+            card_roles(Path(summary["final_model"]), summary["roles"])
     return summary
+
+
+def _needed_from(stages: list[Stage], i: int) -> set[tuple]:
+    """Load keys of the backends that stage i and the stages after it use before the next
+    training stage: everything else is freed (training needs the memory more, and a local model
+    reloads in seconds)."""
+    keys: set[tuple] = set()
+    for st in stages[i:]:
+        if st.kind in ("sft", "dpo"):
+            break
+        keys |= {spec.load_key() for spec in st.roles.values()}
+    return keys
 
 
 def _changed(path: Path, rows: list[dict]) -> bool:

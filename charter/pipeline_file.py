@@ -6,8 +6,11 @@ model: smollm2          # the starting model (default: the embedded SmolLM2-135M
 backend: transformers   # default for every stage section that has a `backend` key
 seed: 0                 # default for every stage section that has a `seed` key
 iterations: 1           # label → DPO → eval repeated N times (iterative DPO)
+teacher: policy         # critiques and revises (or answers under the constitution)
 labeler: start          # start (the starting model), policy (the newest model) or a model
 judge: start            # eval judge: start, policy, a model, or null (no judge)
+# any role may be a full backend description instead of a name:
+# labeler: {model: Qwen/Qwen2.5-72B-Instruct, backend: openai, base_url: http://h:8000/v1}
 harmful: {path: red-team.jsonl.gz, eval: 32, train: 64}    # prompt sets, held out per set
 benign: {path: helpful.jsonl, eval: 32, train: 32}
 critique: {rounds: 1}   # each stage section: the keys of that stage's command/config
@@ -41,6 +44,7 @@ import yaml
 from charter.core.config import config_from_dict, read_yaml_config
 from charter.core.errors import CharterError
 from charter.core.records import PromptItem, read_prompts
+from charter.roles import ROLES, parse_role
 
 
 @dataclass(kw_only=True)
@@ -71,10 +75,17 @@ class PipelineConfig:
     """Seed of the data split and default seed of the stage sections."""
     iterations: int = 1
     """How many times label → DPO → eval runs, each on the newest model."""
-    labeler: str = "start"
-    """Labeller: start (the starting model), policy (the newest model) or a model."""
-    judge: str | None = "start"
-    """Eval judge: start, policy (the evaluated model), a model, or null for none."""
+    teacher: str | dict = "policy"
+    """Critiques and revises (or answers under the constitution, critique.mode distill):
+    policy (the model being trained: SL-CAI), start, a model, or a backend mapping."""
+    labeler: str | dict = "start"
+    """Labeller: start (the starting model), policy (the newest model), a model, or a backend
+    mapping {model, backend, base_url, api_key_env, dtype, ...}."""
+    second_labeler: str | dict | None = None
+    """Relabels the pairs within label.relabel_below of 0.5 (a bigger model; null: the labeller
+    itself with chain of thought)."""
+    judge: str | dict | None = "start"
+    """Eval judge: start, policy (the evaluated model), a model, a backend mapping, or null."""
     eval_sft: bool = False
     """Also evaluate the SFT model (stage eval-sft), for the trend."""
     out: str | None = None
@@ -112,6 +123,7 @@ class PipelineFile:
     benign: PromptSet | None
     sections: dict[str, dict]  # stage section -> its raw values
     lines: dict[str, dict[str, int]]  # "" (top level) or a section -> key -> line
+    roles: dict = field(default_factory=dict)  # role -> charter.roles.RoleSpec (or None)
 
 
 def key_lines(path: Path) -> dict[str, dict[str, int]]:
@@ -142,6 +154,17 @@ def _looks_like_path(value: str) -> bool:
     return value.startswith((".", "/", "~")) or value.endswith((".yaml", ".yml"))
 
 
+def check_constitution(value: str, path: Path, line: int | None) -> None:
+    """The constitution a pipeline names exists and lints, before anything runs (`--check`
+    included): its own errors name its file and line."""
+    from constitution import load_constitution
+
+    if not Path(value).exists():
+        raise CharterError(f"principle file {value} not found", path=path, line=line,
+                           field="constitution")
+    load_constitution(value)
+
+
 def load_pipeline_file(path: str | Path) -> PipelineFile:
     """Read and check the whole file: top-level keys, prompt sets, section mappings."""
     path = Path(path)
@@ -150,10 +173,16 @@ def load_pipeline_file(path: str | Path) -> PipelineFile:
     base = path.resolve().parent
     cfg = config_from_dict(PipelineConfig, data, source=str(path), lines=top_lines)
     cfg.constitution = resolve_path(cfg.constitution, base)
-    for name in ("model", "labeler", "judge"):
-        value = getattr(cfg, name)
-        if value and value not in ("start", "policy", "smollm2") and _looks_like_path(value):
-            setattr(cfg, name, resolve_path(value, base))
+    check_constitution(cfg.constitution, path, top_lines.get("constitution"))
+    def resolve(value: str) -> str:
+        if value not in ("start", "policy", "smollm2") and _looks_like_path(value):
+            return resolve_path(value, base)
+        return value
+
+    cfg.model = resolve(cfg.model)
+    roles = {name: parse_role(getattr(cfg, name), backend=cfg.backend, where=name,
+                              source=str(path), line=top_lines.get(name), resolve=resolve)
+             for name in ROLES}
     sets = {}
     for name in ("harmful", "benign"):
         raw = getattr(cfg, name)
@@ -167,7 +196,7 @@ def load_pipeline_file(path: str | Path) -> PipelineFile:
             raise CharterError("expected a mapping of that stage's settings", path=path,
                                line=top_lines.get(name), field=name)
     return PipelineFile(path, cfg, sets["harmful"], sets["benign"],
-                        {s: dict(getattr(cfg, s)) for s in SECTIONS}, lines)
+                        {s: dict(getattr(cfg, s)) for s in SECTIONS}, lines, roles)
 
 
 def split_prompts(items: list[PromptItem], ps: PromptSet, seed: int, kind: str

@@ -1,6 +1,7 @@
 """The pipeline's summary: `DIR/summary.json` (machine-readable) and `DIR/report.md` (human).
 
-summary.json: `pipeline` (the file), `out`, `final_model` (the last finished model directory,
+summary.json: `pipeline` (the file), `out`, `roles` (role → model, backend and options: policy,
+teacher, labeler, second_labeler, judge), `final_model` (the last finished model directory,
 loadable with `AutoModelForCausalLM.from_pretrained`; null until one exists), `seconds`,
 `stages` (in order: name, kind, iteration, dir, status pending|running|done|skipped|failed|
 interrupted, seconds, result: counts and headline metrics, error), and `trend` (refusal rates of
@@ -44,13 +45,32 @@ def final_model(stages, state: dict) -> str | None:
     return None
 
 
+def roles_summary(pf) -> dict:
+    """Every role's model, backend and options (start/policy named as such)."""
+    from charter.core.models import model_label
+
+    c = pf.cfg
+    roles = {"policy": {"model": model_label(c.model), "backend": c.backend}}
+    for name, spec in pf.roles.items():
+        if spec is None:
+            roles[name] = None
+            continue
+        d = spec.describe()
+        if spec.model in ("start", "policy"):
+            d["model"] = (model_label(c.model) + " (the starting model)" if spec.model == "start"
+                          else "the policy (the newest model trained)")
+        roles[name] = d
+    return roles
+
+
 def write_summary(out: Path, pf, stages, state: dict, seconds: float,
                   plot: bool = True) -> dict:
     from critique.evaluate.report import plot_trend
 
     points = trend_points(stages, state)
     summary = {
-        "pipeline": str(pf.path), "out": str(out), "final_model": final_model(stages, state),
+        "pipeline": str(pf.path), "out": str(out), "roles": roles_summary(pf),
+        "final_model": final_model(stages, state),
         "iterations": pf.cfg.iterations, "seconds": round(seconds, 2),
         "stages": [{"name": st.name, "kind": st.kind, "iteration": st.iteration,
                     "dir": str(out / st.name), **state.get(st.name, {})} for st in stages],
@@ -60,15 +80,29 @@ def write_summary(out: Path, pf, stages, state: dict, seconds: float,
     trend_png = plot_trend(points, out / "trend.png") if plot else None
     has_trend = trend_png is not None or (out / "trend.png").exists()
     write_json_atomic(out / "summary.json", summary)
-    write_text_atomic(out / "report.md", render(summary, has_trend))
+    write_text_atomic(out / "report.md", render(summary, has_trend,
+                                                _attribution(out) if plot else []))
     return summary
 
 
-def render(summary: dict, has_trend: bool) -> str:
+def _attribution(out: Path) -> list[str]:
+    """The principle attribution section (critique/evaluate/attribution.py); a problem in the
+    run's records is shown, never raised (the report is written on the way out of a run)."""
+    from charter.core.errors import CharterError
+    from critique.evaluate.attribution import attribution_section
+
+    try:
+        return attribution_section(out)
+    except CharterError as e:
+        return ["## Principles", "", f"Attribution could not be computed: {e}"]
+
+
+def render(summary: dict, has_trend: bool, attribution: list[str] = ()) -> str:
     lines = ["# Charter pipeline report", "",
              f"Pipeline file: `{summary['pipeline']}`; output: `{summary['out']}`; "
              f"iterations: {summary['iterations']}; total time {summary['seconds']:.0f} s.", "",
-             f"Final model: `{summary['final_model'] or 'not trained yet'}`", "",
+             f"Final model: `{summary['final_model'] or 'not trained yet'}`", ""]
+    lines += render_roles(summary.get("roles") or {}) + [
              "## Stages", "", "| stage | status | seconds | result |", "|---|---|---|---|"]
     for st in summary["stages"]:
         secs = st.get("seconds")
@@ -89,6 +123,20 @@ def render(summary: dict, has_trend: bool) -> str:
                          f"{_pct(r.get('model_harmful_refusal'))} | "
                          f"{_pct(r.get('baseline_benign_refusal'))} → "
                          f"{_pct(r.get('model_benign_refusal'))} | {win} |")
+    if evals:
+        lines += render_comparison(evals[-1])
+    labels = [st for st in summary["stages"] if st["kind"] == "label"
+              and (st.get("result") or {}).get("diagnostics")]
+    if labels:
+        from critique.label.report import render_diagnostics
+
+        for st in labels:
+            lines += [""] + render_diagnostics(
+                st["result"]["diagnostics"], f"## Label diagnostics ({st['name']})")
+            if (Path(st["dir"]) / "margins.png").exists():
+                lines += ["", f"![{st['name']} label margins]({st['name']}/margins.png)"]
+    if attribution:
+        lines += ["", *attribution]
     if has_trend:
         lines += ["", "![refusal rates across the pipeline](trend.png)"]
     for st in evals:
@@ -111,3 +159,49 @@ def _result(st: dict) -> str:
         elif isinstance(v, dict) and k == "counts":
             parts += [f"{kk} {vv}" for kk, vv in v.items() if isinstance(vv, (int, float))]
     return ", ".join(parts[:8]).replace("|", "\\|")
+
+
+def render_roles(roles: dict) -> list[str]:
+    lines = ["## Roles", "", "| role | model | backend | options |", "|---|---|---|---|"]
+    for name, d in roles.items():
+        if d is None:
+            lines.append(f"| {name} | none | | |")
+            continue
+        opts = ", ".join(f"{k}={v}" for k, v in d.items() if k not in ("model", "backend"))
+        lines.append(f"| {name} | `{d['model']}` | {d['backend']} | {opts} |")
+    return lines + [""]
+
+
+def render_comparison(st: dict) -> list[str]:
+    """The three models side by side (start, SFT only, SFT + DPO) from the last eval."""
+    r = st["result"]
+    if "sft_model_harmful_refusal" not in r:
+        return []
+    lines = ["", f"## Start vs SFT only vs SFT + DPO ({st['name']})", "",
+             "| | start | SFT only | SFT + DPO |", "|---|---|---|---|"]
+    for label, what in (("harmful", "harmful: refusal (higher is better)"),
+                        ("benign", "benign: refusal (lower is better)")):
+        lines.append(f"| {what} | {_pct(r.get(f'baseline_{label}_refusal'))} | "
+                     f"{_pct(r.get(f'sft_model_{label}_refusal'))} | "
+                     f"{_pct(r.get(f'model_{label}_refusal'))} |")
+    judged = [("SFT only vs start", "win_rate_sft_model_vs_baseline_harmful",
+               "win_ci95_sft_model_vs_baseline_harmful"),
+              ("SFT + DPO vs start", "win_rate_harmful", "win_ci95_harmful"),
+              ("SFT + DPO vs SFT only", "win_rate_model_vs_sft_model_harmful",
+               "win_ci95_model_vs_sft_model_harmful")]
+    rows = [(n, r[k], r.get(c)) for n, k, c in judged if r.get(k) is not None]
+    if rows:
+        lines += ["", "| judge on harmful prompts | win rate [95% CI] |", "|---|---|"]
+        lines += [f"| {n} | {_pct(w)}" + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "")
+                  + " |" for n, w, ci in rows]
+    return lines
+
+
+def card_roles(final: Path, roles: dict) -> None:
+    """The final model's card gets the run's roles (formats' hook, `training.cards`): which
+    model, on which backend, played each role."""
+    from training.cards import add_to_card
+
+    add_to_card(Path(final) / "README.md", roles={
+        name: "none" if d is None else f"{d['model']} · {d['backend']}"
+        for name, d in roles.items()})

@@ -43,8 +43,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from charter.core.errors import CharterError
+from charter.core.reader import read_bytes
+from charter.core.yamlsource import MAX_FILE_BYTES, ConstitutionError, Lines, dotted, read_yaml
 from constitution.render import TemplateProblem, compile_template, render
-from constitution.source import ConstitutionError, Lines, dotted, read_yaml
 
 STAGES = ("critique", "revision", "preference")
 TOP_KEYS = {"name", "description", "version", "principles", "few_shot", "label_few_shot",
@@ -53,7 +55,6 @@ PRINCIPLE_KEYS = {"id", "tags", "trait", "critique", "revision", "preference"}
 FEW_SHOT_KEYS = {"principle", "prompt", "response", "critique", "revision"}
 LABEL_FEW_SHOT_KEYS = {"principle", "prompt", "response_a", "response_b", "answer"}
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-MAX_FILE_BYTES = 1_000_000
 MAX_CHECK_SECONDS = 10.0  # all templates of one file together, at load
 
 DEFAULT_LABEL_TEMPLATE = """\
@@ -232,11 +233,10 @@ SAMPLE_VARS = {
 def load_constitution(path: str | Path) -> Constitution:
     """Load and fully validate one principle file (every template is rendered once)."""
     path = Path(path)
-    if not path.exists():
-        raise ConstitutionError("principle file not found", path=path)
-    if path.is_dir():
-        raise ConstitutionError("expected a principle file, found a directory", path=path)
-    raw = path.read_bytes()
+    try:  # the reader's checks (directory, permissions, devices/FIFOs capped), one error type
+        raw = read_bytes(path, "principle file", cap=MAX_FILE_BYTES)
+    except CharterError as e:
+        raise ConstitutionError(e.detail, path=path) from None
     if b"\x00" in raw[:8192]:
         raise ConstitutionError("binary file (NUL byte); expected YAML text", path=path,
                                 line=raw[:raw.index(b"\x00")].count(b"\n") + 1)

@@ -6,7 +6,9 @@ are exercised for real) but 2 layers of width 32: a forward pass takes milliseco
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -78,3 +80,24 @@ def pytest_collection_modifyitems(config, items):
 def trials(request):
     """`--trials N`, or None for each test's CI-sized default."""
     return request.config.getoption("--trials")
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float):
+    def hang(signum, frame):
+        raise TimeoutError(f"still running after {seconds}s")
+
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.fixture(scope="session")
+def deadline():
+    """`with deadline(s): ...` fails with TimeoutError instead of hanging the suite (SIGALRM,
+    main thread; the template renderer puts an outer timer back after its own)."""
+    return _deadline

@@ -77,7 +77,9 @@ def test_server_flags_reach_the_backend(command, asked, tmp_path):
 def test_local_flags_reach_the_backend(command, asked, tmp_path):
     from charter.cli import build_parser
 
-    argv = COMMANDS[command](_inputs(tmp_path)) + ["--backend", "vllm", "--dtype", "bfloat16",
+    # a local model (commands check prompt lengths with its tokenizer before loading it)
+    argv = [a if a != "served-a" else "smollm2" for a in COMMANDS[command](_inputs(tmp_path))]
+    argv += ["--backend", "vllm", "--dtype", "bfloat16",
                                                    "--tensor-parallel-size", "2",
                                                    "--max-model-len", "1024",
                                                    "--trust-remote-code"]
@@ -85,7 +87,7 @@ def test_local_flags_reach_the_backend(command, asked, tmp_path):
     with pytest.raises(Asked):
         args._run(args)
     name, model, kw = asked[0]
-    assert (name, model) == ("vllm", "served-a")
+    assert (name, model) == ("vllm", "smollm2")
     assert {k: kw[k] for k in ("dtype", "tensor_parallel_size", "max_model_len",
                                "trust_remote_code")} == {
         "dtype": "bfloat16", "tensor_parallel_size": 2, "max_model_len": 1024,

@@ -207,3 +207,20 @@ def test_disk_full_while_checkpointing_then_resume(tmp_path, monkeypatch, capsys
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "final")
+
+
+def test_a_library_disk_full_error_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    """torch/safetensors wrap ENOSPC in a RuntimeError (`[enforce fail at
+    inline_container.cc...] ... No space left on device`): not an internal error, the output
+    path and the reason."""
+    import charter.commands.generate as gen
+
+    def full(cfg, backend=None):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs "
+                           "0: No space left on device")
+
+    monkeypatch.setattr(gen, "run_generate", full)
+    out = tmp_path / "o.jsonl"
+    assert main(["generate", "--prompts", str(out), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"charter: error: {out}: cannot write: No space left on device", err

@@ -100,8 +100,8 @@ def test_training_loaders_default_to_safe(stage, recorded, tiny_model_dir, tmp_p
     cls = SFTConfig if stage == "sft" else DPOConfig
     data = tmp_path / "d.jsonl"
     u, a = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}
-    row = {"messages": [u, a]} if stage == "sft" else {"prompt": [u], "chosen": [a],
-                                                       "rejected": [a]}
+    row = {"messages": [u, a]} if stage == "sft" else {
+        "prompt": [u], "chosen": [a], "rejected": [{"role": "assistant", "content": "no"}]}
     data.write_text(json.dumps(row) + "\n")
     cfg = cls(data=str(data), out=str(tmp_path / "out"), model=str(tiny_model_dir))
     assert cfg.trust_remote_code is False

@@ -47,6 +47,7 @@ class Stub(ThreadingHTTPServer):
         self.script: list = []
         self.log: list[dict] = []
         self.delay = delay
+        self.bad_for: tuple[str, dict] | None = None  # (text in the prompt, malformed reply)
         self.lock = threading.Lock()
         threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True).start()
 
@@ -85,6 +86,10 @@ class Handler(BaseHTTPRequestHandler):
         action = self.server.next_action()
         if self.server.delay:
             time.sleep(self.server.delay)
+        if isinstance(action, tuple) and action[0] == "reply":  # any JSON, e.g. malformed
+            return self._send(200, json.dumps(action[1]).encode())
+        if self.server.bad_for and self.server.bad_for[0] in json.dumps(body):
+            return self._send(200, json.dumps(self.server.bad_for[1]).encode())
         if isinstance(action, tuple) and action[0] == "sleep":
             time.sleep(action[1])
             action = "ok"
@@ -398,3 +403,59 @@ def test_critique_manifest_never_holds_the_key(stub, tmp_path, monkeypatch):
     assert "manifest.json" in written
     assert "CHARTER_TEST_KEY" in "".join(written.values())  # the variable's name is recorded
     assert not [n for n, text in written.items() if "sk-secret-000" in text]
+
+
+# -- replies of the wrong shape: retried, then one clear error (or skipped per record) ---------
+
+MALFORMED = {
+    "choices-not-a-list": {"choices": "x"},
+    "no-choices": {"choices": []},
+    "content-a-number": {"choices": [{"index": 0, "message": {"content": 5}}]},
+    "message-null": {"choices": [{"index": 0, "message": None}]},
+    "index-a-string": {"choices": [{"index": "a", "message": {"content": "x"}}]},
+    "lone-surrogate": {"choices": [{"index": 0, "message": {"content": "bad \ud800"}}]},
+    "nul-in-text": {"choices": [{"index": 0, "message": {"content": "bad \u0000"}}]},
+    "a-list": [1, 2],
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_malformed_reply_is_retried_then_one_clear_error(stub, name):
+    from critique.backends.replies import ReplyError
+
+    stub.script = [("reply", MALFORMED[name])]
+    with make(stub.url, max_retries=2) as b:  # once bad, then good: the retry succeeds
+        assert b.generate([CONV], Sampling(max_new_tokens=4)) == [["echo Say hi #0"]]
+    stub.script = [("reply", MALFORMED[name])] * 3
+    with make(stub.url, max_retries=2) as b, pytest.raises(CharterError) as e:
+        b.generate([CONV], Sampling(max_new_tokens=4))
+    assert str(e.value).startswith(f"base_url: {stub.url}/chat/completions: gave up after 3 "
+                                   "attempts; last: HTTP 200 with"), str(e.value)
+    assert isinstance(e.value, ReplyError) == (name != "a-list")  # a list is not an object
+
+
+def test_malformed_usage_counts_are_ignored(stub):
+    stub.script = [("reply", {"choices": [{"index": 0, "message": {"content": "ok"}}],
+                              "usage": {"prompt_tokens": "many", "completion_tokens": -3}})]
+    with make(stub.url) as b:
+        assert b.generate([CONV], Sampling(max_new_tokens=4)) == [["ok"]]
+        assert b.usage.prompt_tokens == 0 and b.usage.generated_tokens == 0
+
+
+def test_generate_skips_records_with_bad_replies_per_record(stub, tmp_path, capsys):
+    from charter.cli import main
+
+    p = tmp_path / "p.jsonl"
+    p.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in ("one", "POISON", "three")))
+    stub.bad_for = ("POISON", MALFORMED["content-a-number"])
+    out = tmp_path / "o.jsonl"
+    argv = ["generate", "--prompts", str(p), "--out", str(out), "--backend", "openai",
+            "--base-url", stub.url, "--model", "stub-model", "--max-retries", "1"]
+    assert main(argv) == 1  # without skip: one clear error
+    err = capsys.readouterr().err
+    assert err.count("charter: error:") == 1 and "malformed reply" in err, err
+    assert main([*argv, "--on-error", "skip"]) == 0
+    err = capsys.readouterr().err
+    assert f"skipped: {p}:2: server reply: " in err and "1 bad records skipped" in err, err
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(r["prompt"][0]["content"] for r in rows) == ["one", "three"]

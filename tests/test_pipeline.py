@@ -27,6 +27,7 @@ class FakeCritiqueConfig:
     out: str
     helpful_prompts: str | None = None
     model: str | None = None
+    teacher: str | None = None
     backend: str = "transformers"
     seed: int = 0
     rounds: int = 1
@@ -49,6 +50,7 @@ class FakeLabelConfig:
     pairs: str | None = None
     policy: str | None = None
     labeler: str | None = None
+    second_labeler: str | None = None
     backend: str = "transformers"
     seed: int = 0
     samples: int = 2
@@ -279,10 +281,9 @@ def test_critique_stage_that_writes_no_sft_data_fails_clearly(tmp_path, monkeypa
                                           "harmless.yaml"),
                          prompts=str(tmp_path / "p.jsonl"), out=str(tmp_path / "c"),
                          backend="fake", progress=False)
-    built = []
-    monkeypatch.setattr("critique.backends.options.build_backend",
-                        lambda spec: built.append(spec) or FakeBackend(lambda conv, prefix: ""))
-    ctx = Context()
+    from charter.roles import BackendPool, make_spec
+
+    ctx = Context(BackendPool(loader=lambda spec: FakeBackend(lambda conv, prefix: "")))
+    ctx.roles = {"policy": make_spec("fake", None)}
     with pytest.raises(CharterError, match=r"records\.jsonl: critique wrote no SFT examples"):
         _run_critique(cfg, ctx)
-    assert [(s.backend, s.model) for s in built] == [("fake", None)]  # the section's backend

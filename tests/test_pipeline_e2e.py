@@ -77,6 +77,8 @@ def test_tiny_pipeline_end_to_end(tmp_path, tiny_model_dir):
     assert (out / "report.md").read_text().count("| done |") == len(names)
     for png in ("trend.png", "eval-2/refusal.png", "eval-2/training.png"):
         assert (out / png).stat().st_size > 0, png
+    card = (final / "README.md").read_text()  # the eval headline joined the model's card
+    assert card.startswith("---\n") and "## Evaluation" in card and "model_harmful_refusal" in card
 
     again = run_pipeline(tmp_path / "pipe.yaml", out)  # finished: every stage is skipped
     assert {s["status"] for s in again["stages"]} == {"skipped"}

@@ -123,7 +123,7 @@ def test_resume_gives_the_same_result(pairs, tmp_path, tiny_model_dir, monkeypat
         train_dpo(cfg(pairs, out, tiny_model_dir, beta=0.2))
 
 
-def test_lora_reference_is_the_base_and_final_is_merged(pairs, tmp_path, tiny_model_dir):
+def test_lora_reference_is_the_base_and_merge_merges(pairs, tmp_path, tiny_model_dir):
     from accelerate import Accelerator
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -132,7 +132,7 @@ def test_lora_reference_is_the_base_and_final_is_merged(pairs, tmp_path, tiny_mo
     from training.dpo import compute_ref_logps
 
     final = train_dpo(cfg(pairs, tmp_path / "lora", tiny_model_dir, lora=True, lora_r=4,
-                          lora_targets=["q_proj", "v_proj"], max_steps=2))
+                          lora_targets=["q_proj", "v_proj"], max_steps=2, merge=True))
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     ex = tokenise_pairs(tok, load_pair_rows(pairs), 1024, progress=False)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -146,7 +146,39 @@ def test_lora_reference_is_the_base_and_final_is_merged(pairs, tmp_path, tiny_mo
     assert not torch.equal(weights[q], base_w[q])  # the adapter was merged in
     k = "model.layers.0.self_attn.k_proj.weight"
     assert torch.equal(weights[k], base_w[k])  # not a LoRA target: untouched
-    AutoModelForCausalLM.from_pretrained(final)
+    merged = AutoModelForCausalLM.from_pretrained(final)
+    # the adapter is kept beside the merged weights, and equals them on the base
+    from peft import PeftModel
+
+    assert (final / "adapter" / "adapter_config.json").exists()
+    with_adapter = PeftModel.from_pretrained(base, final / "adapter")
+    ids = torch.tensor([ex[0].prompt_ids + ex[0].chosen_ids])
+    with torch.no_grad():
+        assert torch.allclose(with_adapter(ids).logits, merged(ids).logits, atol=1e-4)
+    assert "library_name: transformers" in (final / "README.md").read_text()
+
+
+def test_lora_saves_a_peft_adapter_that_loads_and_trains_on(pairs, tmp_path, tiny_model_dir):
+    """Without --merge, final/ is the adapter: PeftModel.from_pretrained loads it, the card says
+    peft, and a later stage can start from the run (the adapter merged into its base)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    final = train_dpo(cfg(pairs, tmp_path / "ad", tiny_model_dir, lora=True, lora_r=4,
+                          lora_targets=["q_proj", "v_proj"], max_steps=2))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {f.name for f in
+                                                                    final.iterdir()}
+    assert not (final / "model.safetensors").exists()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        before = base(ids).logits
+        after = PeftModel.from_pretrained(base, final)(ids).logits
+    assert not torch.allclose(before, after)  # the adapter changes the model
+    card = (final / "README.md").read_text()
+    assert "library_name: peft" in card and "- lora" in card
+    again = train_dpo(cfg(pairs, tmp_path / "next", tmp_path / "ad", max_steps=1))
+    assert (again / "model.safetensors").exists()
 
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(pairs, tmp_path, tiny_model_dir,

@@ -94,7 +94,7 @@ def test_dpo_with_and_without_sharing_train_alike(tmp_path, tiny_model_dir, monk
     monkeypatch.setattr(shared_prompt, "MIN_SAVED", 1)  # these small prompts would not pay
     calls = []
     real = shared_prompt.pair_logps
-    monkeypatch.setattr(shared_prompt, "pair_logps", lambda m, b: calls.append(1) or real(m, b))
+    monkeypatch.setattr(shared_prompt, "pair_logps", lambda m, b, *a: calls.append(1) or real(m, b, *a))
 
     data = tmp_path / "pairs.jsonl"
     rows = [{"prompt": [{"role": "user", "content": f"Question number {i} about rivers?"}],

@@ -30,6 +30,7 @@ from charter.core.errors import CharterError
 from charter.core.records import write_json_atomic, write_text_atomic
 from charter.core.safestate import load_state, state_bytes
 from charter.core.writable import disk_error, write_bytes_durable
+from training.cards import model_card  # noqa: F401  (re-exported for the loops)
 
 CONFIG_NAME = "train_config.json"  # not config.json: that name marks a model directory
 MANIFEST = "manifest.json"  # written last: a checkpoint without it is not complete
@@ -37,8 +38,8 @@ FORMAT = "charter-checkpoint/1"
 # Settings that may change between a run and its resumption.
 # share_prompt only changes how the same log-probs are computed; `out` is where the run is, not
 # what it is (a moved folder resumes).
-RESUMABLE = {"save_every", "log_every", "tensorboard", "epochs", "max_steps", "trust_remote_code",
-             "share_prompt", "keep_checkpoints", "out"}
+RESUMABLE = {"save_every", "log_every", "report_to", "epochs", "max_steps", "trust_remote_code",
+             "share_prompt", "keep_checkpoints", "out", "merge", "chunked_logps"}
 PATH_FIELDS = ("data", "model", "ref_model")  # compared by what they hold, not how spelled
 
 
@@ -293,40 +294,33 @@ def clean_partial(out: Path) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def model_card(stage: str, cfg_dict: dict, provenance: dict, model_path: str,
-               summary: dict) -> str:
-    lines = [f"# Charter {stage.upper()} model", "",
-             f"Trained with `charter train {stage}` from `{cfg_dict.get('model') or 'smollm2'}` "
-             f"(`{model_path}`).", "",
-             "Load it with `AutoModelForCausalLM.from_pretrained(this_directory)`.", "",
-             "## Data", ""]
-    lines += [f"- {k}: `{v}`" for k, v in provenance.items()]
-    if "constitution_sha256" not in provenance:
-        lines.append("- constitution: not recorded beside the data")
-    lines += ["", "## Result", ""] + [f"- {k}: {v}" for k, v in summary.items()]
-    lines += ["", "## Config", "", "```json", json.dumps(cfg_dict, indent=2), "```", ""]
-    return "\n".join(lines)
-
-
 def finished(out: Path, total: int) -> bool:
     """Whether out/final holds the result of a run of `total` steps (re-running is a no-op)."""
     f = out / "final" / "charter_state.json"
     return f.exists() and read_json_file(f, "final model's state").get("step") == total
 
 
-def save_final(acc, model, tok, out: Path, card: str, step: int) -> Path:
-    """out/final: plain safetensors (a LoRA adapter is merged in) + tokenizer + README.md."""
+def save_final(acc, model, tok, out: Path, card: str, step: int, merge: bool = False) -> Path:
+    """out/final: safetensors + tokenizer + README.md (the model card).
+
+    With LoRA, final/ is the peft adapter (adapter_config.json + adapter_model.safetensors,
+    loadable with PeftModel.from_pretrained(base, final)); with `merge` it is the merged model
+    and the adapter is kept in final/adapter/."""
     final, tmp = out / "final", out / ".final.tmp"
     acc.wait_for_everyone()
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = acc.unwrap_model(model)
-        if hasattr(unwrapped, "merge_and_unload"):  # peft: fold the adapter into the weights
-            unwrapped = unwrapped.merge_and_unload()
-        unwrapped.config.use_cache = True
         need = sum(p.numel() * p.element_size() for p in unwrapped.parameters())
         try:
-            unwrapped.save_pretrained(tmp, safe_serialization=True)
+            if hasattr(unwrapped, "merge_and_unload"):  # peft
+                unwrapped.save_pretrained(tmp / "adapter" if merge else tmp,
+                                          safe_serialization=True)
+                if merge:  # fold the adapter into the weights
+                    unwrapped = unwrapped.merge_and_unload()
+            if not hasattr(unwrapped, "merge_and_unload"):
+                unwrapped.config.use_cache = True
+                unwrapped.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
             write_text_atomic(tmp / "README.md", card)
             write_json_atomic(tmp / "charter_state.json", {"step": step})

@@ -80,6 +80,22 @@ def load_pair_rows(path: str | os.PathLike, split: str = "train",
     return _load(path, "dpo", split, hh_transcripts)
 
 
+def drop_degenerate_pairs(loaded: Loaded) -> list[str]:
+    """Remove pairs whose chosen equals rejected (no preference to learn: their DPO gradient is
+    zero and they only dilute the batch); return where each came from. None left: an error."""
+    keep, dropped = [], []
+    for row, src in zip(loaded.rows, loaded.sources):
+        if row.chosen == row.rejected:
+            dropped.append(_where(src))
+        else:
+            keep.append((row, src))
+    if dropped and not keep:
+        raise CharterError(f"every pair has chosen equal to rejected ({len(dropped)} pairs); "
+                           "expected two different responses", path=loaded.path, field="data")
+    loaded.rows, loaded.sources = [r for r, _ in keep], [s for _, s in keep]
+    return dropped
+
+
 def render_ids(tok, messages: list[dict], generation_prompt: bool) -> list[int]:
     """Token ids of the templated conversation (the template adds any BOS itself)."""
     if not getattr(tok, "chat_template", None):
@@ -180,7 +196,8 @@ def _text_pair_ids(tok, pair: shapes.TextPair) -> tuple[list[int], list[int], li
 
 
 def encode_pair(tok, pair, source: tuple[str, int | None],
-                max_length: int | None = None) -> PairExample:
+                max_length: int | None = None, max_prompt_length: int | None = None
+                ) -> PairExample:
     """Prompt ids and each response's ids, the boundary checked for both responses; standard
     (string) pairs as plain text, as TRL tokenises them."""
     if isinstance(pair, shapes.TextPair):
@@ -193,6 +210,8 @@ def encode_pair(tok, pair, source: tuple[str, int | None],
             _check_prefix(tok, prompt, full, source, f"prompt (with the {name} response)")
             parts.append(full[len(prompt):])
         chosen, rejected = parts
+    if max_prompt_length and len(prompt) > max_prompt_length:  # keep the end, as TRL does
+        prompt = prompt[len(prompt) - max_prompt_length:]
     if not chosen or not rejected:
         raise CharterError("empty response after templating", path=source[0], line=source[1],
                            field="chosen" if not chosen else "rejected")
@@ -216,12 +235,12 @@ def tokenise_sft(tok, loaded: Loaded, max_length: int | None, progress: bool = T
             tqdm(it, total=len(loaded.rows), desc="tokenise", disable=not progress)]
 
 
-def tokenise_pairs(tok, loaded: Loaded, max_length: int | None, progress: bool = True
-                   ) -> list[PairExample]:
+def tokenise_pairs(tok, loaded: Loaded, max_length: int | None, progress: bool = True,
+                   max_prompt_length: int | None = None) -> list[PairExample]:
     from tqdm.auto import tqdm
 
     it = zip(loaded.rows, loaded.sources)
-    return [encode_pair(tok, p, s, max_length) for p, s in
+    return [encode_pair(tok, p, s, max_length, max_prompt_length) for p, s in
             tqdm(it, total=len(loaded.rows), desc="tokenise", disable=not progress)]
 
 
@@ -247,29 +266,35 @@ def data_provenance(path: Path | str) -> dict:
         if not f.is_file():
             continue
         try:
-            found = _find_constitution_hash(json.loads(f.read_text(encoding="utf-8")))
+            found = find_constitution(json.loads(f.read_text(encoding="utf-8")))
         except (OSError, ValueError):
             continue
         if found:
-            out["constitution_sha256"] = found
+            out["constitution_sha256"] = found["sha256"]
+            if "name" in found:
+                out["constitution_name"] = found["name"]
             break
     return out
 
 
-def _find_constitution_hash(obj) -> str | None:
+def find_constitution(obj) -> dict | None:
+    """{"sha256", "name"?} of the constitution named anywhere in a manifest or report."""
     if isinstance(obj, dict):
         for k, v in obj.items():
             if "constitution" in k and isinstance(v, str) and len(v) == 64:
-                return v  # label's report: "constitution_sha256": "..."
+                out = {"sha256": v}  # label's report: "constitution_sha256", "constitution"
+                name = obj.get("constitution_name", obj.get("constitution"))
+                return {**out, "name": name} if isinstance(name, str) and name != v else out
             if "constitution" in k and isinstance(v, dict) and isinstance(v.get("sha256"), str):
-                return v["sha256"]  # critique's manifest: "constitution": {"name", "sha256"}
-        for v in obj.values():
-            found = _find_constitution_hash(v)
-            if found:
-                return found
+                # critique's manifest: "constitution": {"name", "sha256"}
+                return {k2: v[k2] for k2 in ("sha256", "name") if isinstance(v.get(k2), str)}
+        children = obj.values()
     elif isinstance(obj, list):
-        for v in obj:
-            found = _find_constitution_hash(v)
-            if found:
-                return found
+        children = obj
+    else:
+        return None
+    for v in children:
+        found = find_constitution(v)
+        if found:
+            return found
     return None

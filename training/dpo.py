@@ -31,7 +31,13 @@ from charter.core.writable import check_output, disk_error, write_bytes_durable
 from training import checkpoint as ckpt
 from training import shared_prompt
 from training.collate import collate_pairs
-from training.data import data_provenance, load_pair_rows, pairs_fingerprint, tokenise_pairs
+from training.data import (
+    data_provenance,
+    drop_degenerate_pairs,
+    load_pair_rows,
+    pairs_fingerprint,
+    tokenise_pairs,
+)
 from training.loop import (
     MetricsLog,
     clip_and_step,
@@ -46,6 +52,7 @@ from training.loop import (
 )
 from training.losses import LOSSES, preference_loss
 from training.options import DPOConfig
+from training.trackers import start_trackers
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
            "logps/chosen", "logps/rejected")
@@ -73,11 +80,11 @@ def pair_batch(examples, pad_id: int, share: bool, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def pair_forward(model, batch: dict):
+def pair_forward(model, batch: dict, chunked: bool = True):
     """(summed, mean, count) log-probs of chosen rows then rejected rows."""
     if "prompt_ids" in batch:
-        return shared_prompt.pair_logps(model, batch)
-    return forward_logps(model, batch)
+        return shared_prompt.pair_logps(model, batch, chunked)
+    return forward_logps(model, batch, chunked)
 
 
 @torch.no_grad()
@@ -119,7 +126,7 @@ def reference_logps(acc, cfg: DPOConfig, model, examples, pad_id: int, model_pat
 
     ref_path = resolve_model(cfg.ref_model) if cfg.ref_model else model_path
     key = hashlib.sha256(json.dumps([pairs_fingerprint(examples), _model_identity(ref_path),
-                                     cfg.mixed_precision]).encode()).hexdigest()
+                                     cfg.precision]).encode()).hexdigest()
     cache = Path(cfg.out) / "ref_logps.safetensors"
     if cache.exists():
         try:
@@ -173,14 +180,19 @@ def train_dpo(cfg: DPOConfig) -> Path:
     out = Path(cfg.out)
     cfg_dict = dataclasses.asdict(cfg)
     loaded = load_pair_rows(cfg.data, cfg.split, cfg.hh_transcripts)  # bad data fails first
+    degenerate = drop_degenerate_pairs(loaded)
     check_output(out)  # so does an output that cannot be written
     ckpt.check_run_dir(out, cfg_dict, "dpo")  # and a folder holding another run
     acc, model, tok, model_path = setup(cfg)
     log(acc, f"data: {loaded.path}: {len(loaded.rows)} rows, {loaded.shape}")
     ckpt.prepare_run_dir(acc, out, cfg_dict, "dpo")
+    if degenerate:
+        log(acc, f"dropped {len(degenerate)} pairs whose chosen equals rejected (first: "
+                 f"{degenerate[0]}); training on {len(loaded.rows)}")
     if acc.is_main_process:
         ckpt.clean_partial(out)
-    examples = tokenise_pairs(tok, loaded, cfg.max_length, progress=acc.is_main_process)
+    examples = tokenise_pairs(tok, loaded, cfg.max_length, progress=acc.is_main_process,
+                              max_prompt_length=cfg.max_prompt_length)
     if LOSSES[cfg.loss].soft_labels:
         missing = next((e for e in examples if e.p_chosen is None), None)
         if missing:
@@ -192,14 +204,14 @@ def train_dpo(cfg: DPOConfig) -> Path:
         return out / "final"
     share = shared_prompt.decide(cfg, acc.num_processes, model, examples)
     ref = reference_logps(acc, cfg, model, examples, tok.pad_token_id, model_path, share)
-    opt, sched = make_optimizer(model, cfg, total)
+    opt, sched = make_optimizer(model, cfg, total, acc.num_processes)
     model, opt = acc.prepare(model, opt)
     start, last = 0, ckpt.resume_point(out, lambda m: log(acc, m))
     if last is not None:
         start = ckpt.load_checkpoint(acc, model, opt, sched, last)
         log(acc, f"resuming from {last} (step {start} of {total})")
-    if cfg.tensorboard:
-        acc.init_trackers("tensorboard")
+    if cfg.report_to:
+        start_trackers(acc, cfg_dict, "dpo")
     metrics = MetricsLog(acc, out, start)
     run_steps(acc, cfg, model, opt, sched, examples, ref, tok.pad_token_id, start, total,
               metrics, out, cfg_dict, last)
@@ -211,7 +223,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
                      out / "metrics.png", f"DPO ({cfg.loss}, β={cfg.beta})")
     card = ckpt.model_card("dpo", cfg_dict, data_provenance(loaded.path), model_path,
                            {"steps": total, **summary})
-    final = ckpt.save_final(acc, model, tok, out, card, total)
+    final = ckpt.save_final(acc, model, tok, out, card, total, merge=cfg.merge)
     acc.end_training()
     log(acc, f"saved {final}")
     return final
@@ -237,7 +249,7 @@ def run_steps(acc, cfg: DPOConfig, model, opt, sched, examples, ref, pad_id, sta
             batch = pair_batch([examples[i] for i in idx], pad_id, share, acc.device)
             sync = a == len(micro) - 1
             with (contextlib.nullcontext() if sync else acc.no_sync(model)), acc.autocast():
-                total_lp, _, count = pair_forward(model, batch)  # (2B,)
+                total_lp, _, count = pair_forward(model, batch, cfg.chunked_logps)  # (2B,)
                 n = len(idx)
                 pc, pr = total_lp[:n], total_lp[n:]
                 rc = rr = None
@@ -250,7 +262,8 @@ def run_steps(acc, cfg: DPOConfig, model, opt, sched, examples, ref, pad_id, sta
                 loss = res.losses.mean() / len(micro)  # equal micro-batches: global mean
             if not torch.isfinite(loss):  # still backward: DDP processes must stay in step
                 bad = float(loss.detach())
-            acc.backward(loss)
+            if bad is None or not cfg.optimizer_in_backward:  # (whose backward steps)
+                acc.backward(loss)
             tokens += int(batch["attention_mask"].sum())
             cr, rj = res.chosen_rewards, res.rejected_rewards
             sums += torch.tensor([res.losses.detach().sum(), cr.sum(), rj.sum(),

@@ -35,16 +35,11 @@ def setup(cfg: TrainConfig):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from charter.core.models import require_safetensors, resolve_model
+    from training.trackers import log_with
 
-    if cfg.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise CharterError("needs the tensorboard package: pip install tensorboard",
-                               field="tensorboard") from None
-    if cfg.mixed_precision == "fp16" and (cfg.cpu or not torch.cuda.is_available()):
-        raise CharterError("fp16 autocast needs a GPU; use bf16 on CPUs",
-                           field="mixed_precision")
+    trackers = log_with(cfg.report_to, cfg.out)  # a missing package fails before any work
+    if cfg.precision == "fp16-mixed" and (cfg.cpu or not torch.cuda.is_available()):
+        raise CharterError("fp16 autocast needs a GPU; use bf16 on CPUs", field="precision")
     # Accelerator state is a process-wide singleton; the pipeline runs SFT then DPO in one
     # process, possibly with other precision settings, so start each run from a clean state
     # (the process-group part, PartialState, is kept: under `accelerate launch` it is shared).
@@ -54,8 +49,9 @@ def setup(cfg: TrainConfig):
     # accelerate only sets up multi-process CPU training (DDP over gloo) when told `cpu=True`,
     # so a machine with no accelerator is a CPU run, launched alone or under torchrun.
     no_accel = not (torch.cuda.is_available() or torch.backends.mps.is_available())
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu or no_accel,
-                      log_with="tensorboard" if cfg.tensorboard else None,
+    autocast = {"bf16-mixed": "bf16", "fp16-mixed": "fp16"}.get(cfg.precision, "no")
+    acc = Accelerator(mixed_precision=autocast, cpu=cfg.cpu or no_accel,
+                      log_with=trackers or None,
                       project_dir=cfg.out)
     set_seed(cfg.seed)
     path = resolve_model(cfg.model)
@@ -63,8 +59,19 @@ def setup(cfg: TrainConfig):
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     if tok.pad_token_id is None:  # padding is masked everywhere; any id will do
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
-                                                 trust_remote_code=cfg.trust_remote_code)
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    if Path(path, "adapter_config.json").exists() and not Path(path, "config.json").exists():
+        # a LoRA run's final/ (a peft adapter): train on from its base with the adapter merged
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True,
+            trust_remote_code=cfg.trust_remote_code).merge_and_unload()
+        model.requires_grad_(True)  # peft froze the base; all of it trains from here
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True,
+            trust_remote_code=cfg.trust_remote_code)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -129,14 +136,28 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(model, cfg: TrainConfig, total: int):
+def make_optimizer(model, cfg: TrainConfig, total: int, num_processes: int = 1):
+    """AdamW for the trainable parameters and the warm-up + decay schedule. fp32 weights:
+    torch's fused AdamW (one kernel per parameter, no foreach temporaries: those are a copy of
+    every parameter at the step, which sets small-model training's peak memory). bf16 weights:
+    `training.optim.BF16AdamW`. `optimizer_in_backward`: steps from gradient hooks."""
+    from training.optim import BF16AdamW, attach_in_backward
+
     params = [p for p in model.parameters() if p.requires_grad]
-    # fused AdamW: one kernel per parameter, no foreach temporaries (a copy of every
-    # parameter's size at the step, which sets the peak memory of small-model training).
-    try:
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    except (RuntimeError, TypeError):  # a device or torch without a fused kernel
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.precision == "bf16" or cfg.optimizer_in_backward:
+        opt = BF16AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed)
+    else:
+        try:
+            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                    fused=True)
+        except (RuntimeError, TypeError):  # a device or torch without a fused kernel
+            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer_in_backward:
+        if num_processes > 1:
+            raise CharterError("runs on one process only (under DDP/FSDP the gradients are "
+                               "reduced after the hooks would have used them)",
+                               field="optimizer_in_backward")
+        attach_in_backward(opt)
     warmup = int(cfg.warmup_ratio * total)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, total, warmup, cfg.schedule))
@@ -155,9 +176,11 @@ def clip_and_step(acc, model, opt, max_norm: float):
     grad scaler, other optimizers) accelerate's `clip_grad_norm_` runs as before."""
     from accelerate.utils import DistributedType
 
+    from training.optim import BF16AdamW
+
     inner = getattr(opt, "optimizer", opt)  # accelerate's AcceleratedOptimizer wraps it
     fusable = (max_norm and getattr(acc, "scaler", None) is None
-               and inner.defaults.get("fused")
+               and (inner.defaults.get("fused") or isinstance(inner, BF16AdamW))
                and acc.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU,
                                             DistributedType.MULTI_GPU))
     if not fusable:
@@ -165,7 +188,7 @@ def clip_and_step(acc, model, opt, max_norm: float):
         opt.step()
         return norm
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    norm = torch.nn.utils.get_total_norm(grads, 2.0).float()
     # 1 / clamp(coef, max=1); dividing by exactly 1.0 changes nothing, and there is no
     # host sync on a GPU
     inner.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0).to(torch.float32).reshape(())
@@ -176,16 +199,28 @@ def clip_and_step(acc, model, opt, max_norm: float):
     return norm
 
 
-def forward_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def forward_logps(model, batch: dict, chunked: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed and mean label log-probs and label counts per row, each (N,).
 
-    The model computes logits only from the position before the first label token in the
-    batch onwards (`logits_to_keep`): prompt positions need no (N, T, V) logits, which saves
-    the output head's FLOPs and most of the logits' memory.
+    chunked: the log-probs come from the final hidden states at label positions only
+    (`training.chunked_logps`), never a [tokens x vocab] logits tensor. Otherwise, or for a
+    model whose logits are not its head applied to the last hidden state, the model computes
+    logits from the position before the first label token on (`logits_to_keep`).
     """
     ids, labels = batch["input_ids"], batch["labels"]  # (N, T)
     T = ids.shape[1]
     has = labels != -100
+    if chunked:
+        from training.chunked_logps import label_logps
+
+        targets, mask = labels[:, 1:].clamp(min=0), has[:, 1:]
+        out, logps = label_logps(model, targets, mask, input_ids=ids, use_cache=False,
+                                 attention_mask=batch["attention_mask"])
+        if logps is None:  # logits are not the head's output: the full path's logits
+            return sequence_logps(out.logits, labels)
+        total, count = logps.sum(-1), mask.sum(-1)
+        return total, total / count.clamp(min=1), count
     first = int(has.int().argmax(1)[has.any(1)].min()) if bool(has.any()) else 1
     first = max(first, 1)  # a label at position 0 has nothing before it to predict it
     k = T - first + 1  # logits at positions [first-1, T)
@@ -257,4 +292,4 @@ def raise_if_nonfinite(acc, bad: bool, value: float, step: int, last_ckpt: Path 
         where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint yet"
         raise CharterError(f"the loss became {value} at step {step}; stopped before updating "
                            f"the weights ({where}). Lower --lr, or train in fp32 "
-                           "(--mixed-precision no)", field="lr")
+                           "(--precision fp32)", field="lr")

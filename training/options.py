@@ -47,7 +47,9 @@ class TrainConfig:
     max_length: int = 1024
     """tokens per sequence; longer ones keep the prompt's end and the response's start"""
     lora: bool = False
-    """train a LoRA adapter (peft) instead of all weights; merged into final/"""
+    """train a LoRA adapter (peft) instead of all weights; final/ is the peft adapter"""
+    merge: bool = False
+    """with lora: save final/ as the merged model (the adapter kept in final/adapter/)"""
     lora_r: int = 16
     """LoRA rank"""
     lora_alpha: int = 32
@@ -57,8 +59,19 @@ class TrainConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])
     """module names LoRA adapts (peft target_modules), e.g. q_proj v_proj; all-linear = every
     linear layer but the output head"""
+    precision: Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16"] = "fp32"
+    """fp32; bf16-mixed / fp16-mixed = fp32 weights, autocast (fp16: GPUs only); bf16 = bf16
+    weights and gradients (no casts) with BF16AdamW (Kahan-compensated weights, bf16 moments):
+    10 instead of 16 bytes per parameter"""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """autocast precision (bf16 runs on CPUs with AMX and on GPUs; weights stay fp32)"""
+    """older name: bf16 / fp16 here means precision bf16-mixed / fp16-mixed"""
+    optimizer_in_backward: bool = False
+    """update each parameter as soon as its gradient is complete and free that gradient (no
+    gradient kept for the whole model); needs max_grad_norm 0 (no global-norm clipping),
+    grad_accum 1 and one process"""
+    chunked_logps: bool = True
+    """compute label log-probs from the final hidden states in chunks of tokens, only where a
+    label is, instead of materialising [tokens x vocab] logits (same values; less memory)"""
     cpu: bool = False
     """train on the CPU even when a GPU is present"""
     gradient_checkpointing: bool = False
@@ -72,10 +85,25 @@ class TrainConfig:
     keep_checkpoints: int | None = 2
     """keep only the newest this many checkpoints (each holds the weights and the optimizer
     state, ~3x the model's size); None = keep all"""
-    tensorboard: bool = False
-    """also log metrics to tensorboard under out/tensorboard (needs the tensorboard package)"""
+    report_to: list[str] = field(default_factory=list)
+    """trackers for the metrics besides out/metrics.jsonl: tensorboard, wandb, csv (TRL's
+    metric names; none by default)"""
     trust_remote_code: bool = False
     """let transformers run Python code shipped in the model folder (only for models you trust)"""
+
+    @classmethod
+    def translate_keys(cls, values: dict, names: set[str], source: str | None,
+                       lines: dict[str, int]) -> tuple[dict, dict[str, int]]:
+        """TRL/TrainingArguments key names → ours (training/recipe_keys.py)."""
+        from training.recipe_keys import translate
+
+        return translate(values, names, source=source, lines=lines)
+
+    @classmethod
+    def nearest_key(cls, key: str, names: set[str]) -> str | None:
+        from training.recipe_keys import nearest
+
+        return nearest(key, names)
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "log_every", "lora_r"):
@@ -94,6 +122,21 @@ class TrainConfig:
             raise CharterError(f"must be >= 8, got {self.max_length}", field="max_length")
         if self.max_grad_norm < 0:
             raise CharterError(f"must be >= 0, got {self.max_grad_norm}", field="max_grad_norm")
+        if self.mixed_precision != "no":
+            legacy = f"{self.mixed_precision}-mixed"
+            if self.precision not in ("fp32", legacy):
+                raise CharterError(f"mixed_precision {self.mixed_precision!r} conflicts with "
+                                   f"precision {self.precision!r}; set only precision",
+                                   field="mixed_precision")
+            self.precision = legacy
+        if self.optimizer_in_backward:
+            if self.max_grad_norm:
+                raise CharterError("the optimizer step in the backward pass updates each "
+                                   "parameter before the global gradient norm is known; set "
+                                   "max_grad_norm 0 (no clipping)", field="optimizer_in_backward")
+            if self.grad_accum != 1:
+                raise CharterError("needs grad_accum 1: each backward pass updates the weights",
+                                   field="optimizer_in_backward")
 
 
 @dataclass(kw_only=True)
@@ -121,6 +164,8 @@ class DPOConfig(TrainConfig):
     """reference model (default: the starting policy; with --lora, the base without adapter)"""
     ref_batch_size: int = 8
     """pairs per forward pass when computing reference log-probs (no gradients)"""
+    max_prompt_length: int | None = None
+    """keep only the prompt's last N tokens (TRL's max_prompt_length; None = max_length rules)"""
     share_prompt: bool = True
     """run each pair's prompt once and both responses on its cache (one process, no gradient
     checkpointing; else the concatenated pass)"""
@@ -134,6 +179,9 @@ class DPOConfig(TrainConfig):
         if not kind.reference and self.ref_model:
             raise CharterError(f"{self.loss} is reference-free; drop --ref-model",
                                field="ref_model")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise CharterError(f"must be >= 1 (or unset), got {self.max_prompt_length}",
+                               field="max_prompt_length")
         if self.ref_batch_size < 1:
             raise CharterError(f"must be >= 1, got {self.ref_batch_size}",
                                field="ref_batch_size")

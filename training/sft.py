@@ -37,6 +37,7 @@ from training.loop import (
     total_steps,
 )
 from training.options import SFTConfig
+from training.trackers import start_trackers
 
 
 def _label_tokens(examples, idx: list[int]) -> int:
@@ -61,14 +62,14 @@ def train_sft(cfg: SFTConfig) -> Path:
     if ckpt.finished(out, total):
         log(acc, f"{out / 'final'} is already trained ({total} steps); nothing to do")
         return out / "final"
-    opt, sched = make_optimizer(model, cfg, total)
+    opt, sched = make_optimizer(model, cfg, total, acc.num_processes)
     model, opt = acc.prepare(model, opt)
     start, last = 0, ckpt.resume_point(out, lambda m: log(acc, m))
     if last is not None:
         start = ckpt.load_checkpoint(acc, model, opt, sched, last)
         log(acc, f"resuming from {last} (step {start} of {total})")
-    if cfg.tensorboard:
-        acc.init_trackers("tensorboard")
+    if cfg.report_to:
+        start_trackers(acc, cfg_dict, "sft")
     metrics = MetricsLog(acc, out, start)
     run_steps(acc, cfg, model, opt, sched, examples, tok.pad_token_id, start, total, metrics,
               out, cfg_dict, last)
@@ -78,7 +79,7 @@ def train_sft(cfg: SFTConfig) -> Path:
         plot_metrics(rows, ["loss", "lr", "tokens_per_s"], out / "metrics.png", "SFT")
     summary = {"steps": total, "final loss": rows[-1]["loss"] if rows else None}
     card = ckpt.model_card("sft", cfg_dict, data_provenance(loaded.path), model_path, summary)
-    final = ckpt.save_final(acc, model, tok, out, card, total)
+    final = ckpt.save_final(acc, model, tok, out, card, total, merge=cfg.merge)
     acc.end_training()
     log(acc, f"saved {final}")
     return final
@@ -104,12 +105,13 @@ def run_steps(acc, cfg: SFTConfig, model, opt, sched, examples, pad_id, start, t
                      collate_sft([examples[i] for i in idx], pad_id).items()}
             sync = a == len(micro) - 1
             with (contextlib.nullcontext() if sync else acc.no_sync(model)), acc.autocast():
-                total_lp, _, _ = forward_logps(model, batch)  # (B,)
+                total_lp, _, _ = forward_logps(model, batch, cfg.chunked_logps)  # (B,)
                 # DDP averages gradients over processes, hence × world.
                 loss = -total_lp.sum() / n_tokens * world
             if not torch.isfinite(loss):  # still backward: DDP processes must stay in step
                 bad = float(loss.detach())
-            acc.backward(loss)
+            if bad is None or not cfg.optimizer_in_backward:  # (whose backward steps)
+                acc.backward(loss)
             nll_sum += float(-total_lp.detach().sum())
             tokens += int(batch["attention_mask"].sum())
         raise_if_nonfinite(acc, bad is not None, bad, step + 1, last_ckpt)

@@ -25,7 +25,6 @@ transcript strings (`\\n\\nHuman: … \\n\\nAssistant: …`) are parsed into con
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -33,11 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from charter.core.errors import CharterError
+from charter.core.reader import read_records
 from charter.core.records import (
     Message,
     PreferencePair,
     parse_hh_transcript,
-    read_jsonl,
     validate_messages,
 )
 
@@ -110,8 +109,9 @@ def _pick_split(ds, split: str, where: object):
     return ds
 
 
-def _indexed(where: str, rows: list[dict]) -> Rows:
-    return Rows(rows, [(f"{where}[row {i}]", None) for i in range(len(rows))], where)
+def _indexed(where: str, rows: list[dict], path: Path | str) -> Rows:
+    """Rows with no line numbers (parquet, JSON arrays, datasets): named `where[row N]`."""
+    return Rows(rows, [(f"{where}[row {i}]", None) for i in range(len(rows))], path)
 
 
 def _hub_rows(name: str, split: str) -> Rows:
@@ -130,9 +130,7 @@ def _hub_rows(name: str, split: str) -> Rows:
             "on a machine with network run `datasets.load_dataset(NAME, split=SPLIT)"
             ".save_to_disk(DIR)` or write JSONL, and pass that here", path=name,
             field="data") from None
-    rows = _indexed(f"{name}[{split}]", [dict(r) for r in ds])
-    rows.path = name
-    return rows
+    return _indexed(f"{name}[{split}]", [dict(r) for r in ds], name)
 
 
 def read_rows(data: str | os.PathLike, kind: str, split: str = "train") -> Rows:
@@ -151,53 +149,12 @@ def read_rows(data: str | os.PathLike, kind: str, split: str = "train") -> Rows:
             from datasets import load_from_disk
 
             ds = _pick_split(load_from_disk(str(p)), split, p)
-            rows = _indexed(str(p), [dict(r) for r in ds])
-            rows.path = p
-            return rows
+            return _indexed(str(p), [dict(r) for r in ds], p)
         else:
             raise CharterError(f"expected {name} in this directory, or a dataset saved with "
                                "datasets' save_to_disk", path=p, field="data")
-    suffix = p.name.removesuffix(".gz").rsplit(".", 1)[-1].lower()
-    if suffix == "parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(p)
-        except Exception as e:  # noqa: BLE001 (pyarrow's errors: not parquet, truncated...)
-            raise CharterError(f"cannot read as parquet: {str(e)[:200]}", path=p) from None
-        rows = _indexed(str(p), table.to_pylist())
-        rows.path = p
-        return rows
-    if suffix == "csv":
-        from charter.core.records import _read_csv
-
-        got = list(_read_csv(p))
-    elif suffix == "json" and (obj := _json_rows(p)) is not None:
-        rows = _indexed(str(p), obj)
-        rows.path = p
-        return rows
-    else:  # JSONL (also .json files holding JSON Lines)
-        got = list(read_jsonl(p))
-    return Rows([r for _, r in got], [(str(p), ln) for ln, _ in got], p)
-
-
-def _json_rows(p: Path) -> list[dict] | None:
-    """A JSON file's list of objects (or `{"data": [...]}`); None when it is JSON Lines."""
-    try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise CharterError("not UTF-8 text", path=p) from None
-    except ValueError:
-        return None  # JSON Lines (or broken: read_jsonl names the line)
-    if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
-        obj = next(iter(obj.values()))
-    if not isinstance(obj, list):
-        return None
-    for i, r in enumerate(obj):
-        if not isinstance(r, dict):
-            raise CharterError(f"expected a list of objects, item {i} is {type(r).__name__}",
-                               path=p)
-    return obj
+    got = read_records(p, what="data file")  # every file format: charter.core.reader
+    return Rows([r for _, _, r in got], [(w, ln) for w, ln, _ in got], p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +185,7 @@ def _is_hh(text: Any) -> bool:
 
 def describe(shape: str, row: dict, hh_transcripts: str = "chat") -> str:
     """The name logged for the data: shape plus conversational/standard."""
-    key = SHAPE_KEYS[shape][-1]
+    key = SHAPE_KEYS[shape][0]  # the prompt decides: a chat prompt means the chat template
     if shape == "preference, implicit prompt" and _is_hh(row.get("chosen")):
         style = ("HH-RLHF transcripts, read as conversations" if hh_transcripts == "chat"
                  else "HH-RLHF transcripts, read as plain text as TRL does")

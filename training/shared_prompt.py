@@ -76,10 +76,14 @@ def collate(examples: list[PairExample], pad_id: int) -> dict[str, torch.Tensor]
             "response_mask": r_mask}
 
 
-def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pair_logps(model, batch: dict, chunked: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed and mean response log-probs and response token counts, each (2B,): the
-    contract of `training.loop.forward_logps` on the concatenated batch."""
+    contract of `training.loop.forward_logps` on the concatenated batch (`chunked`: response
+    tokens other than the first are scored from hidden states, `training.chunked_logps`)."""
     from transformers.cache_utils import DynamicCache
+
+    from training.chunked_logps import label_logps
 
     p_ids, p_mask = batch["prompt_ids"], batch["prompt_mask"]
     r_ids, r_mask = batch["response_ids"], batch["response_mask"]
@@ -87,18 +91,25 @@ def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos,
                 past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
-    first = out.logits[:, -1:]  # (B, 1, V): predicts each response's first token
+    first = out.logits[:, -1].float().repeat(2, 1)  # (2B, V): each response's first token
     both = DynamicCache([(torch.cat([la.keys, la.keys]), torch.cat([la.values, la.values]))
                          for la in out.past_key_values.layers])
     mask = torch.cat([p_mask.repeat(2, 1), r_mask], dim=1)  # (2B, P + R)
     start = p_mask.sum(-1).repeat(2)[:, None]  # (2B, 1): each prompt's real length
     pos = start + torch.arange(R, device=r_ids.device)[None, :]
-    rest = model(input_ids=r_ids, attention_mask=mask, position_ids=pos, past_key_values=both,
-                 use_cache=True, logits_to_keep=R).logits[:, :-1]  # (2B, R-1, V)
-    logits = torch.cat([first.repeat(2, 1, 1).to(rest.dtype), rest], dim=1).float()  # (2B,R,V)
     valid = r_mask.bool()
     safe = torch.where(valid, r_ids, torch.zeros_like(r_ids))
-    picked = torch.gather(logits, -1, safe.unsqueeze(-1)).squeeze(-1)
-    logps = (picked - torch.logsumexp(logits, dim=-1)) * valid
+    kw = dict(input_ids=r_ids, attention_mask=mask, position_ids=pos, past_key_values=both,
+              use_cache=True)
+    if chunked:
+        out, rest = label_logps(model, safe[:, 1:], valid[:, 1:], **kw)
+        logits = out.logits[:, :-1].float() if rest is None else None
+    else:
+        logits = model(**kw, logits_to_keep=R).logits[:, :-1].float()  # (2B, R-1, V)
+    if logits is not None:
+        picked = torch.gather(logits, -1, safe[:, 1:, None]).squeeze(-1)
+        rest = (picked - torch.logsumexp(logits, dim=-1)) * valid[:, 1:]
+    head = first.gather(-1, safe[:, :1]).squeeze(-1) - torch.logsumexp(first, dim=-1)
+    logps = torch.cat([(head * valid[:, 0])[:, None], rest], dim=1)  # (2B, R)
     total, count = logps.sum(-1), valid.sum(-1)
     return total, total / count.clamp(min=1), count

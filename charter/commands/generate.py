@@ -8,7 +8,8 @@ Prompts: JSONL with `prompt` (string) or `messages` (chat list), an HH-RLHF `cho
 (its first human turn), CSV with a `prompt` column, optionally gzipped; `--prompt-field` names
 another field. `--backend vllm`, or `--backend openai --base-url URL`, use those engines.
 Lines are appended as each batch finishes; re-running the same command skips the ids already
-in `--out`, so a killed run resumes without duplicates.
+in `--out`, so a killed run resumes without duplicates. `OUT.settings.json` records the model
+and sampling settings: a re-run with other settings is refused rather than mixed in.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Literal
 
-from critique.backends.options import BackendSettings
+from critique.backends.options import BackendSettings, backend_kwargs
 
 
 @dataclass(kw_only=True)
@@ -61,6 +62,7 @@ class GenerateConfig(BackendSettings):
             raise CharterError("must be >= 1", field="batch_size")
         if self.limit is not None and self.limit < 1:
             raise CharterError("must be >= 1", field="limit")
+        backend_kwargs(self)  # server settings given with a local backend, ... (fail early)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -71,11 +73,50 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_args(p, GenerateConfig)
 
 
+# Settings that change what a response is: an output made with others is not resumed.
+RESPONSE_SETTINGS = ("backend", "model", "dtype", "max_model_len", "tokenizer",
+                     "backend_options", "max_new_tokens", "temperature", "top_p", "seed",
+                     "prompt_field")
+
+
+def guard_settings(cfg: GenerateConfig) -> None:
+    """`OUT.settings.json` records the settings of the responses in OUT; a re-run with other
+    settings is refused (it would mix answers from two models or samplers in one file)."""
+    import json
+    from pathlib import Path
+
+    from charter.core.errors import CharterError
+    from charter.core.records import write_json_atomic
+
+    out = Path(cfg.out)
+    side = out.with_name(out.name + ".settings.json")
+    now = {k: getattr(cfg, k) for k in RESPONSE_SETTINGS}
+    if side.exists():
+        try:
+            old = json.loads(side.read_text(encoding="utf-8"))
+            assert isinstance(old, dict)
+        except (OSError, ValueError, AssertionError):
+            raise CharterError("damaged settings file; move it and the output away to start "
+                               "over", path=side) from None
+        diff = [k for k in RESPONSE_SETTINGS if old.get(k) != now[k]]
+        if diff:
+            what = ", ".join(f"{k}: {old.get(k)!r} then, {now[k]!r} now" for k in diff)
+            raise CharterError(f"this file holds responses made with other settings ({what}); "
+                               "use another --out or move it away", path=out, field="out")
+        return
+    if out.exists() and out.stat().st_size > 0:
+        raise CharterError(f"this file already holds records, made with unknown settings (no "
+                           f"{side.name} beside it); use another --out or move it away",
+                           path=out, field="out")
+    write_json_atomic(side, now)
+
+
 def run_generate(cfg: GenerateConfig, backend=None) -> dict:
     """Answer every prompt not yet in `cfg.out`; returns counts."""
     from charter.core.records import JsonlAppender, load_jsonl_for_resume, read_prompts
     from charter.core.writable import check_output
     from critique.backends import Sampling
+    from critique.backends.context import check_context
     from critique.backends.options import build_backend, spec_of
 
     errors: list[str] = []
@@ -84,6 +125,7 @@ def run_generate(cfg: GenerateConfig, backend=None) -> dict:
     if cfg.limit is not None:
         items = items[:cfg.limit]
     check_output(cfg.out, is_dir=False)  # writable, before anything is read or loaded
+    guard_settings(cfg)  # an output made with other settings is refused, not mixed into
     done = {r.get("id") for r in load_jsonl_for_resume(cfg.out)}
     seen: set[str] = set()
     todo = []
@@ -92,6 +134,7 @@ def run_generate(cfg: GenerateConfig, backend=None) -> dict:
             todo.append(it)
             seen.add(it.id)
     if todo and backend is None:
+        todo = check_context(todo, cfg, cfg.on_error, errors)  # before the model loads
         backend = build_backend(spec_of(cfg, cfg.model))
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p,
                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
@@ -103,11 +146,32 @@ def run_generate(cfg: GenerateConfig, backend=None) -> dict:
         bar = tqdm(chunks, desc="prompts", unit="batch")
     with JsonlAppender(cfg.out) as out:
         for chunk in bar:
-            texts = backend.generate([it.messages for it in chunk], sampling)
-            for it, (text, *_) in zip(chunk, texts):
-                out.append({"id": it.id, "prompt": it.messages, "response": text})
+            for it, texts in zip(chunk, _answers(backend, chunk, sampling, cfg, errors)):
+                if texts is not None:
+                    out.append({"id": it.id, "prompt": it.messages, "response": texts[0]})
     return {"prompts": len(items), "skipped": len(items) - len(todo), "written": len(todo),
             "input_errors": errors}
+
+
+def _answers(backend, chunk: list, sampling, cfg: GenerateConfig, errors: list[str]) -> list:
+    """The backend's answers to a chunk. With --on-error skip, a reply that stays malformed
+    after the backend's retries is reported for its record (FILE:LINE) and skipped (None); an
+    unreachable server still stops the run (the re-run resumes)."""
+    from critique.backends.replies import ReplyError
+
+    try:
+        return backend.generate([it.messages for it in chunk], sampling)
+    except ReplyError:
+        if cfg.on_error != "skip":
+            raise
+    out = []
+    for it in chunk:  # one by one, to find the records whose replies are bad
+        try:
+            out.extend(backend.generate([it.messages], sampling))
+        except ReplyError as e:
+            errors.append(f"{it.source}: server reply: {e}")
+            out.append(None)
+    return out
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,18 +5,26 @@
     charter principles render principles/harmless.yaml --principle harm --stage critique
     charter principles render principles/harmless.yaml --principle harm --stage preference \\
         --conversation conv.json
+    charter principles report runs/quick         # what each principle did in a run
+    charter principles induce --pairs pairs.jsonl --out induced.yaml   # learn principles
 
 `lint` exits with status 1 if any file has a problem (each printed as FILE:LINE: field: what is
 wrong). `render` shows the exact text the model is asked, on a built-in sample conversation or
 on `--conversation`: a JSON file holding a chat-message list, or an object with `messages` (or
 `prompt`, a string) and optionally `response`, `critique` and `options` (two responses).
+`report` reads a run folder (a pipeline's, or one critique or label stage's) and writes, per
+principle, how often it was drawn, how often its critique changed the response, its votes'
+agreement with the ensemble and with human labels, and its share of low-margin votes
+(attribution.md, .json, .png; `critique/evaluate/attribution.py`). `induce` learns preference
+principles from pairs with a human `preferred` side (Inverse Constitutional AI): a model proposes
+the rule behind each preference, near-duplicates are merged, and each candidate is kept with its
+agreement on held-out pairs (`critique/label/induce.py`); it takes the backend flags of the other
+commands (--backend, --model, --base-url, ...).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 from typing import Any
 
 SAMPLE = {
@@ -47,7 +55,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "response, critique, options")
 
 
+    rep = sub.add_parser("report", help="what each principle did in a run: draws, changed "
+                         "revisions, vote agreement, low-margin votes, candidates to rewrite")
+    rep.add_argument("run_dir", metavar="RUN_DIR",
+                     help="a pipeline run folder, or a critique or label stage's folder")
+    rep.add_argument("--out", default=None, metavar="DIR",
+                     help="where attribution.md/.json/.png go (default: RUN_DIR)")
+    rep.add_argument("--min-count", type=int, default=3, metavar="N",
+                     help="rounds or compared votes needed before a principle is named as a "
+                     "candidate to rewrite (default: 3)")
+    ind = sub.add_parser("induce", help="learn preference principles from preference pairs "
+                         "(Inverse Constitutional AI), each with its held-out agreement")
+    ind.add_argument("--config", metavar="YAML", default=None,
+                     help="YAML file with any of the settings below (flags override it)")
+    from charter.core.config import add_config_args
+    from critique.label.induce import InduceConfig
+
+    add_config_args(ind, InduceConfig)
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.principles_cmd == "report":
+        return _report(args)
+    if args.principles_cmd == "induce":
+        return _induce(args)
     if args.principles_cmd == "lint":
         return _lint(args.files)
     if args.principles_cmd == "show":
@@ -104,14 +135,10 @@ def _show(path: str) -> int:
 def load_conversation(path: str) -> dict[str, Any]:
     """Read `--conversation`: messages (ending, optionally, with the response) and extras."""
     from charter.core.errors import CharterError
+    from charter.core.reader import read_json_document
     from charter.core.records import validate_messages
 
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CharterError(f"invalid JSON: {e.msg}", path=path, line=e.lineno) from None
-    except UnicodeDecodeError:
-        raise CharterError("not UTF-8 text", path=path) from None
+    data = read_json_document(path, "conversation file")
     if isinstance(data, list):
         data = {"messages": data}
     if not isinstance(data, dict):
@@ -161,4 +188,35 @@ def _render(args: argparse.Namespace) -> int:
     else:
         text = c.render_label(p, msgs, conv["options"])
     print(text)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from charter.core.errors import CharterError
+    from critique.evaluate.attribution import render_section, write_attribution
+
+    if args.min_count < 1:
+        raise CharterError(f"must be at least 1, got {args.min_count}", field="min_count")
+    report = write_attribution(args.run_dir, args.out, args.min_count)
+    out = Path(args.out) if args.out else Path(args.run_dir)
+    print("\n".join(render_section(report)))
+    print(f"\nwritten: {out / 'attribution.md'}, attribution.json, attribution.png")
+    return 0
+
+
+def _induce(args: argparse.Namespace) -> int:
+    from charter.core.config import build_config
+    from critique.label.induce import InduceConfig, run_induce
+
+    cfg = build_config(InduceConfig, args, args.config)
+    report = run_induce(cfg)
+    kept = {c["id"]: c for c in report["candidates"] if c["id"] in report["kept"]}
+    print(f"{len(report['candidates'])} candidates from {report['proposal_pairs']} pairs "
+          f"({report['unparsed']} proposals unusable), tested on {report['held_out_pairs']} "
+          f"held-out pairs; kept {len(kept)}:")
+    for c in kept.values():
+        print(f"  {c['agreement']:.2f}  {c['text']}")
+    print(f"wrote {cfg.out} and {cfg.out}.report.json")
     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import difflib
 import inspect
 import os
 import textwrap
@@ -21,8 +22,6 @@ import types
 import typing
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from charter.core.errors import CharterError
 
@@ -162,30 +161,29 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
 
 
 def read_yaml_config(path: str | os.PathLike) -> tuple[dict, dict[str, int]]:
-    """The mapping in a YAML config file and the line of each top-level key."""
+    """The mapping in a YAML config file and the line of each top-level key. Read like a
+    principle file (size cap, UTF-8, safe loader, duplicate keys and Python tags refused with
+    their line); an empty file sets nothing."""
+    from charter.core.reader import read_bytes
+    from charter.core.yamlsource import MAX_FILE_BYTES, read_yaml
+
     path = Path(path)
-    if path.is_dir():
-        raise CharterError("expected a YAML file, found a directory", path=path)
-    if not path.is_file():
+    if not path.exists():
         raise CharterError("config file not found", path=path)
+    raw = read_bytes(path, "YAML file", cap=MAX_FILE_BYTES)
     try:
-        text = path.read_text(encoding="utf-8")
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except UnicodeDecodeError:
-        raise CharterError("config file is not UTF-8 text", path=path) from None
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        raise CharterError(f"invalid YAML: {e.problem or e.context}", path=path,
-                           line=mark.line + 1 if mark else None) from None
-    except yaml.YAMLError as e:
-        raise CharterError(f"invalid YAML: {e}", path=path) from None
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise CharterError("config file is not UTF-8 text", path=path,
+                           line=raw[: e.start].count(b"\n") + 1) from None
+    if not text.strip():
+        return {}, {}
+    data, lines = read_yaml(text, str(path))
     if data is None:
         return {}, {}
-    if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
+    if not isinstance(data, dict):
         raise CharterError("expected a mapping of config keys", path=path, line=1)
-    lines = {k.value: k.start_mark.line + 1 for k, _ in node.value}
-    return data, lines
+    return data, {k: lines.line((k, "<key>")) or 1 for k in data}
 
 
 def config_from_dict(cls: type, values: dict, *, source: str | None = None,
@@ -193,12 +191,19 @@ def config_from_dict(cls: type, values: dict, *, source: str | None = None,
     """Build `cls` from a mapping: unknown keys, wrong types and missing values are errors."""
     lines = lines or {}
     names = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    translate = getattr(cls, "translate_keys", None)  # e.g. TRL's key names in training configs
+    if translate is not None:
+        values, lines = translate(values, set(names), source, lines)
     hints = _field_types(cls)
     kwargs = {}
     for key, value in values.items():
         if key not in names:
+            near = getattr(cls, "nearest_key", None)
+            near = near(str(key), set(names)) if near else (difflib.get_close_matches(
+                str(key), sorted(names), n=1) or [None])[0]
+            hint = f" (did you mean {near!r}?)" if near else ""
             raise CharterError(
-                f"unknown config key {key!r}; expected one of {', '.join(sorted(names))}",
+                f"unknown config key {key!r}{hint}; expected one of {', '.join(sorted(names))}",
                 path=source, line=lines.get(key), field=str(key))
         try:
             kwargs[key] = _coerce(value, hints[key], key)
@@ -231,8 +236,12 @@ def build_config(cls: type, args: argparse.Namespace | dict | None = None,
             cli[k] = _coerce(v, hints[k], k)
         except ValueError as e:
             raise CharterError(str(e), field="--" + k.replace("_", "-")) from None
-    merged = {**values, **cli}
     src = str(config_path) if config_path else None
+    translate = getattr(cls, "translate_keys", None)
+    if translate is not None and values:  # the file's TRL key names first, so flags win
+        values, lines = translate(values, {f.name for f in dataclasses.fields(cls) if f.init},
+                                  src, lines)
+    merged = {**values, **cli}
     return config_from_dict(cls, merged, source=src,
                             lines={k: v for k, v in lines.items() if k not in cli})
 

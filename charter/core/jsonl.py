@@ -1,4 +1,4 @@
-"""JSONL on disk: content ids, atomic writes, crash-safe appends, and line-numbered reading.
+"""JSONL on disk: content ids, atomic writes, crash-safe appends, and line-numbered reading (re-exported from `charter.core.reader`).
 
 A leaf module (imports no stage). Crash safety: records are appended one line at a time, flushed
 and fsynced (`JsonlAppender`). A run killed mid-write leaves at most one partial last line;
@@ -9,12 +9,9 @@ is done and never writes it twice. Reading errors name the file and line (`Chart
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,77 +149,5 @@ def load_jsonl_for_resume(path: str | os.PathLike) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# reading
-
-
-def _open_bytes(path: Path) -> io.BufferedIOBase:
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
-
-
-def check_readable(path: str | os.PathLike, what: str = "file") -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise CharterError(f"{what} not found", path=path)
-    if path.is_dir():
-        raise CharterError(f"expected a {what}, found a directory", path=path)
-    if not os.access(path, os.R_OK):
-        raise CharterError(f"{what} is not readable (permissions)", path=path)
-    return path
-
-
-def read_text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
-    """(line number, line) for a UTF-8 text file (optionally .gz), with clear errors.
-
-    Lines are split as bytes and decoded one by one, so a decoding error names its own line
-    (a text-mode reader decodes ahead in chunks and would blame an earlier line).
-    """
-    path = check_readable(path)
-    try:
-        with _open_bytes(path) as f:
-            for lineno, raw in enumerate(f, start=1):
-                if b"\x00" in raw:
-                    raise CharterError("binary content (NUL byte); expected UTF-8 text",
-                                       path=path, line=lineno)
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise CharterError(f"not valid UTF-8 text ({e.reason} at byte {e.start} "
-                                       "of the line)", path=path, line=lineno) from None
-                if lineno == 1:
-                    line = line.removeprefix("\ufeff")  # a BOM is not content
-                yield lineno, line
-    except (OSError, EOFError) as e:
-        if isinstance(e, (gzip.BadGzipFile, EOFError)):
-            raise CharterError(f"not a readable gzip file ({e})", path=path) from None
-        raise CharterError(f"cannot read: {e.strerror or e}", path=path) from None
-
-
-def read_jsonl(path: str | os.PathLike, errors: list[str] | None = None
-               ) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; errors name the file and line.
-
-    With an `errors` list, a line that is not a JSON object is reported there and skipped
-    (the lines after it are still read) instead of raising.
-    """
-    seen = False
-    for lineno, line in read_text_lines(path):
-        if not line.strip():
-            continue
-        seen = True
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            err = CharterError(f"invalid JSON ({e.msg} at column {e.colno})",
-                               path=path, line=lineno)
-        else:
-            if isinstance(obj, dict):
-                yield lineno, obj
-                continue
-            err = CharterError(f"expected a JSON object, got {type(obj).__name__}",
-                               path=path, line=lineno)
-        if errors is None:
-            raise err
-        errors.append(str(err))
-    if not seen:
-        raise CharterError("file is empty: expected at least one JSON line", path=path)
-
+# reading lives in charter.core.reader (every input format); these names stay importable from here
+from charter.core.reader import check_readable, read_jsonl, read_text_lines  # noqa: E402,F401

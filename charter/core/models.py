@@ -76,14 +76,16 @@ def embedded_model_dir() -> Path:
 def resolve_model(name: str | os.PathLike | None) -> str:
     """A path or hub id that `from_pretrained` accepts. `None` means the embedded default.
 
-    A training run's output directory resolves to its `final/` model.
+    A training run's output directory resolves to its `final/` model (a full model, or a peft
+    adapter that loaders put on its base).
     """
     if name is None or str(name) == EMBEDDED:
         return str(embedded_model_dir())
     path = Path(name).expanduser()
     if path.exists():
-        if (path / "final" / "config.json").exists():
-            return str(path / "final")
+        for d in (path / "final", path):  # a full model, or a LoRA run's peft adapter
+            if (d / "config.json").exists() or (d / "adapter_config.json").exists():
+                return str(d)
         if not (path / "config.json").exists():
             raise CharterError("not a model directory (no config.json; for a run directory, "
                                "its final/ model is used once training finishes)", path=path,

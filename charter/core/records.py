@@ -8,11 +8,8 @@ atomic writes, crash-safe appends, resume) is in `charter.core.jsonl` and re-exp
 
 from __future__ import annotations
 
-import csv
 import os
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from charter.core.errors import CharterError
@@ -28,6 +25,7 @@ from charter.core.jsonl import (  # noqa: F401  (re-exported: the stages import 
     write_jsonl_atomic,
     write_text_atomic,
 )
+from charter.core.reader import format_of, read_records
 
 ROLES = ("system", "user", "assistant")
 Message = dict[str, str]
@@ -90,7 +88,7 @@ def parse_hh_transcript(text: str) -> list[Message]:
     return msgs
 
 
-def _prompt_from_obj(obj: dict, path: Path, lineno: int, prompt_field: str | None) -> PromptItem:
+def _prompt_from_obj(obj: dict, path: str, lineno: int | None, prompt_field: str | None) -> PromptItem:
     keys = [prompt_field] if prompt_field else [k for k in PROMPT_FIELDS if k in obj]
     if not keys or keys[0] not in obj:
         want = prompt_field or " or ".join(PROMPT_FIELDS)
@@ -125,13 +123,15 @@ def _prompt_from_obj(obj: dict, path: Path, lineno: int, prompt_field: str | Non
         label = LABEL_ALIASES[label.lower()]
     pid = obj.get("id")
     pid = str(pid) if pid is not None else content_id(messages)
-    return PromptItem(pid, messages, response, label, f"{path}:{lineno}")
+    return PromptItem(pid, messages, response, label,
+                      f"{path}:{lineno}" if lineno is not None else str(path))
 
 
 def read_prompts(path: str | os.PathLike, prompt_field: str | None = None,
                  on_error: str = "raise", errors: list[str] | None = None) -> list[PromptItem]:
     """Prompts from JSONL (`prompt`, `messages`, an HH-RLHF `chosen` transcript, `instruction`),
-    optionally gzipped, or CSV with a `prompt` column (`prompt_field` overrides the field name).
+    JSON, CSV (a `prompt` column) or parquet, optionally gzipped (`prompt_field` overrides the
+    field name); read by `charter.core.reader`, so every decoding problem names file and line.
 
     `on_error="skip"` skips bad records and appends their messages to `errors` instead of raising.
     """
@@ -140,14 +140,14 @@ def read_prompts(path: str | os.PathLike, prompt_field: str | None = None,
         raise CharterError(f"on_error must be raise or skip, got {on_error!r}")
     items: list[PromptItem] = []
     found: list[str] = []  # messages of skipped records (on_error="skip")
-    name = path.name.removesuffix(".gz")
-    if name.endswith(".csv"):
-        rows = _read_csv(path)
-    else:
-        rows = read_jsonl(path, errors=None if on_error == "raise" else found)
-    for lineno, obj in rows:
+    is_csv = format_of(path) == "csv"
+    for where, lineno, obj in read_records(path, None if on_error == "raise" else found,
+                                           "prompts file"):
+        if is_csv:  # an empty optional cell means "not given" (CSV cannot tell null from "");
+            # an empty prompt cell stays, so that it is reported as an empty prompt
+            obj = {k: v for k, v in obj.items() if not (v == "" and k in _CSV_OPTIONAL)}
         try:
-            items.append(_prompt_from_obj(obj, path, lineno, prompt_field))
+            items.append(_prompt_from_obj(obj, where, lineno, prompt_field))
         except CharterError as e:
             if on_error == "raise":
                 raise
@@ -163,21 +163,6 @@ def read_prompts(path: str | os.PathLike, prompt_field: str | None = None,
 
 
 _CSV_OPTIONAL = ("id", "response", "label")
-
-
-def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
-    lines = [line for _, line in read_text_lines(path)]
-    reader = csv.DictReader(lines)
-    if not reader.fieldnames:
-        raise CharterError("empty CSV file: expected a header row with a prompt column",
-                           path=path)
-    start = reader.line_num + 1  # the first data row's line
-    for row in reader:
-        # an empty optional cell means "not given" (CSV cannot tell null from ""); an empty
-        # prompt cell stays, so that it is reported as an empty prompt
-        yield start, {k: v for k, v in row.items()
-                      if k is not None and not (v in ("", None) and k in _CSV_OPTIONAL)}
-        start = reader.line_num + 1  # a quoted field may span lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +255,7 @@ def read_pairs(path: str | os.PathLike) -> list[PreferencePair]:
     """Preference pairs from JSONL: `prompt`/`chosen`/`rejected` as chat lists (TRL
     conversational) or strings (TRL standard); `p_chosen` optional in [0, 1]."""
     pairs = []
-    for lineno, obj in read_jsonl(path):
+    for path, lineno, obj in read_records(path):  # noqa: B020 (path: the record's file/row)
         for k in ("prompt", "chosen", "rejected"):
             if k not in obj:
                 raise CharterError("missing field: expected prompt, chosen and rejected",
@@ -297,7 +282,7 @@ def read_pairs(path: str | os.PathLike) -> list[PreferencePair]:
 def read_sft(path: str | os.PathLike) -> list[list[Message]]:
     """SFT conversations from JSONL with a `messages` chat list (ending with an assistant turn)."""
     out = []
-    for lineno, obj in read_jsonl(path):
+    for path, lineno, obj in read_records(path):  # noqa: B020 (path: the record's file/row)
         if "messages" not in obj:
             raise CharterError("missing field: expected messages", path=path, line=lineno,
                                field="messages")

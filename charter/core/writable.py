@@ -3,8 +3,10 @@
 Every command that writes calls `check_output(out)` first: it creates the directory, writes,
 fsyncs and removes a probe file, and requires some free space, so an output under a regular file
 (`--out notes.txt/run`), on a read-only or full file system, or without permission fails at
-once with the path and the reason. (Writes themselves are atomic or append-only, see
-`charter.core.records`, so a disk that fills up later corrupts nothing either.) A leaf module.
+once with the path and the reason. It also takes the output's lock (`charter.core.runlock`): a
+second writer to the same output is refused with the first one's PID and host. (Writes
+themselves are atomic or append-only, see `charter.core.records`, so a disk that fills up later
+corrupts nothing either.) A leaf module.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 from charter.core.errors import CharterError
+from charter.core.runlock import lock_output
 
 # Less free space than this on the output's device is an error before any work starts.
 MIN_FREE_BYTES = 1 << 20
@@ -50,6 +54,7 @@ def check_output(path: str | os.PathLike, *, is_dir: bool = True) -> Path:
     if free < MIN_FREE_BYTES:
         raise CharterError(f"only {free} bytes free on this device; free some space first",
                            path=path, field="out")
+    lock_output(path, is_dir, say=lambda m: print(f"charter: {m}", file=sys.stderr))
     return path
 
 

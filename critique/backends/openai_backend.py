@@ -29,7 +29,9 @@ How each call maps to the API (a choice, documented here):
   token rule as the transformers and vLLM backends (`critique.backends.tokens`), so all three
   agree. Servers that return no prompt
   log-probs (most hosted chat APIs) raise a `CharterError` that points to `--cot` labelling,
-  which needs only generation.
+  which needs only generation. Servers that return only the next token's top-k log-probs:
+  `score_logprobs: top` (critique/backends/topk.py; an option outside the top k is reported
+  missing, never guessed).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from collections.abc import Sequence
 
 from charter.core.errors import CharterError
 from critique.backends.base import Conversation, Sampling, Usage, generate_args
+from critique.backends.replies import ReplyError, chat_problem, choices_problem, models_problem
 from critique.backends.tokens import chat_prompt, encode, finish_score, option_rows, score_args
 
 RETRY_STATUS = frozenset({408, 409, 429})
@@ -87,7 +90,7 @@ class OpenAIBackend:
                  api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8,
                  timeout: float = 60.0, max_retries: int = 5, backoff: float = 0.5,
                  max_backoff: float = 30.0, tokenizer: str | None = None,
-                 progress: bool = True):
+                 progress: bool = True, score_logprobs: str = "prompt", top_k: int = 20):
         import httpx
 
         urls = [base_url] if isinstance(base_url, str) else list(base_url)
@@ -101,6 +104,11 @@ class OpenAIBackend:
         self.concurrency, self.timeout, self.max_retries = concurrency, timeout, max_retries
         self.backoff, self.max_backoff = backoff, max_backoff
         self.tokenizer_name, self._tokenizer = tokenizer, None
+        if score_logprobs not in ("prompt", "top") or top_k < 1:
+            raise CharterError("score_logprobs must be prompt (echoed prompt log-probs) or top "
+                               "(the next token's top_k log-probs, top_k >= 1)",
+                               field="score_logprobs")
+        self.score_logprobs, self.top_k = score_logprobs, top_k
         self.progress = progress
         self.usage = Usage()
         self.retries = 0
@@ -139,10 +147,13 @@ class OpenAIBackend:
             delay = max(delay, min(retry_after, self.max_backoff))
         return delay
 
-    async def _request(self, method: str, path: str, body: dict | None = None) -> dict:
+    async def _request(self, method: str, path: str, body: dict | None = None,
+                       check=None) -> dict:
+        """The reply's JSON object. `check(data)` names what is wrong with a reply of the wrong
+        shape (None when it is right); such a reply is retried like a failed request."""
         import httpx
 
-        last, url = "", None
+        last, url, malformed = "", None, False
         for attempt in range(self.max_retries + 1):
             retry_after = None
             async with self._sem:  # pick the server only once a slot is free: least busy now
@@ -158,11 +169,16 @@ class OpenAIBackend:
                 else:
                     if r.status_code == 200:
                         data = _json_object(r.content)
-                        if data is not None:
+                        problem = None if data is None or check is None else check(data)
+                        if data is not None and problem is None:
                             self.pool.failures[url] = 0
                             return data
-                        last = f"HTTP 200 with invalid or truncated JSON ({r.content[:80]!r})"
+                        malformed = data is not None
+                        last = (f"HTTP 200 with invalid or truncated JSON ({r.content[:80]!r})"
+                                if data is None else f"HTTP 200 with a malformed reply: "
+                                f"{problem} ({_snippet(r.content, 80)})")
                     elif r.status_code in RETRY_STATUS or r.status_code >= 500:
+                        malformed = False
                         last = f"HTTP {r.status_code}: {_snippet(r.content)}"
                         retry_after = _retry_after(r.headers.get("retry-after"))
                     else:
@@ -175,8 +191,9 @@ class OpenAIBackend:
                 delay = self._delay(attempt, retry_after)
                 self.delays.append(delay)
                 await asyncio.sleep(delay)
-        raise CharterError(f"{url}{path}: gave up after {self.max_retries + 1} attempts; "
-                           f"last: {last}", field="base_url")
+        error = ReplyError if malformed else CharterError
+        raise error(f"{url}{path}: gave up after {self.max_retries + 1} attempts; "
+                    f"last: {last}", field="base_url")
 
     def _client_error(self, where: str, status: int, content: bytes) -> CharterError:
         msg = f"{where}: HTTP {status}: {_snippet(content)}"
@@ -187,7 +204,7 @@ class OpenAIBackend:
         return CharterError(msg, field="base_url")
 
     def _only_served_model(self) -> str:
-        data = self._call(self._request("GET", "/models"))
+        data = self._call(self._request("GET", "/models", check=models_problem))
         ids = [m.get("id") for m in data.get("data", []) if isinstance(m, dict)]
         if len(ids) != 1:
             raise CharterError(f"the server offers {len(ids)} models ({', '.join(map(str, ids))});"
@@ -240,15 +257,13 @@ class OpenAIBackend:
                 body["messages"] = [*conv, {"role": "assistant", "content": prefix}]
                 body.update(continue_final_message=True, add_generation_prompt=False)
             bodies.append(body)
-        results = self._gather([self._request("POST", "/chat/completions", b) for b in bodies],
-                               "generate")
+        results = self._gather([self._request("POST", "/chat/completions", b,
+                                              check=lambda d: chat_problem(d, k))
+                                for b in bodies], "generate")
         out = []
         for data in results:
-            choices = sorted(data.get("choices") or [], key=lambda c: c.get("index", 0))
-            if len(choices) != k:
-                raise CharterError(f"expected {k} choices from the server, got {len(choices)}",
-                                   field="base_url")
-            texts = [(c.get("message") or {}).get("content") or "" for c in choices]
+            choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
+            texts = [c["message"]["content"] or "" for c in choices]
             out.append(texts * sampling.n if greedy else texts)
             self._count(data.get("usage"))
         self.usage.generate_calls += 1
@@ -256,9 +271,12 @@ class OpenAIBackend:
         return out
 
     def _count(self, usage: dict | None) -> None:
-        if isinstance(usage, dict):
-            self.usage.prompt_tokens += int(usage.get("prompt_tokens") or 0)
-            self.usage.generated_tokens += int(usage.get("completion_tokens") or 0)
+        if isinstance(usage, dict):  # bookkeeping only: a malformed count is ignored
+            for key, attr in (("prompt_tokens", "prompt_tokens"),
+                              ("completion_tokens", "generated_tokens")):
+                n = usage.get(key)
+                if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
+                    setattr(self.usage, attr, getattr(self.usage, attr) + n)
 
     # -----------------------------------------------------------------------------------------
     # score
@@ -286,6 +304,12 @@ class OpenAIBackend:
         """Summed log-prob of each option's tokens (see the module docstring)."""
         t0 = time.perf_counter()
         prefixes = score_args(conversations, options, prefixes)
+        if self.score_logprobs == "top":  # only top-k log-probs: critique/backends/topk.py
+            from critique.backends.topk import score_top
+
+            out = score_top(self, conversations, options, prefixes, self.top_k)
+            self.usage.score_seconds += time.perf_counter() - t0
+            return out
         tok = self.tokenizer
         rows: list[tuple[list[int], int]] = []
         for conv, opts, prefix in zip(conversations, options, prefixes):
@@ -297,18 +321,20 @@ class OpenAIBackend:
         body = {"model": self.served_model, "prompt": full, "max_tokens": 1, "temperature": 0,
                 "echo": True, "logprobs": 1}
         try:
-            data = await self._request("POST", "/completions", body)
+            data = await self._request("POST", "/completions", body, check=choices_problem)
         except CharterError as e:
             if any(w in e.detail for w in ("HTTP 400", "HTTP 404", "HTTP 422")):
                 raise CharterError(f"{e.detail}; {NO_LOGPROBS_HINT}", field="base_url") from None
             raise
-        choice = (data.get("choices") or [{}])[0]
-        lps = (choice.get("logprobs") or {}).get("token_logprobs")
+        choice = data["choices"][0]
+        lps = (choice.get("logprobs") or {}).get("token_logprobs") if isinstance(
+            choice.get("logprobs"), dict) else None
         if not isinstance(lps, list) or len(lps) < len(full):
             raise CharterError(f"no prompt log-probs in the server's reply; {NO_LOGPROBS_HINT}",
                                field="base_url")
         picked = lps[start:len(full)]
-        if any(not isinstance(x, (int, float)) for x in picked):
+        if any(not isinstance(x, (int, float)) or isinstance(x, bool) or x != x or x > 0
+               for x in picked):
             raise CharterError(f"missing prompt log-probs in the server's reply; "
                                f"{NO_LOGPROBS_HINT}", field="base_url")
         return float(sum(picked))

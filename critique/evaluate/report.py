@@ -15,6 +15,9 @@ from pathlib import Path
 
 from charter.core.records import write_json_atomic, write_text_atomic
 
+ROLE_ORDER = ("baseline", "sft_model", "model")  # start, SFT only, SFT + DPO
+ROLE_NAMES = {"baseline": "start", "sft_model": "SFT only", "model": "model"}
+
 
 def _pyplot():
     import matplotlib
@@ -45,7 +48,7 @@ def write_report(out: Path, report: dict, rows: list[dict], cfg) -> None:
 
 def render_markdown(report: dict, rows: list[dict], samples: int) -> str:
     models = report["models"]
-    roles = [r for r in ("baseline", "model") if r in models]
+    roles = [r for r in ROLE_ORDER if r in models]
     lines = ["# Evaluation", "",
              f"Prompts: {report['counts']['harmful']} harmful, {report['counts']['benign']} "
              "benign. Refusal verdict: "
@@ -60,7 +63,7 @@ def render_markdown(report: dict, rows: list[dict], samples: int) -> str:
         h, b = m["harmful"], m["benign"]
         judge = ("n/a" if h["judge"] is None and b["judge"] is None else
                  f"{_pct((h['judge'] or {}).get('rate'))} / {_pct((b['judge'] or {}).get('rate'))}")
-        lines.append(f"| {role}: `{m['name']}` | {_pct(h['refusal']['rate'])}"
+        lines.append(f"| {ROLE_NAMES[role]}: `{m['name']}` | {_pct(h['refusal']['rate'])}"
                      f"{_ci(h['refusal']['ci95'])} | {_pct(b['refusal']['rate'])}"
                      f"{_ci(b['refusal']['ci95'])} | {_pct(h['rule']['rate'])} / "
                      f"{_pct(b['rule']['rate'])} | {judge} | {h['empty'] + b['empty']} |")
@@ -69,6 +72,10 @@ def render_markdown(report: dict, rows: list[dict], samples: int) -> str:
         lines += ["", "Change (model − baseline): harmful refusal "
                   f"{_signed(d['harmful_refusal'])}, benign refusal "
                   f"{_signed(d['benign_refusal'])}."]
+        if "sft_harmful_refusal" in d:
+            lines += ["", "Change (SFT only − baseline): harmful refusal "
+                      f"{_signed(d['sft_harmful_refusal'])}, benign refusal "
+                      f"{_signed(d['sft_benign_refusal'])}."]
     if report.get("win_rate"):
         lines += ["", "## Judge: model vs baseline", "",
                   "Both presentation orders, principles drawn per prompt; ties (identical "
@@ -81,6 +88,16 @@ def render_markdown(report: dict, rows: list[dict], samples: int) -> str:
                          f"{_pct(w['win_rate'])}{_ci(w['win_ci95'])} | "
                          f"{w['mean_p']:.3f} [{w['mean_p_ci95'][0]:.3f}, "
                          f"{w['mean_p_ci95'][1]:.3f}] (bootstrap) |")
+        others = {k: v for k, v in (report.get("win_rates") or {}).items()
+                  if k != "model_vs_baseline"}
+        if others:
+            lines += ["", "| comparison | prompts | n | wins / ties / losses | win rate |",
+                      "|---|---|---|---|---|"]
+            for name, by_label in others.items():
+                for label, w in by_label.items():
+                    lines.append(f"| {comparison_name(name)} | {label} | {w['n']} | "
+                                 f"{w['wins']} / {w['ties']} / {w['losses']} | "
+                                 f"{_pct(w['win_rate'])}{_ci(w['win_ci95'])} |")
         if report.get("judge_position_bias") is not None:
             lines.append(f"\nJudge position bias: {_pct(report['judge_position_bias'])} of "
                          "judged pairs won by the same position in both orders (0% reads "
@@ -96,6 +113,12 @@ def render_markdown(report: dict, rows: list[dict], samples: int) -> str:
                       "| " + " | ".join(roles) + " |", "|" + "---|" * len(roles),
                       "| " + " | ".join(_sample(r[role]) for role in roles) + " |", ""]
     return "\n".join(lines) + "\n"
+
+
+def comparison_name(key: str) -> str:
+    """`sft_model_vs_baseline` → `SFT only vs start`."""
+    a, b = key.split("_vs_")
+    return f"{ROLE_NAMES.get(a, a)} vs {ROLE_NAMES.get(b, b)}"
 
 
 def _signed(x: float | None) -> str:
@@ -117,29 +140,37 @@ def _sample(entry: dict) -> str:
 
 
 def plot_refusals(report: dict, path: Path) -> Path | None:
-    plt = _pyplot()
     models = report["models"]
-    roles = [r for r in ("baseline", "model") if r in models]
+    bars = [(f"{ROLE_NAMES[role]}: {models[role]['name']}"[-48:],
+             {label: models[role][label]["refusal"] for label in ("harmful", "benign")})
+            for role in ROLE_ORDER if role in models]
+    return plot_refusal_bars(bars, path, "Refusal rates (95% Wilson intervals)")
+
+
+def plot_refusal_bars(bars: list[tuple[str, dict]], path: Path, title: str) -> Path:
+    """Grouped bars of refusal rates with their intervals: `bars` = [(legend label,
+    {"harmful": rate summary, "benign": rate summary})], summaries as `stats.rate_summary`."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    width = 0.8 / len(roles)
-    for i, role in enumerate(roles):
+    width = 0.8 / len(bars)
+    for i, (name, by_label) in enumerate(bars):
         xs, ys, errs = [], [], [[], []]
         for j, label in enumerate(("harmful", "benign")):
-            s = models[role][label]["refusal"]
+            s = by_label[label]
             if s["rate"] is None:
                 continue
-            xs.append(j + (i - (len(roles) - 1) / 2) * width)
+            xs.append(j + (i - (len(bars) - 1) / 2) * width)
             ys.append(100 * s["rate"])
             # max(0, ...): at a rate of 0 or 1 the Wilson bound equals it up to rounding
             errs[0].append(max(0.0, 100 * (s["rate"] - s["ci95"][0])))
             errs[1].append(max(0.0, 100 * (s["ci95"][1] - s["rate"])))
-        ax.bar(xs, ys, width, yerr=errs, capsize=4, label=f"{role}: {models[role]['name']}"[:48])
+        ax.bar(xs, ys, width, yerr=errs, capsize=4, label=name)
     ax.set_xticks([0, 1], ["harmful prompts\n(higher is better)", "benign prompts\n"
-                                                                    "(lower is better)"])
+                                                                     "(lower is better)"])
     ax.set_ylabel("refusal rate (%)")
     ax.set_ylim(0, 105)
     ax.legend(fontsize=7)
-    ax.set_title("Refusal rates (95% Wilson intervals)")
+    ax.set_title(title)
     return _save(fig, plt, path)
 
 
@@ -185,6 +216,13 @@ def read_metrics(source: str | Path) -> list[dict]:
 CURVES = ("loss", "train/loss", "rewards/accuracies", "rewards/margins", "eval/loss")
 
 
+def run_label(source: str) -> str:
+    """The legend name of a training run: its directory (`sft`, `dpo-2`), or the directory
+    holding the metrics file given."""
+    p = Path(source)
+    return (p.parent.name if p.suffix == ".jsonl" else p.name) or str(source)
+
+
 def plot_training(sources: list[str], path: Path) -> Path | None:
     """Loss (and DPO reward) curves against step, one line per run."""
     runs = [(str(s), read_metrics(s)) for s in sources]
@@ -201,7 +239,7 @@ def plot_training(sources: list[str], path: Path) -> Path | None:
             pts = [(r.get("step", i), r[key]) for i, r in enumerate(rows)
                    if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
             if pts:
-                ax.plot(*zip(*pts), label=Path(name).parent.name or name)
+                ax.plot(*zip(*pts), label=run_label(name))
         ax.set_xlabel("step")
         ax.set_title(key)
         ax.legend(fontsize=7)

@@ -58,6 +58,9 @@ class EvalConfig(BackendSettings):
     """Model to evaluate: a model dir, a training run dir (its final/), a hub id; None: embedded."""
     baseline: str | None = None
     """Model to compare against (e.g. the starting model); None: evaluate `model` alone."""
+    sft_model: str | None = None
+    """An intermediate model evaluated too (the SFT-only model), so the report compares three:
+    baseline, SFT only, and `model` (SFT + DPO), each judged against the ones before it."""
     prompts: str | None = None
     """Prompts with a `label` field (harmful/unsafe or benign/safe): JSONL, .jsonl.gz or CSV."""
     harmful: str | None = None
@@ -248,10 +251,12 @@ def judge_pairs(judge, constitution, prompts: list[PromptItem], a: dict[str, str
 
 
 def backend_specs(cfg: EvalConfig) -> dict[str, BackendSpec]:
-    """The backend of each role: "model", "baseline" (when given), "judge" (when given)."""
+    """The backend of each role: "model", "baseline" and "sft_model" (when given), "judge"
+    (when given)."""
     specs = {"model": spec_of(cfg, cfg.model)}
-    if cfg.baseline is not None:
-        specs["baseline"] = spec_of(cfg, cfg.baseline)
+    for role in ("baseline", "sft_model"):
+        if getattr(cfg, role) is not None:
+            specs[role] = spec_of(cfg, getattr(cfg, role))
     if cfg.judge:
         if cfg.judge_backend and cfg.judge_backend != cfg.backend:
             specs["judge"] = BackendSpec(backend=cfg.judge_backend, model=cfg.judge,
@@ -265,19 +270,28 @@ def backend_specs(cfg: EvalConfig) -> dict[str, BackendSpec]:
 
 
 def _get_backend(backends: dict, cache: dict, role: str, spec: BackendSpec):
-    """The backend given for `role`, else one loaded here (once per backend description)."""
+    """The backend given for `role` (or made by the factory given for it), else one loaded
+    here (once per backend description)."""
     if role in backends:
-        return backends[role]
+        given = backends[role]
+        return given() if callable(given) and not hasattr(given, "generate") else given
     if spec.key() not in cache:
         cache[spec.key()] = build_backend(spec)
     return cache[spec.key()]
 
 
-def run_eval(cfg: EvalConfig, backends: dict | None = None) -> dict:
-    """Evaluate `cfg.model` (and compare it with `cfg.baseline`); returns report.json's content.
+# the judged comparisons: (role, role it is compared against), when both were evaluated
+COMPARISONS = (("model", "baseline"), ("sft_model", "baseline"), ("model", "sft_model"))
 
-    `backends` maps roles ("model", "baseline", "judge") to ready backends (the pipeline runner
-    passes the ones it has loaded); missing roles are loaded here and closed at the end.
+
+def run_eval(cfg: EvalConfig, backends: dict | None = None, release=None) -> dict:
+    """Evaluate `cfg.model` (and compare it with `cfg.baseline` and `cfg.sft_model`); returns
+    report.json's content.
+
+    `backends` maps roles ("model", "baseline", "sft_model", "judge") to ready backends or to
+    zero-argument factories of them (the pipeline runner's pool); missing roles are loaded here
+    and closed at the end. `release(role)`, when given, is called once a role's backend is no
+    longer needed (its responses are written), so one model is in memory at a time.
     """
     from critique.evaluate.report import write_report
 
@@ -295,8 +309,8 @@ def run_eval(cfg: EvalConfig, backends: dict | None = None) -> dict:
     backends = dict(backends or {})
     loaded: dict = {}  # spec key -> a backend loaded here, closed at the end
     specs = backend_specs(cfg)
-    names = {"model": cfg.model, "baseline": cfg.baseline}
-    roles = ["model"] + (["baseline"] if cfg.baseline is not None else [])
+    names = {"model": cfg.model, "baseline": cfg.baseline, "sft_model": cfg.sft_model}
+    roles = ["model"] + [r for r in ("baseline", "sft_model") if names[r] is not None]
     try:
         responses: dict[str, dict[str, str]] = {}
         for role in roles:
@@ -304,8 +318,10 @@ def run_eval(cfg: EvalConfig, backends: dict | None = None) -> dict:
             responses[role] = generate_responses(
                 be, prompts, model_label(names[role]), out / f"responses-{role}.jsonl",
                 cfg.max_new_tokens, cfg.batch_size, cfg.seed, desc=f"eval {role}")
+            if release is not None:
+                release(role)
         judged: dict[str, dict[str, float]] = {}
-        prefs, detail = {}, {}
+        prefs, detail, others = {}, {}, {}
         if cfg.judge:
             judge = _get_backend(backends, loaded, "judge", specs["judge"])
             for role in roles:
@@ -313,9 +329,12 @@ def run_eval(cfg: EvalConfig, backends: dict | None = None) -> dict:
             if cons is not None:
                 detail = judge_pairs(judge, cons, prompts, responses["model"],
                                      responses["baseline"], cfg)
-                # P(model preferred); identical responses tie at 0.5
-                prefs = {it.id: detail[it.id]["p_a"] if it.id in detail else 0.5
-                         for it in prompts}
+                # P(model preferred); identical responses tie at 0.5; no reading: left out
+                prefs = _preferences(prompts, detail)
+                for a, b in COMPARISONS[1:]:
+                    if a in responses and b in responses:
+                        others[f"{a}_vs_{b}"] = _preferences(prompts, judge_pairs(
+                            judge, cons, prompts, responses[a], responses[b], cfg))
     finally:
         for b in loaded.values():
             b.close()
@@ -336,12 +355,42 @@ def run_eval(cfg: EvalConfig, backends: dict | None = None) -> dict:
         rows.append(row)
     write_jsonl_atomic(out / "results.jsonl", rows)
     report = summarize(cfg, rows, roles)
-    report["judge_position_bias"] = (position_bias([d["orders"] for d in detail.values()])
-                                     if detail else None)
+    report["win_rates"] = _win_rates(cfg, rows, prefs, others)
+    read = [d["orders"] for d in detail.values() if d.get("orders") is not None]
+    report["judge_position_bias"] = position_bias(read) if read else None
+    report["judge_unread"] = sum(1 for d in detail.values() if d.get("p_a") is None)
     report["seconds"] = round(time.time() - t0, 2)
     report["input_errors"] = {"count": len(input_errors), "first": input_errors[:20]}
     write_report(out, report, rows, cfg)
     return report
+
+
+def _preferences(prompts: list[PromptItem], detail: dict[str, dict]) -> dict[str, float]:
+    """P(first response preferred) per prompt id: identical responses (not judged) tie at
+    0.5; a pair the judge could not read (an option missing from a server's top-k log-probs)
+    is left out, not counted as a tie."""
+    out = {}
+    for it in prompts:
+        if it.id not in detail:
+            out[it.id] = 0.5
+        elif detail[it.id]["p_a"] is not None:
+            out[it.id] = detail[it.id]["p_a"]
+    return out
+
+
+def _win_rates(cfg: EvalConfig, rows: list[dict], prefs: dict, others: dict) -> dict:
+    """Win rates with intervals of every judged comparison, by prompt kind."""
+    labels = {r["id"]: r["label"] for r in rows}
+    out = {}
+    for name, ps in {"model_vs_baseline": prefs, **others}.items():
+        if not ps:
+            continue
+        out[name] = {}
+        for label in ("harmful", "benign", "all"):
+            xs = [p for pid, p in ps.items() if label in ("all", labels.get(pid))]
+            if xs:
+                out[name][label] = win_summary(xs, cfg.bootstrap, cfg.seed, cfg.tie_margin)
+    return out
 
 
 def _headline(detector: str, rule: bool, p_judge: float | None) -> bool:
@@ -353,7 +402,8 @@ def _headline(detector: str, rule: bool, p_judge: float | None) -> bool:
 
 def summarize(cfg: EvalConfig, rows: list[dict], roles: list[str]) -> dict:
     """report.json: refusal rates per model and prompt kind, deltas, and win rates."""
-    names = {"model": model_label(cfg.model), "baseline": model_label(cfg.baseline)}
+    names = {"model": model_label(cfg.model), "baseline": model_label(cfg.baseline),
+             "sft_model": model_label(cfg.sft_model)}
     models = {}
     for role in roles:
         entry: dict = {"name": names[role]}
@@ -375,6 +425,11 @@ def summarize(cfg: EvalConfig, rows: list[dict], roles: list[str]) -> dict:
             f"{label}_refusal": _diff(models["model"][label]["refusal"]["rate"],
                                       models["baseline"][label]["refusal"]["rate"])
             for label in ("harmful", "benign")}
+        if "sft_model" in models:
+            report["delta"].update({
+                f"sft_{label}_refusal": _diff(models["sft_model"][label]["refusal"]["rate"],
+                                              models["baseline"][label]["refusal"]["rate"])
+                for label in ("harmful", "benign")})
     wins = {}
     for label in ("harmful", "benign", "all"):
         ps = [r["p_model_preferred"] for r in rows

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from charter.core.errors import CharterError
-from charter.core.records import content_id, read_jsonl, validate_messages
+from charter.core.reader import read_records
+from charter.core.records import content_id, validate_messages
 
 
 @dataclass
@@ -22,15 +23,16 @@ class LabelPair:
 
 def read_label_pairs(path: str, on_error: str = "raise",
                      errors: list[str] | None = None) -> list[LabelPair]:
-    """Pairs from JSONL: `id` (optional; default a content hash), `prompt` (chat messages ending
+    """Pairs from JSONL (or JSON, CSV, parquet: `charter.core.reader`): `id` (optional; default a content hash), `prompt` (chat messages ending
     with a user turn, or a string), `response_a`, `response_b`, optional `preferred` (a/b).
 
     `on_error="skip"` appends each bad record's message to `errors` and goes on."""
     found: list[str] = []
     out: list[LabelPair] = []
-    for lineno, obj in read_jsonl(path, errors=found if on_error == "skip" else None):
+    for where, lineno, obj in read_records(path, found if on_error == "skip" else None,
+                                           "pairs file"):
         try:
-            out.append(_label_pair(path, lineno, obj))
+            out.append(_label_pair(where, lineno, obj))
         except CharterError as e:
             if on_error != "skip":
                 raise

@@ -36,7 +36,6 @@ from typing import Literal
 
 from charter.core.config import config_to_dict
 from charter.core.errors import CharterError
-from charter.core.models import model_label
 from charter.core.records import (
     JsonlAppender,
     PreferencePair,
@@ -52,7 +51,7 @@ from constitution import draw, load_constitution
 from critique.backends.base import Sampling
 from critique.backends.options import BackendSettings, backend_kwargs, build_backend, spec_of
 from critique.label.inputs import LabelPair, read_label_pairs  # noqa: F401  (re-exported)
-from critique.label.report import build_report
+from critique.label.report import build_report, write_diagnostics
 from critique.preference.labelmath import (
     low_margin,
 )
@@ -93,6 +92,15 @@ class LabelConfig(BackendSettings, CompareSettings):
     """Preference principles drawn per pair (seeded); their labels are averaged."""
     min_margin: float = 0.1
     """Pairs with |p_chosen - 0.5| below this are kept but marked low_margin."""
+    rate_rejected: Literal["worst", "random"] = "worst"
+    """Rate mode: the rejected response is the lowest rated, or (random) a seeded draw among
+    those rated below the best, as UltraFeedback binarised its K = 4 samples."""
+    relabel_below: float = 0.0
+    """Pairs with |p_chosen - 0.5| below this are labelled again before DPO by the second
+    labeller (`second_labeler`), or by the labeller with chain of thought when there is none;
+    the second label replaces the first (kept in `first_label`). 0: off."""
+    second_labeler: str | None = None
+    """Model that relabels low-margin pairs (same backend); None: the labeller with CoT."""
     min_rating_gap: float = 1.0
     """Rate mode: best-vs-worst pairs with a smaller rating gap are marked low_margin."""
     temperature: float = 0.8
@@ -130,6 +138,9 @@ class LabelConfig(BackendSettings, CompareSettings):
             (0.0 <= self.clamp_low <= 0.5 <= self.clamp_high <= 1.0, "clamp_low",
              "need 0 <= clamp_low <= 0.5 <= clamp_high <= 1"),
             (0.0 <= self.min_margin <= 0.5, "min_margin", "must be in [0, 0.5]"),
+            (0.0 <= self.relabel_below <= 0.5, "relabel_below", "must be in [0, 0.5]"),
+            (not (self.relabel_below and self.mode == "rate"), "relabel_below",
+             "relabelling low-margin pairs is for --mode compare"),
             (self.min_rating_gap >= 0, "min_rating_gap", "must be 0 or more"),
             (self.limit is None or self.limit >= 1, "limit", "must be at least 1"),
             (self.batch_size >= 1, "batch_size", "must be at least 1"),
@@ -188,8 +199,11 @@ def _check_resume(out: Path, cfg: LabelConfig, constitution_sha: str) -> None:
     write_json_atomic(path, {"settings": settings, "config": config_to_dict(cfg)})
 
 
-def run_label(cfg: LabelConfig, backend=None, policy_backend=None) -> dict:
-    """Label pairs or sampled responses per `cfg`; returns report.json's content."""
+def run_label(cfg: LabelConfig, backend=None, policy_backend=None, second_backend=None) -> dict:
+    """Label pairs or sampled responses per `cfg`; returns report.json's content.
+
+    `backend` labels, `policy_backend` samples (prompts mode) and `second_backend` relabels the
+    low-margin pairs (`relabel_below`); those not given are loaded here from `cfg`."""
     cfg.validate()
     constitution = load_constitution(cfg.constitution)
     pool = constitution.preference_principles
@@ -217,7 +231,10 @@ def run_label(cfg: LabelConfig, backend=None, policy_backend=None) -> dict:
         else:
             policy_backend = build_backend(spec_of(cfg, cfg.policy))
             owned.append(policy_backend)
-    provenance = {"labeler": model_label(cfg.labeler_model), "backend": cfg.backend,
+    if cfg.relabel_below and second_backend is None and cfg.second_labeler is not None:
+        second_backend = build_backend(spec_of(cfg, cfg.second_labeler))
+        owned.append(second_backend)
+    provenance = {"labeler": backend.model_name, "backend": backend.name,
                   "constitution": constitution.name,
                   "constitution_sha256": constitution.sha256, "mode": cfg.mode,
                   "cot": cfg.cot, "seed": cfg.seed}
@@ -226,10 +243,17 @@ def run_label(cfg: LabelConfig, backend=None, policy_backend=None) -> dict:
         if cfg.pairs:
             records, done_now, extra = _run_pairs(cfg, items, out, constitution, pool, backend)
         else:
-            provenance.update(policy=model_label(cfg.policy), temperature=cfg.temperature,
+            provenance.update(policy=policy_backend.model_name,
+                              policy_backend=policy_backend.name, temperature=cfg.temperature,
                               top_p=cfg.top_p, samples=cfg.samples)
+            if cfg.relabel_below:
+                provenance["second_labeler"] = (
+                    {"model": second_backend.model_name, "backend": second_backend.name}
+                    if second_backend is not None else {"model": backend.model_name,
+                                                        "backend": backend.name, "cot": True})
             records, done_now, extra = _run_prompts(cfg, items, out, constitution, pool,
-                                                    backend, policy_backend, provenance)
+                                                    backend, policy_backend, provenance,
+                                                    second_backend)
     finally:
         for b in owned:
             b.close()
@@ -241,6 +265,7 @@ def run_label(cfg: LabelConfig, backend=None, policy_backend=None) -> dict:
                           provenance=provenance, extra=extra)
     report["input_errors"] = {"count": len(input_errors), "first": input_errors[:20]}
     write_json_atomic(out / "report.json", report)
+    write_diagnostics(out, report, records, cfg.min_margin)
     return report
 
 
@@ -286,8 +311,8 @@ def _rated_pair(ra: dict, rb: dict) -> dict:
             "rating_votes": {pid: [ra["votes"][pid], rb["votes"][pid]] for pid in ra["votes"]}}
 
 
-def _run_prompts(cfg, prompts, out, constitution, pool, backend, policy, provenance
-                 ) -> tuple[list[dict], int, dict]:
+def _run_prompts(cfg, prompts, out, constitution, pool, backend, policy, provenance,
+                 second=None) -> tuple[list[dict], int, dict]:
     pairs_path, done_path = out / "pairs.jsonl", out / "prompts_done.jsonl"
     finished = load_jsonl_for_resume(done_path)
     done = {r["key"] for r in finished}
@@ -311,22 +336,29 @@ def _run_prompts(cfg, prompts, out, constitution, pool, backend, policy, provena
             for (key, p), texts in zip(chunk, samples):
                 unique = list(dict.fromkeys(t for t in texts if t.strip()))
                 per_prompt.append((key, p, unique, len(texts) - len(unique)))
-            made = (_compare_prompts if cfg.mode == "compare" else _rate_prompts)(
-                cfg, constitution, pool, backend, per_prompt)
-            for (key, p, unique, skipped), pairs in zip(per_prompt, made):
+            if cfg.mode == "compare":
+                made = _compare_prompts(cfg, constitution, pool, backend, per_prompt, second)
+            else:
+                made = _rate_prompts(cfg, constitution, pool, backend, per_prompt)
+            # a pair whose every reading lacked an option token has no label: not a pair
+            unlabelled = [[r for r in pairs if r.get("p_chosen", 0.5) is None] for pairs in made]
+            made = [[r for r in pairs if r.get("p_chosen", 0.5) is not None] for pairs in made]
+            for (key, p, unique, skipped), pairs, lost in zip(per_prompt, made, unlabelled):
                 for rec in pairs:
                     rec["provenance"] = {**provenance, "prompt_id": p.id}
                     rec["prompt_key"] = key
                     sink.append(rec)
                     records.append(rec)
                 mark = {"key": key, "prompt_id": p.id, "pairs": len(pairs),
-                        "responses": len(unique), "skipped_identical": skipped}
+                        "responses": len(unique), "skipped_identical": skipped,
+                        "unlabelled": len(lost)}
                 marks.append(mark)
                 finished.append(mark)
             bar.update(len(chunk))
     extra = {"prompts": len(finished),
              "skipped_identical": sum(m["skipped_identical"] for m in finished),
-             "prompts_without_pairs": sum(m["pairs"] == 0 for m in finished)}
+             "prompts_without_pairs": sum(m["pairs"] == 0 for m in finished),
+             "pairs_without_label": sum(m.get("unlabelled", 0) for m in finished)}
     return records, len(todo), extra
 
 
@@ -336,8 +368,11 @@ def _pair_record(messages, chosen: str, rejected: str, p_chosen: float | None, *
                              p_chosen=p_chosen, **extra).to_dict()
 
 
-def _compare_prompts(cfg, constitution, pool, backend, per_prompt) -> list[list[dict]]:
-    """All (or a seeded subset of) pairs of each prompt's distinct responses, labelled."""
+def _compare_prompts(cfg, constitution, pool, backend, per_prompt, second=None
+                     ) -> list[list[dict]]:
+    """All (or a seeded subset of) pairs of each prompt's distinct responses, labelled; the
+    low-margin ones relabelled (`relabel_below`). A pair no reading could label has
+    p_chosen None (the caller counts it and writes no pair)."""
     jobs, owner = [], []
     for idx, (key, p, unique, _) in enumerate(per_prompt):
         combos = list(itertools.combinations(range(len(unique)), 2))
@@ -348,14 +383,22 @@ def _compare_prompts(cfg, constitution, pool, backend, per_prompt) -> list[list[
             jobs.append((p.messages, unique[i], unique[j],
                          draw(pool, cfg.principles_per_pair, cfg.seed, pid)))
             owner.append(idx)
-    results = (compare_pairs(backend, constitution, jobs, cfg)
-               if jobs else [])
+    results = compare_pairs(backend, constitution, jobs, cfg) if jobs else []
+    firsts = [None] * len(results)
+    if cfg.relabel_below:
+        results, firsts = _relabel(cfg, constitution, jobs, results, backend, second)
     made: list[list[dict]] = [[] for _ in per_prompt]
-    for (messages, ra, rb, _), res, idx in zip(jobs, results, owner):
+    for (messages, ra, rb, _), res, first, idx in zip(jobs, results, firsts, owner):
+        if res["p_a"] is None:
+            made[idx].append({"p_chosen": None, **res})
+            continue
         a_wins = res["p_a"] >= 0.5
         flip = (lambda x: x) if a_wins else (lambda x: 1.0 - x)  # to chosen's terms
         p = flip(res["p_a"])
-        extra = {"reasoning": res["reasoning"]} if "reasoning" in res else {}
+        extra = {k: res[k] for k in ("reasoning", "missing_option_reads") if k in res}
+        if first is not None:  # relabelled: the first label in the chosen response's terms
+            extra["first_label"] = {"p_chosen": None if first["p_a"] is None
+                                    else flip(first["p_a"]), "labeler": backend.model_name}
         rec = _pair_record(messages, ra if a_wins else rb, rb if a_wins else ra, p,
                            votes={k: flip(v) for k, v in res["votes"].items()},
                            orders=[flip(o) for o in res["orders"]],
@@ -364,6 +407,26 @@ def _compare_prompts(cfg, constitution, pool, backend, per_prompt) -> list[list[
                            low_margin=low_margin(p, cfg.min_margin), **extra)
         made[idx].append(rec)
     return made
+
+
+def _relabel(cfg, constitution, jobs, results, backend, second) -> tuple[list, list]:
+    """Relabel the jobs whose label is within `relabel_below` of 0.5 (or has none): by the
+    second labeller, else by the labeller with chain of thought. Returns (results, first labels
+    of the relabelled jobs, None elsewhere)."""
+    low = [k for k, r in enumerate(results)
+           if r["p_a"] is None or abs(r["p_a"] - 0.5) < cfg.relabel_below]
+    firsts: list = [None] * len(results)
+    if not low:
+        return results, firsts
+    rcfg = cfg if second is not None else dataclasses.replace(cfg, cot=True)
+    again = compare_pairs(second or backend, constitution, [jobs[k] for k in low], rcfg)
+    results = list(results)
+    for k, res in zip(low, again):
+        if res["p_a"] is None and results[k]["p_a"] is not None:
+            continue  # the second labeller could not read it either: the first label stays
+        firsts[k] = results[k]
+        results[k] = res
+    return results, firsts
 
 
 def _rate_prompts(cfg, constitution, pool, backend, per_prompt) -> list[list[dict]]:
@@ -386,11 +449,14 @@ def _rate_prompts(cfg, constitution, pool, backend, per_prompt) -> list[list[dic
         ratings = [m["rating"] for m in mine]
         best = max(range(len(mine)), key=lambda k: ratings[k])
         worst = min(range(len(mine)), key=lambda k: ratings[k])
+        lower = [k for k in range(len(mine)) if ratings[k] < ratings[best]]
+        if cfg.rate_rejected == "random" and lower:  # UltraFeedback's binarisation
+            worst = draw(lower, 1, cfg.seed, p.id, "rejected")[0]
         if best == worst:  # all ratings equal: pick distinct slots, the gap is 0
             best, worst = 0, 1
         gap = ratings[best] - ratings[worst]
         rec = _pair_record(p.messages, unique[best], unique[worst], None, rating_gap=gap,
-                           ratings=ratings,
+                           ratings=ratings, chosen_index=best, rejected_index=worst,
                            rating_votes={pid: [mine[best]["votes"][pid],
                                                mine[worst]["votes"][pid]]
                                          for pid in mine[best]["votes"]},

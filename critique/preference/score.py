@@ -4,6 +4,7 @@ judge of `charter eval`."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from critique.backends.base import Sampling
@@ -53,22 +54,30 @@ def compare_pairs(backend, constitution, jobs: list[tuple], cfg: CompareSettings
     else:
         reasoning, prefixes = [], [lp.ANSWER_PREFIX] * len(convs)
     scores = backend.score(convs, [list(lp.OPTIONS)] * len(convs), prefixes)
-    firsts: dict[tuple, float] = {}
+    firsts: dict[tuple, float | None] = {}
     for key, (la, lb) in zip(keys, scores):
+        if math.isnan(la) or math.isnan(lb):
+            firsts[key] = None  # an option token outside the server's top-k: no reading
+            continue
         p = p_first(la, lb)  # normalised P("(A)") over the two options (Bai et al. 2022 §4.1)
         # CoT labels are clamped per read (Bai et al. 2022 §4.1: 40-60% there; a flag here)
         firsts[key] = clamp(p, cfg.clamp_low, cfg.clamp_high) if cfg.cot else p
     results = []
     for j, (_, _, _, principles) in enumerate(jobs):
-        votes, vote_orders = {}, {}
+        votes, vote_orders, missing = {}, {}, 0
         for pr in principles:
+            given, swapped = firsts[(j, pr.id, 0)], firsts[(j, pr.id, 1)]
+            missing += (given is None) + (swapped is None)
+            if given is None or swapped is None:
+                continue  # one order alone would let position bias back in
             # both orders averaged: cancels position bias (Lee et al. 2023, "Addressing Position Bias")
-            votes[pr.id], vote_orders[pr.id] = swap_average(firsts[(j, pr.id, 0)],
-                                                            firsts[(j, pr.id, 1)])
-        n = len(principles)
-        res = {"p_a": ensemble(votes),  # principle ensemble (Bai et al. 2022 §4.1)
-               "orders": [sum(o[k] for o in vote_orders.values()) / n for k in (0, 1)],
-               "votes": votes, "vote_orders": vote_orders}
+            votes[pr.id], vote_orders[pr.id] = swap_average(given, swapped)
+        n = len(vote_orders)
+        res = {"p_a": ensemble(votes) if votes else None,  # principle ensemble (Bai et al. §4.1)
+               "orders": [sum(o[k] for o in vote_orders.values()) / n for k in (0, 1)]
+               if n else None, "votes": votes, "vote_orders": vote_orders}
+        if missing:
+            res["missing_option_reads"] = missing
         if cfg.cot:
             res["reasoning"] = {pr.id: [reasoning[i] for i, k in enumerate(keys)
                                         if k[0] == j and k[1] == pr.id] for pr in principles}
@@ -87,7 +96,14 @@ def rate_responses(backend, constitution, jobs: list[tuple]) -> list[dict]:
     scores = backend.score(convs, [list(lp.RATING_OPTIONS)] * len(convs), None)
     nested = lp.ratings_nested(getattr(backend, "tokenizer", None))
     per: dict[int, dict[str, float]] = {}
+    missing: dict[int, int] = {}
     for (j, pid), logps in zip(keys, scores):
+        # a score token outside the server's top-k had less mass than every listed one: it
+        # counts as 0 and the rating says how many were missing
+        gone = sum(math.isnan(x) for x in logps)
+        missing[j] = missing.get(j, 0) + gone
+        logps = [-math.inf if math.isnan(x) else x for x in logps]
         per.setdefault(j, {})[pid] = rating_expectation(logps, lp.RATING_LOW, nested)
-    return [{"rating": sum(per[j].values()) / len(per[j]), "votes": per[j]}
+    return [{"rating": sum(per[j].values()) / len(per[j]), "votes": per[j],
+             **({"missing_options": missing[j]} if missing.get(j) else {})}
             for j in range(len(jobs))]

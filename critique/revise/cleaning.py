@@ -23,9 +23,15 @@ reason code, counted in the manifest:
 - `copies_critique`: a revision that repeats the critique instead of rewriting the response.
 - `comments_not_revises`: a revision that talks about the response ("The assistant's last
   response is not harmful ...") instead of being a response.
-- `copies_example`: the output contains a few-shot example's critique or revision (20+
-  characters) word for word (small models copy the example's critique whatever the prompt,
-  then go on). A short example ("No.") may be repeated.
+- `copies_example`: the output repeats a few-shot example of the principle file (small models
+  copy an example's critique or revision whatever the prompt, whole or in part: an answer about
+  toxic gases that goes on with the example about maths and gender). Either the output holds an
+  example text (20+ characters) word for word, or they share many word trigrams
+  (`copied_example`): counting only trigrams that are not in this conversation (the prompt, the
+  responses, the requests: the topic's own words) and not in two or more of the file's examples
+  (`shared_phrases`: style such as "I can't help with", not content), at least `MIN_SHARED` and
+  at least `COPY_OVERLAP` of the smaller side's such trigrams. A short example ("No.") may be
+  repeated.
 """
 
 from __future__ import annotations
@@ -177,14 +183,50 @@ def _instruction(request: str, quoted: Sequence[str]) -> str:
     return request
 
 
+COPY_OVERLAP = 0.5  # share of the smaller side's specific trigrams that makes a copy
+MIN_SHARED = 6  # specific trigrams (~8 words in a row) an output shares with an example
+
+
+def _trigrams(text: str) -> set[tuple[str, ...]]:
+    words = re.findall(r"\w+", text.lower())
+    return set(zip(words, words[1:], words[2:]))
+
+
+def shared_phrases(examples: Sequence[Sequence[str]]) -> frozenset:
+    """Word trigrams found in two or more examples (each a sequence of its texts): the file's
+    style, which an output may share with an example without copying it."""
+    seen: dict[tuple[str, ...], int] = {}
+    for texts in examples:
+        for g in set().union(*(_trigrams(t) for t in texts)) if texts else ():
+            seen[g] = seen.get(g, 0) + 1
+    return frozenset(g for g, n in seen.items() if n >= 2)
+
+
+def copied_example(text: str, examples: Sequence[str], context: Sequence[str] = (),
+                   common: frozenset = frozenset()) -> bool:
+    """Whether `text` repeats one of `examples` beyond chance: counting only trigrams that are in
+    neither `context` (this conversation's own texts) nor `common` (`shared_phrases`), they share
+    at least MIN_SHARED trigrams and at least COPY_OVERLAP of the smaller side's."""
+    skip = set(common).union(*(_trigrams(c) for c in context))
+    own = _trigrams(text) - skip
+    for e in examples:
+        specific = _trigrams(e) - skip
+        shared = len(own & specific)
+        if shared >= MIN_SHARED and shared >= COPY_OVERLAP * min(len(own), len(specific)):
+            return True
+    return False
+
+
 def problem(text: str, *, requests: Sequence[str] = (), critique: str | None = None,
-            examples: Sequence[str] = (), quoted: Sequence[str] = ()) -> str | None:
+            examples: Sequence[str] = (), quoted: Sequence[str] = (),
+            common: frozenset = frozenset()) -> str | None:
     """The reason code why a cleaned output cannot be used, or None if it can.
 
     `requests`: the request this output answers and earlier ones of the conversation;
-    `critique`: for a revision, the critique it should act on; `examples`: the few-shot texts of
-    the same kind (critiques for a critique, revisions for a revision); `quoted`: the texts
-    that requests may quote (prompt, responses, critiques), cut out of them before comparing.
+    `critique`: for a revision, the critique it should act on; `examples`: the texts of the
+    few-shot examples the model was shown (prompts, responses, critiques, revisions); `quoted`:
+    the texts that requests may quote (prompt, responses, critiques), cut out of them before
+    comparing; `common`: the file's `shared_phrases`.
     """
     if not re.search(r"\w", text):
         return "empty"
@@ -198,6 +240,9 @@ def problem(text: str, *, requests: Sequence[str] = (), critique: str | None = N
         return "comments_not_revises"
     norm = _norm(text)
     if any(len(_norm(e)) >= 20 and _norm(e) in norm for e in examples):
+        return "copies_example"
+    if copied_example(text, examples, [*requests, *quoted, *([critique] if critique else [])],
+                      common):
         return "copies_example"
     return None
 

@@ -18,6 +18,15 @@ revision request, assistant: example revision), with the requests rendered from 
 principle (or from this round's principle when the example names none, or names one without
 critique/revision templates). The initial response is asked for with no few-shot turns: it is the
 model's plain answer, the `rejected` side of the preference pairs.
+
+Mode distill (context distillation) asks the teacher once, with the constitution in context:
+
+    answer:  [system: constitution_prompt] + D + P
+
+where D are the few-shot examples as dialogues (user: example prompt, assistant: example
+revision: the answer the constitution wants, a refusal or a plain helpful answer). The answer is
+the record's one round (principle id `constitution`); the SFT data is P + answer, without the
+context, so the trained model behaves so with no constitution in its prompt.
 """
 
 from __future__ import annotations
@@ -45,6 +54,28 @@ def few_shot_turns(constitution: Constitution, examples: list[FewShot],
                                                                      ex.critique)},
             {"role": "assistant", "content": ex.revision},
         ]
+    return turns
+
+
+DISTILL_PRINCIPLE = "constitution"  # the principle id of a distilled answer's round
+
+
+def constitution_prompt(constitution: Constitution) -> str:
+    """The system message of mode distill: the principle file's description and its
+    principles' traits (words from the principle file only)."""
+    traits = [p.trait for p in constitution.principles if p.trait]
+    text = constitution.description.strip()
+    if traits:
+        text += "\nThe assistant is " + "; ".join(traits) + "."
+    return text
+
+
+def distill_turns(examples: list[FewShot]) -> list[Message]:
+    """Few-shot examples as earlier dialogues: user prompt, assistant revision (two turns each)."""
+    turns: list[Message] = []
+    for ex in examples:
+        turns += [{"role": "user", "content": ex.prompt},
+                  {"role": "assistant", "content": ex.revision}]
     return turns
 
 
@@ -131,6 +162,17 @@ class Dialogue:
                        {"role": "assistant", "content": revision}]
         self.rounds.append(Round(self.principle.id, self.critique, revision))
 
+    # -- distill ---------------------------------------------------------------------------
+    def distill_conversation(self, constitution: Constitution) -> list[Message]:
+        """The messages that ask the teacher to answer with the constitution in context."""
+        self.request = next((m["content"] for m in reversed(self.prompt)
+                             if m["role"] == "user"), "")
+        return [{"role": "system", "content": constitution_prompt(constitution)},
+                *distill_turns(self.examples), *self.prompt]
+
+    def add_answer(self, answer: str) -> None:
+        self.rounds.append(Round(DISTILL_PRINCIPLE, "", answer))
+
     def fail(self, step: str, reason: str, raw: str) -> None:
         """Flag this record; the failed step's raw text is kept in its round."""
         self.flagged = f"{step}:{reason}"
@@ -142,3 +184,5 @@ class Dialogue:
         elif step == "revision":
             assert self.principle is not None
             self.rounds.append(Round(self.principle.id, self.critique, raw))
+        elif step == "distill":
+            self.rounds.append(Round(DISTILL_PRINCIPLE, "", raw))

@@ -49,9 +49,17 @@ from charter.core.records import (
 from charter.core.writable import check_output
 from constitution import Constitution, draw, load_constitution
 from critique.backends.base import Backend, Conversation, Sampling
+from critique.backends.context import check_context
 from critique.backends.options import BackendSettings, backend_kwargs, build_backend, spec_of
 from critique.revise import outputs
-from critique.revise.cleaning import clean, problem, salvage, says_nothing_to_fix, trim_incomplete
+from critique.revise.cleaning import (
+    clean,
+    problem,
+    salvage,
+    says_nothing_to_fix,
+    shared_phrases,
+    trim_incomplete,
+)
 from critique.revise.conversation import Dialogue
 
 
@@ -104,6 +112,14 @@ class CritiqueConfig(BackendSettings):
     few_shot_changed_only: bool = False
     """Draw few-shot examples only among those whose revision changes the response (for
     red-team prompts; the unchanged ones teach "nothing to fix")."""
+    mode: Literal["revise", "distill"] = "revise"
+    """revise: the teacher critiques and revises the policy's answer under drawn principles
+    (SL-CAI); distill: the teacher answers each prompt with the constitution (its description,
+    principle traits and few-shot dialogues) in its context, and the SFT data is the plain prompt
+    with that answer (context distillation, Zephyr's dSFT)."""
+    teacher: str | None = None
+    """Model that critiques and revises (or answers, mode distill), on the same backend; None:
+    the policy itself (`model`), as in SL-CAI."""
     revision_prefix: str = ""
     """Text every revision starts with (the assistant turn is pre-filled with it and it is
     kept in the revision), e.g. "I'm sorry, but I can't" for a model too weak to revise on
@@ -132,9 +148,10 @@ class CritiqueConfig(BackendSettings):
         backend_kwargs(self)  # server settings given with a local backend, ... (fail early)
 
 
-def provenance(cfg: CritiqueConfig, constitution: Constitution, backend: Backend | None) -> dict:
+def provenance(cfg: CritiqueConfig, constitution: Constitution, backend: Backend | None,
+               teacher: Backend | None = None) -> dict:
     """Every setting that changes outputs (part of each record id; checked on resume)."""
-    return {
+    prov = {
         "model": backend.model_name if backend is not None else model_label(cfg.model),
         "backend": backend.name if backend is not None else cfg.backend,
         "dtype": cfg.dtype,
@@ -152,13 +169,22 @@ def provenance(cfg: CritiqueConfig, constitution: Constitution, backend: Backend
         "revision_prefix": cfg.revision_prefix,
         "constitution": {"name": constitution.name, "sha256": constitution.sha256},
     }
+    if teacher is not None or cfg.teacher is not None or cfg.mode != "revise":
+        # the role that wrote the revisions (absent from records of older runs: same as model)
+        prov["teacher"] = {"model": teacher.model_name if teacher is not None
+                           else model_label(cfg.teacher or cfg.model),
+                           "backend": teacher.name if teacher is not None else cfg.backend}
+        prov["mode"] = cfg.mode
+    return prov
 
 
 class _Steps:
-    """Sends one batched generate call per step and keeps per-step counters."""
+    """Sends one batched generate call per step and keeps per-step counters. The policy writes
+    the initial answers; every other step is the teacher's (the policy itself by default)."""
 
-    def __init__(self, backend: Backend, cfg: CritiqueConfig):
-        self.backend = backend
+    def __init__(self, backend: Backend, cfg: CritiqueConfig, teacher: Backend | None = None):
+        self.policy = backend
+        self.teacher = teacher or backend
         self.response = Sampling(temperature=cfg.temperature, top_p=cfg.top_p,
                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
         self.critique = dataclasses.replace(
@@ -169,19 +195,20 @@ class _Steps:
                  sampling: Sampling, prefix: str = "") -> list[str]:
         if not conversations:
             return []
-        before = self.backend.usage.generated_tokens
+        backend = self.policy if step == "initial" else self.teacher
+        before = backend.usage.generated_tokens
         t0 = time.perf_counter()
         if prefix:  # the reply starts with `prefix`; the text returned includes it
-            out = self.backend.generate(conversations, sampling,
-                                        prefixes=[prefix] * len(conversations))
+            out = backend.generate(conversations, sampling,
+                                   prefixes=[prefix] * len(conversations))
             out = [[prefix + t for t in texts] for texts in out]
         else:
-            out = self.backend.generate(conversations, sampling)
+            out = backend.generate(conversations, sampling)
         s = self.stats.setdefault(step, Counter())
         s["calls"] += 1
         s["conversations"] += len(conversations)
         s["seconds"] += time.perf_counter() - t0
-        s["generated_tokens"] += self.backend.usage.generated_tokens - before
+        s["generated_tokens"] += backend.usage.generated_tokens - before
         if len(out) != len(conversations):
             raise RuntimeError(f"backend returned {len(out)} results for "
                                f"{len(conversations)} conversations")
@@ -212,6 +239,7 @@ def _round(dialogues: list[Dialogue], r: int, constitution: Constitution, cfg: C
     """One critique step and one revision step for every active dialogue of the chunk."""
     seed = cfg.seed
     active = [d for d in dialogues if d.active]
+    common = shared_phrases([_example_texts([e]) for e in constitution.few_shot])
     pool = constitution.critique_principles
     convs = []
     for d in active:
@@ -222,7 +250,7 @@ def _round(dialogues: list[Dialogue], r: int, constitution: Constitution, cfg: C
     for d, raw in zip(active, texts):
         text = clean(raw)
         why = problem(text, requests=d.requests() + [d.request], quoted=d.quoted(),
-                      examples=[e.critique for e in d.examples])
+                      examples=_example_texts(d.examples), common=common)
         if why:
             d.fail("critique", why, raw)
             continue
@@ -236,7 +264,7 @@ def _round(dialogues: list[Dialogue], r: int, constitution: Constitution, cfg: C
     for d, raw in zip(revise, texts):
         text = clean(raw)
         kw = dict(requests=d.requests() + [d.request], critique=d.critique, quoted=d.quoted(),
-                  examples=[e.revision for e in d.examples])
+                  examples=_example_texts(d.examples), common=common)
         why = problem(text, **kw)
         if cfg.salvage:
             rescued = salvage(text) if why == "loop" else trim_incomplete(text)
@@ -246,6 +274,33 @@ def _round(dialogues: list[Dialogue], r: int, constitution: Constitution, cfg: C
             d.fail("revision", why, raw)
         else:
             d.add_revision(text)
+
+
+def _example_texts(examples: list) -> list[str]:
+    """What an output must not copy from the few-shot examples it was shown: their responses,
+    critiques and revisions."""
+    return list(dict.fromkeys(t for e in examples for t in (e.response, e.critique, e.revision)))
+
+
+def _distill(dialogues: list[Dialogue], constitution: Constitution, steps: _Steps,
+             salvage_ok: bool = True) -> None:
+    """mode distill: the teacher answers each prompt with the constitution in its context; the
+    answer is the record's one revision (principle id `constitution`)."""
+    active = [d for d in dialogues if d.active]
+    texts = steps("distill", [d.distill_conversation(constitution) for d in active],
+                  steps.response)
+    for d, raw in zip(active, texts):
+        text = clean(raw)
+        kw = dict(requests=[d.request], examples=_example_texts(d.examples))
+        why = problem(text, **kw)
+        if salvage_ok:  # as for revisions: a looping answer keeps its clean opening sentences
+            rescued = salvage(text) if why == "loop" else trim_incomplete(text)
+            if rescued and (why == "loop" or not why) and not problem(rescued, **kw):
+                text, why = rescued, None
+        if why:
+            d.fail("distill", why, raw)
+        else:
+            d.add_answer(text)
 
 
 def _examples(constitution: Constitution, cfg: CritiqueConfig, rid: str) -> list:
@@ -281,6 +336,7 @@ def _selection(path: str, cfg: CritiqueConfig, limit: int | None, errors: list[s
     items = read_prompts(path, cfg.prompt_field if kind == "critique" else None,
                          cfg.on_error, errors)
     items = items[:limit] if limit else items
+    items = check_context(items, cfg, cfg.on_error, errors)  # each fits, before the model loads
     seen: dict[str, PromptItem] = {}
     for it in items:
         rid = content_id(kind, it.messages, it.response if kind == "critique" else None, prov)
@@ -288,15 +344,19 @@ def _selection(path: str, cfg: CritiqueConfig, limit: int | None, errors: list[s
     return list(seen.values()), len(items) - len(seen)
 
 
-def run_critique(cfg: CritiqueConfig, backend: Backend | None = None) -> dict:
-    """Run (or resume) the loop; write records, exports and the manifest; return the manifest."""
+def run_critique(cfg: CritiqueConfig, backend: Backend | None = None,
+                 teacher_backend: Backend | None = None) -> dict:
+    """Run (or resume) the loop; write records, exports and the manifest; return the manifest.
+
+    `backend` is the policy (initial answers); `teacher_backend` critiques and revises, or
+    answers under the constitution (default: `cfg.teacher` loaded here, else the policy)."""
     t_start = time.perf_counter()
     out = Path(cfg.out)
     constitution = load_constitution(cfg.constitution)
     if not constitution.critique_principles:
         raise CharterError("no principle has critique and revision templates",
                            path=constitution.path, field="principles")
-    prov = provenance(cfg, constitution, backend)
+    prov = provenance(cfg, constitution, backend, teacher_backend)
     outputs.check_resumable(out, prov, constitution)
     errors: list[str] = []
     items, duplicates = _selection(cfg.prompts, cfg, cfg.limit, errors, prov, "critique")
@@ -322,18 +382,23 @@ def run_critique(cfg: CritiqueConfig, backend: Backend | None = None) -> dict:
     todo = [it for it in items if it.id not in done_ids]
     todo_helpful = [it for it in helpful if it.id not in done_helpful]
 
-    built = backend is None
-    if built and (todo or todo_helpful):
+    built = []
+    if backend is None and (todo or todo_helpful):
         backend = build_backend(spec_of(cfg, cfg.model))
-    steps = _Steps(backend, cfg) if backend is not None else None
+        built.append(backend)
+    if teacher_backend is None and cfg.teacher is not None and cfg.teacher != cfg.model \
+            and (todo or todo_helpful):
+        teacher_backend = build_backend(spec_of(cfg, cfg.teacher))
+        built.append(teacher_backend)
+    steps = _Steps(backend, cfg, teacher_backend) if backend is not None else None
     try:
         if todo:
             _critique_chunks(cfg, constitution, todo, len(items), steps, prov, records_path)
         if todo_helpful:
             _helpful_chunks(cfg, todo_helpful, len(helpful), steps, prov, helpful_path)
     finally:
-        if built and backend is not None:
-            backend.close()
+        for b in built:
+            b.close()
 
     manifest = outputs.finish(
         out, base, items=items, helpful=helpful, steps=steps.stats if steps else {},
@@ -354,8 +419,11 @@ def _critique_chunks(cfg: CritiqueConfig, constitution: Constitution, todo: list
             dialogues = [Dialogue(it.id, it.messages, _examples(constitution, cfg, it.id))
                          for it in chunk]
             _initial(dialogues, by_id, steps)
-            for r in range(cfg.rounds):
-                _round(dialogues, r, constitution, cfg, steps)
+            if cfg.mode == "distill":
+                _distill(dialogues, constitution, steps, cfg.salvage)
+            else:
+                for r in range(cfg.rounds):
+                    _round(dialogues, r, constitution, cfg, steps)
             for d in dialogues:
                 sink.append(_record(d, prov).to_dict())
             flagged += sum(not d.active for d in dialogues)

@@ -12,6 +12,9 @@ from typing import Any
 import yaml
 
 from charter.core.errors import CharterError
+from charter.core.reader import check_text
+
+MAX_FILE_BYTES = 1_000_000  # a principle file or YAML config larger than this is refused
 
 
 class ConstitutionError(CharterError):
@@ -95,4 +98,17 @@ def read_yaml(text: str, path: str) -> tuple[Any, Lines]:
         raise ConstitutionError("invalid YAML: nested too deeply", path=path) from None
     except (TypeError, ValueError) as e:  # e.g. unhashable merge keys inside the safe loader
         raise ConstitutionError(f"invalid YAML: {e}", path=path) from None
+    try:
+        check_text(data, path, None)  # "\ud800" or "\0" escapes: not text
+    except CharterError as e:
+        raise ConstitutionError(e.detail, path=path, line=lines.line(_at(e.field)),
+                                field=e.field) from None
     return data, lines
+
+
+def _at(field: str | None) -> tuple:
+    """"principles[0].critique" -> ("principles", 0, "critique") (for its line)."""
+    import re
+
+    return tuple(int(p) if p.isdigit() else p
+                 for p in re.findall(r"[^.\[\]]+", field or ""))

@@ -1,0 +1,164 @@
+"""bf16 training: BF16AdamW keeps fp32's update, the optimizer step in backward, chunked
+label log-probs equal to the full path, and the precision settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from charter.core.errors import CharterError
+from training.optim import BF16AdamW, attach_in_backward, stochastic_round_
+from training.options import DPOConfig
+
+
+def _run(opt_cls, w0, grads, **kw):
+    w = torch.nn.Parameter(w0.clone())
+    opt = opt_cls([w], **kw)
+    for g in grads:
+        w.grad = g.to(w.dtype)
+        opt.step()
+    return w, opt
+
+
+@pytest.mark.parametrize("lr", [1e-4, 1e-6])
+def test_bf16_adamw_tracks_fp32_adamw_where_plain_bf16_loses_the_update(lr):
+    torch.manual_seed(0)
+    w0 = (torch.randn(200, 300) * 0.05).to(torch.bfloat16).float()  # exact in bf16
+    grads = [(torch.randn(200, 300) + 0.3).to(torch.bfloat16).float() for _ in range(30)]
+    ref, _ = _run(torch.optim.AdamW, w0, grads, lr=lr, weight_decay=0.01)
+    ours, opt = _run(BF16AdamW, w0.to(torch.bfloat16), grads, lr=lr, weight_decay=0.01)
+    plain, _ = _run(torch.optim.AdamW, w0.to(torch.bfloat16), grads, lr=lr, weight_decay=0.01)
+    want = ref.detach() - w0
+    # the weight the model sees plus what the compensation buffer still holds back
+    got = ours.detach().float() + opt.state[ours]["comp"].float() - w0
+    rel = lambda d: float((d - want).norm() / want.norm())  # noqa: E731
+    assert ours.dtype == torch.bfloat16 and opt.state[ours]["exp_avg"].dtype == torch.bfloat16
+    assert rel(got) < 0.02
+    assert rel(plain.detach().float() - w0) > 0.5  # round-to-nearest loses most of it
+
+
+def test_stochastic_rounding_is_unbiased_and_lands_on_bf16_values():
+    x = torch.full((200_000,), 1.0 + 2 ** -10)  # a quarter of the way from 1 to the next bf16
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32)
+    r = stochastic_round_(x.clone(), noise)
+    assert set(r.unique().tolist()) == {1.0, 1.0 + 2 ** -7}
+    assert torch.equal(r.to(torch.bfloat16).float(), r)
+    assert abs(float(r.mean()) - (1.0 + 2 ** -10)) < 2e-5  # ~25% round up
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_optimizer_in_backward_matches_a_step_after_backward(dtype):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    twin = [torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(),
+                                torch.nn.Linear(32, 4)) for _ in range(2)]
+    for t in twin:
+        t.load_state_dict(net.state_dict())
+        t.to(dtype)
+    a, b = twin
+    opt_a = BF16AdamW(a.parameters(), lr=1e-2, weight_decay=0.1)
+    opt_b = BF16AdamW(b.parameters(), lr=1e-2, weight_decay=0.1)
+    attach_in_backward(opt_b)
+    for _ in range(3):
+        x = torch.randn(8, 16, dtype=dtype)
+        a(x).square().mean().backward()
+        opt_a.step()
+        opt_a.zero_grad()
+        b(x).square().mean().backward()
+        assert all(p.grad is None for p in b.parameters())  # stepped and freed in backward
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert not torch.equal(next(a.parameters()).float(), next(net.parameters()))
+
+
+def _tiny_llama(bias_head: bool = False):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      tie_word_embeddings=not bias_head)
+    model = AutoModelForCausalLM.from_config(cfg)
+    if bias_head:
+        model.lm_head = torch.nn.Linear(32, 300, bias=True)
+    return model
+
+
+@pytest.mark.parametrize("bias_head", [False, True])
+def test_chunked_logps_equal_the_full_logits_path(monkeypatch, bias_head):
+    import training.chunked_logps as cl
+    from training.loop import forward_logps
+
+    monkeypatch.setattr(cl, "CHUNK", 7)  # several chunks, one of them partial
+    model = _tiny_llama(bias_head)
+    ids = torch.randint(0, 300, (3, 20))
+    labels = ids.clone()
+    labels[:, :8] = -100
+    labels[2, 15:] = -100
+    mask = torch.ones_like(ids)
+    mask[2, 15:] = 0
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    used = []
+    real = cl.HeadLogps.apply
+    monkeypatch.setattr(cl.HeadLogps, "apply", lambda *a: used.append(1) or real(*a))
+    results = []
+    for chunked in (False, True):
+        model.zero_grad()
+        total, mean, count = forward_logps(model, batch, chunked=chunked)
+        (total.sum() + mean.sum()).backward()
+        results.append((total.detach(), count, [p.grad.clone() for p in model.parameters()]))
+    (t0, c0, g0), (t1, c1, g1) = results
+    assert bool(used) != bias_head  # a head with a bias falls back to the full logits
+    assert torch.equal(c0, c1) and c0.tolist() == [12, 12, 7]
+    assert torch.allclose(t0, t1, atol=1e-4) and t0.abs().min() > 1
+    for a, b in zip(g0, g1):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_precision_settings():
+    base = dict(data="d", out="o")
+    cfg = DPOConfig(**base, mixed_precision="bf16")
+    cfg.validate()
+    assert cfg.precision == "bf16-mixed"  # the older name still works
+    with pytest.raises(CharterError) as e:
+        DPOConfig(**base, mixed_precision="bf16", precision="bf16").validate()
+    assert e.value.field == "mixed_precision"
+    with pytest.raises(CharterError) as e:
+        DPOConfig(**base, optimizer_in_backward=True).validate()  # clipping on by default
+    assert e.value.field == "optimizer_in_backward" and "max_grad_norm" in str(e.value)
+    DPOConfig(**base, optimizer_in_backward=True, max_grad_norm=0).validate()
+
+
+def test_dpo_in_bf16_trains_and_resumes_to_the_same_weights(tmp_path, tiny_model_dir,
+                                                            monkeypatch):
+    """precision bf16: bf16 weights saved, step 1 at log 2 (policy = reference, same path),
+    margins grow; killed after the step-2 checkpoint and resumed, the same weights as an
+    uninterrupted run (the optimizer's rounding noise is a function of seed and step)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from tests.test_training_dpo import cfg, write_pairs
+    from training import checkpoint
+    from training.dpo import train_dpo
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl")
+    kw = dict(precision="bf16", save_every=2, lr=5e-3)
+    full = train_dpo(cfg(pairs, tmp_path / "a", tiny_model_dir, **kw))
+    m = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert m[0]["loss"] == pytest.approx(0.693147, abs=1e-3)
+    assert m[-1]["rewards/margins"] > 0
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_die(*a, **k):
+        real_save(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_dpo(cfg(pairs, tmp_path / "b", tiny_model_dir, **kw))
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    resumed = train_dpo(cfg(pairs, tmp_path / "b", tiny_model_dir, **kw))
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(v.dtype == torch.bfloat16 for v in a.values())
+    assert all(torch.equal(a[k], b[k]) for k in a)
