@@ -28,9 +28,11 @@ $(STAMP): pyproject.toml Makefile
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 test: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports  # the layering of docs/architecture.md (.importlinter)
 	$(VENV)/bin/pytest -q -ra
 
 quickstart: setup

@@ -11,7 +11,7 @@ A run has up to five models, each any model on any backend (DESIGN.md, "Roles"):
 A role's value is a string (`start`: the starting model, `policy`: the newest policy, or a
 model on the top-level backend) or a mapping: a full backend description
 `{model: NAME, backend: openai, base_url: URL, api_key_env: VAR, dtype: ..., ...}` whose other
-keys are the backend settings of `critique.backends.options.BackendFields`.
+keys are the backend settings of `critique.backends.options.BackendSpec`.
 
 `RoleSpec` is the resolved description; `BackendPool` loads each distinct (backend, model,
 options) once, hands it to every stage and role that needs it, and frees it when no later stage
@@ -80,7 +80,7 @@ def parse_role(value: Any, *, backend: str, where: str, source: str | None = Non
     `backend` is the top-level backend (for strings and mappings without one); `resolve` turns
     a model path relative to the pipeline file into an absolute one."""
     from charter.core.config import config_from_dict
-    from critique.backends.options import FIELD_MAP, BackendFields, backend_kwargs
+    from critique.backends.options import FIELD_MAP, BackendSpec, backend_kwargs
 
     if value is None:
         return None
@@ -97,7 +97,7 @@ def parse_role(value: Any, *, backend: str, where: str, source: str | None = Non
                            path=source, line=line, field=f"{where}.model")
     raw.setdefault("backend", backend)
     try:
-        fields = config_from_dict(BackendFields, raw, source=source)
+        fields = config_from_dict(BackendSpec, raw, source=source)
         kw = backend_kwargs(fields)
     except CharterError as e:
         raise CharterError(e.detail, path=source, line=line,

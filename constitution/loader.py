@@ -45,8 +45,8 @@ from typing import Any
 
 from charter.core.errors import CharterError
 from charter.core.reader import read_bytes
+from charter.core.yamlsource import MAX_FILE_BYTES, ConstitutionError, Lines, dotted, read_yaml
 from constitution.render import TemplateProblem, compile_template, render
-from constitution.source import ConstitutionError, Lines, dotted, read_yaml
 
 STAGES = ("critique", "revision", "preference")
 TOP_KEYS = {"name", "description", "version", "principles", "few_shot", "label_few_shot",
@@ -55,7 +55,6 @@ PRINCIPLE_KEYS = {"id", "tags", "trait", "critique", "revision", "preference"}
 FEW_SHOT_KEYS = {"principle", "prompt", "response", "critique", "revision"}
 LABEL_FEW_SHOT_KEYS = {"principle", "prompt", "response_a", "response_b", "answer"}
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-MAX_FILE_BYTES = 1_000_000
 MAX_CHECK_SECONDS = 10.0  # all templates of one file together, at load
 
 DEFAULT_LABEL_TEMPLATE = """\

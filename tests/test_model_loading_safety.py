@@ -182,10 +182,10 @@ def test_trust_remote_code_flag_defaults_off(command, capsys):
 
 
 def test_flag_reaches_the_loader_only_when_given():
-    from critique.backends.options import BackendFields, backend_kwargs
+    from critique.backends.options import BackendSpec, backend_kwargs
 
-    assert "trust_remote_code" not in backend_kwargs(BackendFields(backend="transformers"))
-    on = BackendFields(backend="transformers", trust_remote_code=True)
+    assert "trust_remote_code" not in backend_kwargs(BackendSpec(backend="transformers"))
+    on = BackendSpec(backend="transformers", trust_remote_code=True)
     assert backend_kwargs(on)["trust_remote_code"] is True
     assert "trust_remote_code" not in backend_kwargs(
-        BackendFields(backend="openai", base_url=["http://h:1/v1"], trust_remote_code=True))
+        BackendSpec(backend="openai", base_url=["http://h:1/v1"], trust_remote_code=True))

@@ -234,11 +234,11 @@ def test_client_errors_are_not_retried(stub, monkeypatch):
 def test_api_key_sent_but_never_shown(stub, monkeypatch, caplog):
     import logging
 
-    from critique.backends.options import BackendFields, backend_kwargs
+    from critique.backends.options import BackendSpec, backend_kwargs
 
     caplog.set_level(logging.DEBUG)
     monkeypatch.setenv("CHARTER_TEST_KEY", "sk-secret-456")
-    cfg = BackendFields(backend="openai", model="stub-model", base_url=[stub.url],
+    cfg = BackendSpec(backend="openai", model="stub-model", base_url=[stub.url],
                         api_key_env="CHARTER_TEST_KEY")
     kw = backend_kwargs(cfg)
     with make(**kw, progress=False) as b:
@@ -311,25 +311,25 @@ def test_score_without_local_tokenizer_says_so(stub):
 
 
 def test_bad_base_url_and_missing_url():
-    from critique.backends.options import BackendFields, backend_kwargs
+    from critique.backends.options import BackendSpec, backend_kwargs
 
     with pytest.raises(CharterError, match="http"):
         make("localhost:8000")
     with pytest.raises(CharterError, match="base-url"):
-        backend_kwargs(BackendFields(backend="openai"))
+        backend_kwargs(BackendSpec(backend="openai"))
     with pytest.raises(CharterError, match="openai only"):
-        backend_kwargs(BackendFields(backend="transformers", base_url=["http://x/v1"]))
+        backend_kwargs(BackendSpec(backend="transformers", base_url=["http://x/v1"]))
 
 
 def test_backend_kwargs_per_backend():
     from critique.backends.openai_backend import normalise_base_url
-    from critique.backends.options import BackendFields, backend_kwargs
+    from critique.backends.options import BackendSpec, backend_kwargs
 
-    cfg = BackendFields(backend="vllm", dtype="bfloat16", tensor_parallel_size=2,
+    cfg = BackendSpec(backend="vllm", dtype="bfloat16", tensor_parallel_size=2,
                         backend_options={"enforce_eager": True})
     assert backend_kwargs(cfg) == {"dtype": "bfloat16", "tensor_parallel_size": 2,
                                    "enforce_eager": True}
-    cfg = BackendFields(backend="openai", base_url=["http://a:1/v1", "http://b:2"],
+    cfg = BackendSpec(backend="openai", base_url=["http://a:1/v1", "http://b:2"],
                         concurrency=3, request_timeout=5.0)
     assert backend_kwargs(cfg) == {"base_url": ["http://a:1/v1", "http://b:2"],
                                    "api_key_env": "OPENAI_API_KEY", "concurrency": 3,
@@ -343,18 +343,18 @@ def test_backend_flags_and_yaml(tmp_path):
     import argparse
 
     from charter.core.config import add_config_args, build_config
-    from critique.backends.options import BackendFields
+    from critique.backends.options import BackendSpec
 
     p = argparse.ArgumentParser()
-    add_config_args(p, BackendFields)
+    add_config_args(p, BackendSpec)
     args = p.parse_args(["--backend", "openai", "--base-url", "http://a/v1", "--base-url",
                          "http://b/v1", "http://c/v1", "--api-key-env", "MY_KEY"])
-    cfg = build_config(BackendFields, args)
+    cfg = build_config(BackendSpec, args)
     assert cfg.base_url == ["http://a/v1", "http://b/v1", "http://c/v1"]
     assert cfg.api_key_env == "MY_KEY"
     y = tmp_path / "c.yaml"
     y.write_text("backend: openai\nbase_url: http://a/v1\nbackend_options: {backoff: 2}\n")
-    cfg = build_config(BackendFields, p.parse_args([]), y)
+    cfg = build_config(BackendSpec, p.parse_args([]), y)
     assert cfg.base_url == ["http://a/v1"] and cfg.backend_options == {"backoff": 2}
 
 

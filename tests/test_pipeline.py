@@ -269,7 +269,7 @@ def test_cli_run_reports_bad_file_on_one_line(project, capsys):
     assert "bad.yaml:3: steps: unknown config key" in capsys.readouterr().err
 
 
-def test_critique_stage_that_writes_no_sft_data_fails_clearly(tmp_path):
+def test_critique_stage_that_writes_no_sft_data_fails_clearly(tmp_path, monkeypatch):
     """The real critique stage on a backend whose answers are all empty: every record is
     flagged, so SFT would have nothing to train on; the pipeline says so, naming the records."""
     from charter.pipeline import Context, _run_critique

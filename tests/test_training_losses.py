@@ -103,15 +103,33 @@ def test_rpo_adds_per_token_nll_of_chosen():
     (dict(loss="sigmoid", label_smoothing=0.7), "label_smoothing"),
     (dict(loss="robust", label_smoothing=0.5), "label_smoothing"),
     (dict(loss="sigmoid", gamma=0.5), "gamma"),
-    (dict(loss="soft"), "p_chosen"),
     (dict(loss="sigmoid", beta=0.0), "beta"),
+    (dict(loss="simpo", ref_model="m"), "ref_model"),
 ])
-def test_bad_settings_name_the_field(kwargs, field):
-    kwargs = {"beta": 1.0, **kwargs}
-    loss = kwargs.pop("loss")
+def test_bad_settings_name_the_field_when_the_config_is_built(kwargs, field):
+    """Loss settings are checked once, against the registry, when the DPO config is built."""
+    from charter.core.config import config_from_dict
+    from training.options import DPOConfig
+
     with pytest.raises(CharterError) as e:
-        preference_loss(loss, *pair(), **kwargs)
+        config_from_dict(DPOConfig, {"data": "d", "out": "o", "beta": 1.0, **kwargs})
     assert e.value.field == field
+
+
+def test_every_registered_loss_runs_with_what_it_declares():
+    from training.losses import LOSSES
+
+    pc, pr, rc, rr = pair()
+    for name, kind in LOSSES.items():
+        out = preference_loss(name, pc, pr, rc if kind.reference else None,
+                              rr if kind.reference else None, beta=1.0,
+                              p=T([0.7]) if kind.soft_labels else None,
+                              chosen_tokens=T([2.0]), rejected_tokens=T([3.0]))
+        assert out.losses.shape == (1,) and torch.isfinite(out.losses).all(), name
+    with pytest.raises(CharterError, match="reference log-probs"):
+        preference_loss("sigmoid", pc, pr, None, None, beta=1.0)
+    with pytest.raises(CharterError, match="p_chosen"):
+        preference_loss("soft", pc, pr, rc, rr, beta=1.0)
 
 
 def test_soft_with_missing_p_on_one_pair_is_an_error():

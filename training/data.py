@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from charter.core.errors import CharterError
+from charter.core.tokens import common_prefix_len
 from training import shapes
 
 IGNORE = -100
@@ -136,13 +137,6 @@ def _with_eos(tok, text: str) -> str:
     """TRL appends the EOS token to standard completions that lack it."""
     eos = tok.eos_token
     return text if not eos or text.endswith(eos) else text + eos
-
-
-def common_prefix_len(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def _encode_text_sft(tok, row: shapes.TextSFT, source, max_length: int | None) -> SFTExample:

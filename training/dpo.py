@@ -50,7 +50,7 @@ from training.loop import (
     step_indices,
     total_steps,
 )
-from training.losses import preference_loss
+from training.losses import LOSSES, preference_loss
 from training.options import DPOConfig
 from training.trackers import start_trackers
 
@@ -119,8 +119,8 @@ def compute_ref_logps(acc, model, examples, pad_id: int, batch_size: int,
 
 def reference_logps(acc, cfg: DPOConfig, model, examples, pad_id: int, model_path: str,
                     share: bool = False) -> torch.Tensor | None:
-    """Cached (N, 2) reference log-probs, or None for the reference-free SimPO."""
-    if cfg.loss == "simpo":
+    """Cached (N, 2) reference log-probs, or None for a reference-free loss (SimPO)."""
+    if not LOSSES[cfg.loss].reference:
         return None
     from charter.core.models import resolve_model
 
@@ -193,7 +193,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
         ckpt.clean_partial(out)
     examples = tokenise_pairs(tok, loaded, cfg.max_length, progress=acc.is_main_process,
                               max_prompt_length=cfg.max_prompt_length)
-    if cfg.loss == "soft":
+    if LOSSES[cfg.loss].soft_labels:
         missing = next((e for e in examples if e.p_chosen is None), None)
         if missing:
             raise CharterError("the soft loss needs p_chosen on every pair (the AI label's "

@@ -8,18 +8,19 @@ Notation: for a pair (x, y_w, y_l), with policy log-probs π_w = log π(y_w|x), 
 log-probs r_w, r_l (sums over response tokens),
     h = (π_w − r_w) − (π_l − r_l)             the log-ratio margin,
     rewards: chosen β(π_w − r_w), rejected β(π_l − r_l).
-`preference_loss` dispatches on the loss name and rejects unknown or conflicting settings.
+`LOSSES` is the registry (name → function and what it needs); `check_loss_settings` validates
+a name and its settings once, when the DPO config is built; `preference_loss` dispatches.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from charter.core.errors import CharterError
-from training.options import check_loss_settings
 
 
 @dataclass
@@ -106,34 +107,84 @@ def nll_term(chosen_logps_sum, chosen_tokens, *, alpha: float) -> torch.Tensor:
     return alpha * (-chosen_logps_sum / chosen_tokens.clamp(min=1))  # Pang et al. 2024 (IRPO) objective, NLL term
 
 
+@dataclass(frozen=True)
+class LossKind:
+    """One entry of the loss registry: the pure function and what it needs."""
+
+    fn: Callable[..., PreferenceLoss]
+    reference: bool = True
+    """needs reference log-probs (rc, rr); else it is reference-free"""
+    soft_labels: bool = False
+    """needs each pair's AI label probability p_chosen"""
+    length_normalised: bool = False
+    """reads mean per-token log-probs (needs response token counts) instead of sums"""
+    settings: tuple[str, ...] = ()
+    """settings it reads besides beta (others must stay at their neutral defaults)"""
+
+
+# The loss registry: `--loss NAME` is validated against it once, when the config is built.
+LOSSES: dict[str, LossKind] = {
+    "sigmoid": LossKind(sigmoid_loss, settings=("label_smoothing",)),
+    "ipo": LossKind(ipo_loss),
+    "hinge": LossKind(hinge_loss),
+    "robust": LossKind(robust_loss, settings=("label_smoothing",)),
+    "soft": LossKind(soft_loss, soft_labels=True),
+    "simpo": LossKind(simpo_loss, reference=False, length_normalised=True, settings=("gamma",)),
+}
+
+
+def check_loss_settings(loss: str, *, beta: float, label_smoothing: float, gamma: float,
+                        rpo_alpha: float) -> LossKind:
+    """The registry entry of `loss`; CharterError (naming the field) for unknown or
+    conflicting settings. Called once, by `DPOConfig.validate`."""
+    kind = LOSSES.get(loss)
+    if kind is None:
+        raise CharterError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}",
+                           field="loss")
+    if not beta > 0:
+        raise CharterError(f"must be > 0, got {beta}", field="beta")
+    if label_smoothing and "label_smoothing" not in kind.settings:
+        users = [n for n, k in LOSSES.items() if "label_smoothing" in k.settings]
+        raise CharterError(f"label smoothing is defined for the {' and '.join(users)} losses "
+                           f"(conservative DPO, flip rate), not {loss!r}; set it to 0 (soft "
+                           "labels: --loss soft uses each pair's p_chosen)",
+                           field="label_smoothing")
+    if loss == "sigmoid" and not 0 <= label_smoothing <= 0.5:
+        raise CharterError(f"must be in [0, 0.5], got {label_smoothing}", field="label_smoothing")
+    if loss == "robust" and not 0 <= label_smoothing < 0.5:
+        raise CharterError(f"the robust loss needs 0 <= ε < 0.5 (the flip rate), got "
+                           f"{label_smoothing}", field="label_smoothing")
+    if gamma and "gamma" not in kind.settings:
+        raise CharterError(f"gamma is SimPO's target margin; it has no meaning for {loss!r}",
+                           field="gamma")
+    if rpo_alpha < 0:
+        raise CharterError(f"must be >= 0, got {rpo_alpha}", field="rpo_alpha")
+    return kind
+
+
 def preference_loss(loss: str, pc, pr, rc, rr, *, beta: float, label_smoothing: float = 0.0,
                     gamma: float = 0.0, rpo_alpha: float = 0.0, p=None, chosen_tokens=None,
                     rejected_tokens=None) -> PreferenceLoss:
-    """Dispatch on `loss`. pc/pr: policy summed log-probs (B,); rc/rr: reference (B,) or None
-    for simpo; p: soft labels (B,) for `soft`; *_tokens: response lengths (B,) for simpo/RPO."""
-    check_loss_settings(loss, beta=beta, label_smoothing=label_smoothing, gamma=gamma,
-                        rpo_alpha=rpo_alpha)
-    if loss == "simpo":
+    """The registry's loss `loss` (settings checked once, by the config). pc/pr: policy summed
+    log-probs (B,); rc/rr: reference (B,), or None for a reference-free loss; p: soft labels
+    (B,); *_tokens: response lengths (B,) for length-normalised losses and RPO."""
+    kind = LOSSES[loss]
+    extra = {"label_smoothing": label_smoothing, "gamma": gamma}
+    kw = {"beta": beta, **{name: extra[name] for name in kind.settings}}
+    if kind.length_normalised:
         if chosen_tokens is None or rejected_tokens is None:
-            raise CharterError("simpo needs response token counts", field="loss")
-        out = simpo_loss(pc / chosen_tokens.clamp(min=1), pr / rejected_tokens.clamp(min=1),
-                         beta=beta, gamma=gamma)
-    elif rc is None or rr is None:
+            raise CharterError(f"{loss} needs response token counts", field="loss")
+        out = kind.fn(pc / chosen_tokens.clamp(min=1), pr / rejected_tokens.clamp(min=1), **kw)
+    elif kind.reference and (rc is None or rr is None):
         raise CharterError(f"the {loss!r} loss needs reference log-probs", field="loss")
-    elif loss == "sigmoid":
-        out = sigmoid_loss(pc, pr, rc, rr, beta=beta, label_smoothing=label_smoothing)
-    elif loss == "ipo":
-        out = ipo_loss(pc, pr, rc, rr, beta=beta)
-    elif loss == "hinge":
-        out = hinge_loss(pc, pr, rc, rr, beta=beta)
-    elif loss == "robust":
-        out = robust_loss(pc, pr, rc, rr, beta=beta, label_smoothing=label_smoothing)
-    else:  # soft
+    elif kind.soft_labels:
         if p is None or bool(torch.isnan(p).any()):
-            raise CharterError("the soft loss needs p_chosen on every pair (the AI label's "
+            raise CharterError(f"the {loss} loss needs p_chosen on every pair (the AI label's "
                                "probability); use --loss sigmoid for hard labels",
                                field="p_chosen")
-        out = soft_loss(pc, pr, rc, rr, p, beta=beta)
+        out = kind.fn(pc, pr, rc, rr, p, **kw)
+    else:
+        out = kind.fn(pc, pr, rc, rr, **kw)
     if rpo_alpha:
         if chosen_tokens is None:
             raise CharterError("rpo_alpha needs chosen token counts", field="rpo_alpha")

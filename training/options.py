@@ -11,8 +11,6 @@ from typing import Literal
 
 from charter.core.errors import CharterError
 
-LOSSES = ("sigmoid", "ipo", "hinge", "robust", "soft", "simpo")
-
 
 @dataclass(kw_only=True)
 class TrainConfig:
@@ -151,8 +149,9 @@ class SFTConfig(TrainConfig):
 class DPOConfig(TrainConfig):
     lr: float = 1e-6
     """peak learning rate"""
-    loss: Literal["sigmoid", "ipo", "hinge", "robust", "soft", "simpo"] = "sigmoid"
-    """sigmoid (DPO), ipo, hinge, robust, soft (per-pair AI label p_chosen), simpo"""
+    loss: str = "sigmoid"
+    """a loss of the registry `training.losses.LOSSES`: sigmoid (DPO), ipo, hinge, robust, soft
+    (per-pair AI label p_chosen), simpo"""
     beta: float = 0.1
     """strength of the KL constraint to the reference (SimPO: reward scale)"""
     label_smoothing: float = 0.0
@@ -173,42 +172,17 @@ class DPOConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.loss not in LOSSES:
-            raise CharterError(f"unknown loss {self.loss!r}; expected one of "
-                               f"{', '.join(LOSSES)}", field="loss")
-        check_loss_settings(self.loss, beta=self.beta, label_smoothing=self.label_smoothing,
+        from training.losses import check_loss_settings  # the registry (imports torch)
+
+        kind = check_loss_settings(self.loss, beta=self.beta, label_smoothing=self.label_smoothing,
                             gamma=self.gamma, rpo_alpha=self.rpo_alpha)
-        if self.loss == "simpo" and self.ref_model:
-            raise CharterError("simpo is reference-free; drop --ref-model", field="ref_model")
+        if not kind.reference and self.ref_model:
+            raise CharterError(f"{self.loss} is reference-free; drop --ref-model",
+                               field="ref_model")
         if self.max_prompt_length is not None and self.max_prompt_length < 1:
             raise CharterError(f"must be >= 1 (or unset), got {self.max_prompt_length}",
                                field="max_prompt_length")
         if self.ref_batch_size < 1:
             raise CharterError(f"must be >= 1, got {self.ref_batch_size}",
                                field="ref_batch_size")
-
-
-def check_loss_settings(loss: str, *, beta: float, label_smoothing: float, gamma: float,
-                        rpo_alpha: float) -> None:
-    """Raise CharterError (naming the field) for unknown or conflicting settings."""
-    if loss not in LOSSES:
-        raise CharterError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}",
-                           field="loss")
-    if not beta > 0:
-        raise CharterError(f"must be > 0, got {beta}", field="beta")
-    if label_smoothing and loss not in ("sigmoid", "robust"):
-        raise CharterError(f"label smoothing is defined for the sigmoid (conservative DPO) and "
-                           f"robust losses, not {loss!r}; set it to 0 (soft labels: --loss soft "
-                           "uses each pair's p_chosen)", field="label_smoothing")
-    if loss == "sigmoid" and not 0 <= label_smoothing <= 0.5:
-        raise CharterError(f"must be in [0, 0.5], got {label_smoothing}", field="label_smoothing")
-    if loss == "robust" and not 0 <= label_smoothing < 0.5:
-        raise CharterError(f"the robust loss needs 0 <= ε < 0.5 (the flip rate), got "
-                           f"{label_smoothing}", field="label_smoothing")
-    if gamma and loss != "simpo":
-        raise CharterError(f"gamma is SimPO's target margin; it has no meaning for {loss!r}",
-                           field="gamma")
-    if rpo_alpha < 0:
-        raise CharterError(f"must be >= 0, got {rpo_alpha}", field="rpo_alpha")
-
 

@@ -44,7 +44,7 @@ def _loss(v):
         if len(v) != 1:
             raise ValueError("one loss at a time (a list of losses mixes them; not supported)")
         v = v[0]
-    from training.options import LOSSES
+    from training.losses import LOSSES  # the loss registry
 
     if v not in LOSSES:
         raise ValueError(f"{v!r} is not one of ours: {', '.join(LOSSES)}")

@@ -18,13 +18,17 @@ import argparse
 from dataclasses import dataclass
 from typing import Literal
 
-from critique.backends.options import BackendFields
+from critique.backends.options import BackendSettings, backend_kwargs
 
 
 @dataclass(kw_only=True)
-class GenerateConfig(BackendFields):
-    """`backend`, `model`, `dtype`, `batch_size` and the server settings come from
-    `BackendFields` (critique/backends/options.py), shared with the other stages."""
+class GenerateConfig(BackendSettings):
+    """`backend`, `dtype`, `batch_size` and the server settings come from `BackendSettings`
+    (critique/backends/options.py), shared with every command that talks to a model."""
+
+    model: str | None = None
+    """Model that answers: a model dir, a run dir, a hub id, or the served model name
+    (openai); None: the embedded SmolLM2."""
 
     prompts: str
     """Prompts file: JSONL, CSV or HH-RLHF transcripts (.gz allowed)."""
@@ -58,6 +62,7 @@ class GenerateConfig(BackendFields):
             raise CharterError("must be >= 1", field="batch_size")
         if self.limit is not None and self.limit < 1:
             raise CharterError("must be >= 1", field="limit")
+        backend_kwargs(self)  # server settings given with a local backend, ... (fail early)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -112,7 +117,7 @@ def run_generate(cfg: GenerateConfig, backend=None) -> dict:
     from charter.core.writable import check_output
     from critique.backends import Sampling
     from critique.backends.context import check_context
-    from critique.backends.options import build_backend
+    from critique.backends.options import build_backend, spec_of
 
     errors: list[str] = []
     items = read_prompts(cfg.prompts, prompt_field=cfg.prompt_field, on_error=cfg.on_error,
@@ -130,7 +135,7 @@ def run_generate(cfg: GenerateConfig, backend=None) -> dict:
             seen.add(it.id)
     if todo and backend is None:
         todo = check_context(todo, cfg, cfg.on_error, errors)  # before the model loads
-        backend = build_backend(cfg)
+        backend = build_backend(spec_of(cfg, cfg.model))
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p,
                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     chunks = [todo[i:i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]

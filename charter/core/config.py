@@ -120,12 +120,24 @@ def _is_required(f: dataclasses.Field) -> bool:
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()
                     ) -> None:
-    """One flag per config field; defaults are SUPPRESSed so only given flags override."""
+    """One flag per config field; defaults are SUPPRESSed so only given flags override.
+
+    Fields first declared by a base class that names a `flag_group` (the backend settings every
+    model-using command shares) are listed under that heading in --help."""
     docs = field_docs(cls)
     hints = _field_types(cls)
+    groups: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.init:
             continue
+        owner = next(k for k in reversed(cls.__mro__)
+                     if f.name in vars(k).get("__annotations__", {}))
+        title = vars(owner).get("flag_group")
+        target = parser
+        if title:
+            if title not in groups:
+                groups[title] = parser.add_argument_group(title)
+            target = groups[title]
         flag = "--" + f.name.replace("_", "-")
         base, _ = _unwrap_optional(hints[f.name])
         help_text = docs.get(f.name, "")
@@ -136,16 +148,16 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
             help_text += " (required)"
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            target.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(base) in (list, tuple):
             # `--base-url A B` and `--base-url A --base-url B` both give [A, B]
-            parser.add_argument(flag, nargs="+", action="extend", **kw)
+            target.add_argument(flag, nargs="+", action="extend", **kw)
         elif typing.get_origin(base) is typing.Literal:
-            parser.add_argument(flag, choices=typing.get_args(base), **kw)
+            target.add_argument(flag, choices=typing.get_args(base), **kw)
         elif typing.get_origin(base) is dict or base is dict:
             continue  # mappings come from the YAML file only
         else:
-            parser.add_argument(flag, metavar=f.name.upper(), **kw)
+            target.add_argument(flag, metavar=f.name.upper(), **kw)
 
 
 def read_yaml_config(path: str | os.PathLike) -> tuple[dict, dict[str, int]]:
@@ -153,8 +165,7 @@ def read_yaml_config(path: str | os.PathLike) -> tuple[dict, dict[str, int]]:
     principle file (size cap, UTF-8, safe loader, duplicate keys and Python tags refused with
     their line); an empty file sets nothing."""
     from charter.core.reader import read_bytes
-    from constitution.loader import MAX_FILE_BYTES
-    from constitution.source import read_yaml
+    from charter.core.yamlsource import MAX_FILE_BYTES, read_yaml
 
     path = Path(path)
     if not path.exists():

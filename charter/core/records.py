@@ -209,14 +209,40 @@ class PreferencePair:
     id: str | None = None
     extra: dict = field(default_factory=dict)  # votes, orders, provenance, ...
 
+    @classmethod
+    def of(cls, prompt: list[Message], chosen: str, rejected: str, *, id: str,
+           p_chosen: float | None = None, **extra: Any) -> PreferencePair:
+        """A pair of two assistant replies to `prompt` (as the critique and label stages
+        write them)."""
+        return cls(prompt, [{"role": "assistant", "content": chosen}],
+                   [{"role": "assistant", "content": rejected}], p_chosen, id, extra)
+
     def to_dict(self) -> dict:
-        d = {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected}
-        if self.id is not None:
-            d["id"] = self.id
+        """The JSONL row: id, prompt, chosen, rejected, p_chosen (when labelled), then extra;
+        `read_pairs` reads it back."""
+        d: dict = {} if self.id is None else {"id": self.id}
+        d.update(prompt=self.prompt, chosen=self.chosen, rejected=self.rejected)
         if self.p_chosen is not None:
             d["p_chosen"] = self.p_chosen
         d.update(self.extra)
         return d
+
+
+@dataclass
+class SFTRecord:
+    """One SFT example (`sft.jsonl`): `messages` ending with the assistant turn to learn (the
+    conversational format TRL and the alignment handbook read); `read_sft` reads it back."""
+
+    id: str
+    source: str  # critique (a final revision) or helpful (a plain answer)
+    messages: list[Message]
+
+    @classmethod
+    def of(cls, id: str, source: str, prompt: list[Message], reply: str) -> SFTRecord:
+        return cls(id, source, [*prompt, {"role": "assistant", "content": reply}])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def _completion(value: Any, path: object, line: int, field: str) -> list[Message]:

@@ -70,29 +70,6 @@ def generate_args(conversations: Sequence[Conversation], sampling: Sampling,
     return out
 
 
-def score_args(conversations: Sequence[Conversation], options: Sequence[Sequence[str]],
-               prefixes: Sequence[str] | None) -> list[str]:
-    """Check `score`'s arguments; returns one prefix per conversation."""
-    from charter.core.errors import CharterError
-
-    out = list(prefixes) if prefixes is not None else [""] * len(conversations)
-    if len(out) != len(conversations) or len(options) != len(conversations):
-        raise CharterError("options and prefixes must have one entry per conversation",
-                           field="options")
-    return out
-
-
-def finish_score(usage: Usage, rows: Sequence[tuple[list[int], int]], scores: Sequence[float],
-                 options: Sequence[Sequence[str]], seconds: float) -> list[list[float]]:
-    """Count a score call in `usage` and regroup the flat per-option `scores` by conversation
-    (`rows`: the (ids, first scored position) that were run)."""
-    usage.score_calls += 1
-    usage.scored_tokens += sum(len(f) for f, _ in rows)
-    usage.score_seconds += seconds
-    it = iter(scores)
-    return [[next(it) for _ in opts] for opts in options]
-
-
 @runtime_checkable
 class Backend(Protocol):
     name: str

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from critique.backends.transformers_backend import common_prefix_len
+from charter.core.tokens import common_prefix_len
 
 MIN_REUSE = 16  # fewer reusable tokens than this are not worth the copying
 

@@ -26,8 +26,8 @@ How each call maps to the API (a choice, documented here):
 - `score`: /v1/completions with `echo: true, logprobs: 1, max_tokens: 1` over the token ids of
   the locally rendered chat template + prefix + option (the tokenizer is loaded locally:
   `tokenizer=`, or the model name when it is a local directory). The scored tokens follow the
-  same boundary rule as the transformers and vLLM backends (after the longest common prefix of
-  the ids of prompt and prompt+option), so all three agree. Servers that return no prompt
+  token rule as the transformers and vLLM backends (`critique.backends.tokens`), so all three
+  agree. Servers that return no prompt
   log-probs (most hosted chat APIs) raise a `CharterError` that points to `--cot` labelling,
   which needs only generation. Servers that return only the next token's top-k log-probs:
   `score_logprobs: top` (critique/backends/topk.py; an option outside the top k is reported
@@ -44,16 +44,9 @@ import time
 from collections.abc import Sequence
 
 from charter.core.errors import CharterError
-from critique.backends.base import (
-    Conversation,
-    Sampling,
-    Usage,
-    finish_score,
-    generate_args,
-    score_args,
-)
+from critique.backends.base import Conversation, Sampling, Usage, generate_args
 from critique.backends.replies import ReplyError, chat_problem, choices_problem, models_problem
-from critique.backends.vllm_backend import common_prefix_len
+from critique.backends.tokens import chat_prompt, encode, finish_score, option_rows, score_args
 
 RETRY_STATUS = frozenset({408, 409, 429})
 NO_LOGPROBS_HINT = ("this server cannot return prompt log-probs, which `score` needs; label with "
@@ -320,12 +313,7 @@ class OpenAIBackend:
         tok = self.tokenizer
         rows: list[tuple[list[int], int]] = []
         for conv, opts, prefix in zip(conversations, options, prefixes):
-            text = tok.apply_chat_template(list(conv), tokenize=False,
-                                           add_generation_prompt=True) + (prefix or "")
-            p_ids = tok(text, add_special_tokens=False)["input_ids"]
-            for opt in opts:
-                full = tok(text + opt, add_special_tokens=False)["input_ids"]
-                rows.append((full, max(common_prefix_len(p_ids, full), 1)))
+            rows += option_rows(lambda t: encode(tok, t), chat_prompt(tok, conv, prefix), opts)
         scores = self._gather([self._score_row(full, start) for full, start in rows], "score")
         return finish_score(self.usage, rows, scores, options, time.perf_counter() - t0)
 

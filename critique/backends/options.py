@@ -1,24 +1,24 @@
-"""Backend settings shared by every stage config, and the kwargs they turn into.
+"""One backend description (`BackendSpec`) and the one function that builds a backend from it.
 
-A stage config (critique, label, eval) that builds a backend either inherits `BackendFields`
+Every command that talks to a model takes the same backend flags: its config inherits
+`BackendSettings` (how to run or reach a model: `--backend`, `--dtype`, `--base-url`, ...) and
+names its own models (`--model`; label's `--policy`/`--labeler`; eval's `--model`,
+`--baseline`, `--judge`). `spec_of(cfg, model)` turns a config and one of its models into a
+`BackendSpec`; `build_backend(spec)` builds it. Pipeline roles go through `backend_spec`: a
+string is a model on the top-level backend, a mapping a full description:
 
-    @dataclass(kw_only=True)
-    class CritiqueConfig(BackendFields):
-        out: str
-        ...
+    labeler: runs/sft                                   # a model on the pipeline's backend
+    labeler: {model: Qwen/Qwen2.5-7B-Instruct, backend: openai,
+              base_url: http://gpu1:8000/v1, api_key_env: GPU1_KEY}
 
-or declares any subset of the same field names itself. `build_backend(cfg)` (or
-`load_backend(cfg.backend, cfg.model, **backend_kwargs(cfg))`) then builds the backend, passing
-each backend only the settings it understands:
+What each backend takes (`backend_kwargs`; a server-only setting given with a local backend is
+a `CharterError`, the user evidently meant a server):
 
     field                  transformers  vllm  openai   backend kwarg
     dtype                  x             x              dtype
     batch_size             x                            batch_size
-    device                 x                            device
     tensor_parallel_size                 x              tensor_parallel_size
     max_model_len                        x              max_model_len
-    gpu_memory_utilization               x              gpu_memory_utilization
-    enable_prefix_caching                x              enable_prefix_caching
     seed                                 x              seed (engine seed)
     base_url                                   x        base_url (one URL or a list)
     api_key_env                                x        api_key_env (an env var NAME)
@@ -29,31 +29,26 @@ each backend only the settings it understands:
     trust_remote_code      x             x              trust_remote_code (default off)
     backend_options        x             x     x        merged in as is (YAML mapping)
 
-`base_url`, `api_key_env`, ... set away from their defaults with another backend is a
-`CharterError` (the user evidently meant a server). A second backend in one config (labelling's
-policy model) uses a prefix: `backend_kwargs(cfg, prefix="policy_")` reads `policy_backend`,
-`policy_base_url`, ... The API key itself never appears in a config, only the variable's name.
-
-CLI: list fields take several values after one flag (`--base-url URL1 URL2`).
+The API key itself never appears in a config, only the variable's name. CLI: list fields take
+several values after one flag (`--base-url URL1 URL2`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from charter.core.errors import CharterError
 
-# config field -> (backends that take it, kwarg name)
+# setting -> (backends that take it, kwarg name)
 FIELD_MAP: dict[str, tuple[tuple[str, ...], str]] = {
     "dtype": (("transformers", "vllm"), "dtype"),
     "batch_size": (("transformers",), "batch_size"),
-    "device": (("transformers",), "device"),
     "tensor_parallel_size": (("vllm",), "tensor_parallel_size"),
     "max_model_len": (("vllm",), "max_model_len"),
-    "gpu_memory_utilization": (("vllm",), "gpu_memory_utilization"),
-    "enable_prefix_caching": (("vllm",), "enable_prefix_caching"),
     "seed": (("vllm",), "seed"),
     "base_url": (("openai",), "base_url"),
     "api_key_env": (("openai",), "api_key_env"),
@@ -63,19 +58,18 @@ FIELD_MAP: dict[str, tuple[tuple[str, ...], str]] = {
     "tokenizer": (("openai",), "tokenizer"),
     "trust_remote_code": (("transformers", "vllm"), "trust_remote_code"),
 }
-# Fields that only make sense for a server: setting them with a local backend is a mistake.
+# Settings that only make sense for a server: setting them with a local backend is a mistake.
 SERVER_ONLY = ("base_url", "api_key_env", "concurrency", "request_timeout", "max_retries")
 
 
 @dataclass(kw_only=True)
-class BackendFields:
-    """Backend settings a stage config can inherit (see the module docstring)."""
+class BackendSettings:
+    """How to run or reach a model: the backend flags every model-using command shares."""
+
+    flag_group: ClassVar[str] = "backend (the same flags on every command that runs a model)"
 
     backend: str = "transformers"
-    """Generation backend: transformers, vllm, openai or fake."""
-    model: str | None = None
-    """Model directory, run directory, hub id, or the served model name (openai); None: the
-    embedded SmolLM2."""
+    """Generation backend (its kind): transformers, vllm, openai or fake."""
     dtype: str = "auto"
     """Weights dtype for local backends (auto, float32, bfloat16, float16)."""
     batch_size: int = 32
@@ -102,51 +96,109 @@ class BackendFields:
     """Extra keyword arguments for the backend (YAML only), e.g. vLLM engine settings."""
 
 
-def _defaults(cfg: Any) -> dict[str, Any]:
+@dataclass(kw_only=True)
+class BackendSpec(BackendSettings):
+    """One backend: the settings above and the model it runs."""
+
+    model: str | None = None
+    """Model directory, run directory, hub id, or the served model name (openai); None: the
+    embedded SmolLM2."""
+    seed: int | None = None
+    """vLLM engine seed (a stage passes its own `seed`; None: vLLM's default)."""
+
+    def key(self) -> str:
+        """A stable text of every setting (backends with the same key are interchangeable)."""
+        from charter.core.models import model_label
+
+        d = dataclasses.asdict(self)
+        d["model"] = model_label(self.model)  # None and "smollm2" are the same model
+        return json.dumps(d, sort_keys=True, default=str)
+
+
+SETTINGS = tuple(f.name for f in dataclasses.fields(BackendSettings))
+
+
+def spec_of(cfg: Any, model: str | None = None, **changes: Any) -> BackendSpec:
+    """The `BackendSpec` of a config that inherits `BackendSettings`, running `model`."""
+    values = {name: getattr(cfg, name) for name in SETTINGS + ("seed",) if hasattr(cfg, name)}
+    values.update(changes)
+    return BackendSpec(model=model, **values)
+
+
+def backend_spec(value: str | Mapping | BackendSpec | None, base: BackendSpec | None = None,
+                 *, field: str = "backend") -> BackendSpec:
+    """A backend description from a pipeline role's value.
+
+    - None: `base` (the top-level backend and model);
+    - a string: that model on `base`'s backend, with `base`'s settings;
+    - a mapping: a full description, keys as `BackendSpec`'s fields ({model, backend,
+      base_url, api_key_env, dtype, ...}); keys it leaves out take `BackendSpec`'s defaults,
+      not `base`'s. Unknown keys and wrong types are a `CharterError` naming `field.key`.
+    """
+    from charter.core.config import config_from_dict
+
+    base = base if base is not None else BackendSpec()
+    if value is None:
+        return base
+    if isinstance(value, BackendSpec):
+        return value
+    if isinstance(value, str):
+        return dataclasses.replace(base, model=value)
+    if isinstance(value, Mapping):
+        try:
+            spec = config_from_dict(BackendSpec, dict(value))
+            backend_kwargs(spec)  # server settings with a local backend, ... (fail early)
+        except CharterError as e:  # name the role: `labeler.base_url: ...`
+            raise CharterError(e.detail, path=e.path, line=e.line,
+                               field=f"{field}.{e.field}" if e.field else field) from None
+        return spec
+    raise CharterError(f"expected a model name or a mapping of backend settings, got "
+                       f"{type(value).__name__}", field=field)
+
+
+def _defaults(cls: type) -> dict[str, Any]:
     out = {}
-    if dataclasses.is_dataclass(cfg):
-        for f in dataclasses.fields(cfg):
-            if f.default is not dataclasses.MISSING:
-                out[f.name] = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                out[f.name] = f.default_factory()
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
     return out
 
 
-def backend_kwargs(cfg: Any, prefix: str = "") -> dict[str, Any]:
-    """Keyword arguments for `load_backend(backend, model, **kw)` from `cfg`'s fields."""
-    backend = getattr(cfg, prefix + "backend", "transformers")
-    defaults = _defaults(cfg)
+def backend_kwargs(cfg: Any, where: str = "") -> dict[str, Any]:
+    """Keyword arguments for `load_backend(backend, model, **kw)` from the backend settings of
+    `cfg` (a `BackendSpec` or a config that inherits `BackendSettings`); `where` (a role name)
+    prefixes the field named in errors."""
+    backend = getattr(cfg, "backend", "transformers")
+    defaults = _defaults(BackendSettings)
+    prefix = f"{where}." if where else ""
     kw: dict[str, Any] = {}
     for name, (takers, kwarg) in FIELD_MAP.items():
-        attr = prefix + name
-        if not hasattr(cfg, attr):
+        if not hasattr(cfg, name):
             continue
-        value = getattr(cfg, attr)
+        value = getattr(cfg, name)
         if backend in takers:
             if name == "trust_remote_code" and not value:
                 continue  # passed only when asked for; every loader's default is off
             if value is not None and value != []:
                 kw[kwarg] = list(value) if isinstance(value, (list, tuple)) else value
-        elif (name in SERVER_ONLY and attr in defaults and value != defaults[attr]
-              and backend != "fake"):
-            raise CharterError(f"{attr} applies to --{prefix.replace('_', '-')}backend openai "
-                               f"only (backend is {backend!r})", field=attr)
-    extra = getattr(cfg, prefix + "backend_options", None) or {}
+        elif name in SERVER_ONLY and value != defaults[name] and backend != "fake":
+            raise CharterError(f"{name} applies to --backend openai only (backend is "
+                               f"{backend!r})", field=prefix + name)
+    extra = getattr(cfg, "backend_options", None) or {}
     if not isinstance(extra, dict):
         raise CharterError("expected a mapping of backend keyword arguments",
                            field=prefix + "backend_options")
     kw.update(extra)
     if backend == "openai" and not kw.get("base_url"):
-        raise CharterError(f"--{prefix.replace('_', '-')}backend openai needs "
-                           f"--{prefix.replace('_', '-')}base-url URL (e.g. "
+        raise CharterError("--backend openai needs --base-url URL (e.g. "
                            "http://127.0.0.1:8000/v1)", field=prefix + "base_url")
     return kw
 
 
-def build_backend(cfg: Any, prefix: str = ""):
-    """The backend `cfg` describes (its `backend`, `model` and the fields above)."""
+def build_backend(spec: BackendSpec):
+    """The backend `spec` describes: the one way every command and pipeline role builds one."""
     from critique.backends import load_backend
 
-    return load_backend(getattr(cfg, prefix + "backend", "transformers"),
-                        getattr(cfg, prefix + "model", None), **backend_kwargs(cfg, prefix))
+    return load_backend(spec.backend, spec.model, **backend_kwargs(spec))

@@ -26,8 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from charter.core.tokens import common_prefix_len as lcp
 from critique.backends.kv_reuse import _shareable  # noqa: F401 - used (and patched) here
-from critique.backends.transformers_backend import common_prefix_len as lcp
 
 MIN_SHARED = 16  # fewer shared tokens than this are not worth an extra forward pass
 

@@ -23,14 +23,8 @@ from typing import Any
 
 from charter.core.errors import CharterError
 from charter.core.models import model_label, require_safetensors, resolve_model
-from critique.backends.base import (
-    Conversation,
-    Sampling,
-    Usage,
-    finish_score,
-    generate_args,
-    score_args,
-)
+from critique.backends.base import Conversation, Sampling, Usage, generate_args
+from critique.backends.tokens import chat_prompt, encode, finish_score, option_rows, score_args
 
 # Measured on an AMX Xeon (benchmarks/README.md, "Backend dtype"): bf16 weights make generation
 # 1.6x and score() 3.6x faster, but 12/16 greedy SmolLM2 answers diverge from fp32 and option
@@ -55,14 +49,6 @@ def _row_seed(seed: int, ids: Sequence[int], sample: int) -> int:
     h = hashlib.sha256(f"{seed}|{sample}|{','.join(map(str, ids))}".encode()).digest()
     return int.from_bytes(h[:8], "little") >> 1
 
-
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
@@ -168,13 +154,10 @@ class TransformersBackend:
     # prompts
 
     def prompt_text(self, conversation: Conversation, prefix: str = "") -> str:
-        text = self.tokenizer.apply_chat_template(list(conversation), tokenize=False,
-                                                  add_generation_prompt=True)
-        return text + (prefix or "")
+        return chat_prompt(self.tokenizer, conversation, prefix)
 
     def _encode(self, text: str) -> list[int]:
-        # The chat template already wrote the special tokens (BOS, <|im_start|>...).
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode(self.tokenizer, text)
 
     def _batches(self, order: list[int]) -> list[list[int]]:
         return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
@@ -342,11 +325,7 @@ class TransformersBackend:
               prefixes: Sequence[str] | None = None) -> list[list[float]]:
         """Summed log-prob of each option's tokens after the templated conversation + prefix.
 
-        Token boundary: BPE may merge the prompt's last characters with the option's first
-        (" (" + "A" vs " (A"), so the option is not always a clean run of extra tokens. We encode
-        the prompt and prompt+option, and score the tokens of prompt+option after their longest
-        common prefix of ids. When a merge happens, the merged token (which carries a few prompt
-        characters) is counted as the option's, which is what the model would have to produce.
+        Which tokens are the option's: the rule of `critique.backends.tokens`.
         """
         t0 = time.perf_counter()
         prefixes = score_args(conversations, options, prefixes)
@@ -392,10 +371,7 @@ class TransformersBackend:
                       ) -> tuple[list[int], int]:
         """Ids of templated conversation + prefix + option, and the index of the first id that
         `score` counts as the option's (after the longest common prefix with the prompt's ids)."""
-        text = self.prompt_text(conversation, prefix)
-        full = self._encode(text + option)
-        start = common_prefix_len(self._encode(text), full)
-        return full, max(start, 1)  # position 0 has no context to be predicted from
+        return option_rows(self._encode, self.prompt_text(conversation, prefix), [option])[0]
 
     def _score_rows(self, rows: list[tuple[list[int], int]]) -> tuple[list[float], Any]:
         """`_score_batch`, with shared prefixes run once where that saves work."""

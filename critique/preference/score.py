@@ -5,17 +5,33 @@ judge of `charter eval`."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from critique.backends.base import Sampling
 from critique.preference import prompt as lp
 from critique.preference.labelmath import clamp, ensemble, p_first, rating_expectation, swap_average
 
-if TYPE_CHECKING:  # the config's fields read here: cot, few_shot, cot_max_new_tokens, seed, clamp_*
-    from critique.label.run import LabelConfig
+
+@dataclass(kw_only=True)
+class CompareSettings:
+    """How a comparison is asked and read: the labeller's settings (`LabelConfig` inherits
+    them) and the judge's."""
+
+    few_shot: int = 3
+    """At most this many labelling examples from the principle file before each question."""
+    cot: bool = False
+    """Chain of thought: the labeller reasons first, then the options are read after it."""
+    cot_max_new_tokens: int = 128
+    """Length limit of the chain-of-thought reasoning."""
+    clamp_low: float = 0.2
+    """Chain-of-thought: each order's P(A) is clamped to at least this."""
+    clamp_high: float = 0.8
+    """Chain-of-thought: each order's P(A) is clamped to at most this."""
+    seed: int = 0
+    """Seed of the chain-of-thought generation."""
 
 
-def compare_pairs(backend, constitution, jobs: list[tuple], cfg: LabelConfig) -> list[dict]:
+def compare_pairs(backend, constitution, jobs: list[tuple], cfg: CompareSettings) -> list[dict]:
     """Label `jobs` = [(messages, response_a, response_b, [principles])] in both orders.
 
     Returns per job: p_a, orders, votes (principle id → p_a), vote_orders, and with CoT the

@@ -22,7 +22,9 @@ from pathlib import Path
 
 from charter.core.errors import CharterError
 from charter.core.records import (
+    PreferencePair,
     PromptItem,
+    SFTRecord,
     load_jsonl_for_resume,
     write_json_atomic,
     write_jsonl_atomic,
@@ -129,13 +131,12 @@ def finish(out: Path, base: dict, *, items: list[PromptItem], helpful: list[Prom
             continue
         rv, un = _round_counts(rec)
         revised, unchanged = revised + rv, unchanged + un
-        final = {"role": "assistant", "content": rec["final_response"]}
-        sft.append({"id": rec["id"], "source": "critique", "messages": [*rec["prompt"], final]})
+        sft.append(SFTRecord.of(rec["id"], "critique", rec["prompt"], rec["final_response"]))
         if rec["final_response"] == rec["initial_response"]:
             identical += 1
             continue
-        pairs.append({"id": rec["id"], "prompt": rec["prompt"], "chosen": [final],
-                      "rejected": [{"role": "assistant", "content": rec["initial_response"]}]})
+        pairs.append(PreferencePair.of(rec["prompt"], rec["final_response"],
+                                       rec["initial_response"], id=rec["id"]))
     helpful_done = 0
     for it in helpful:
         ans = answers[it.id]
@@ -143,10 +144,9 @@ def finish(out: Path, base: dict, *, items: list[PromptItem], helpful: list[Prom
             reasons[ans["flagged"]] += 1
             continue
         helpful_done += 1
-        sft.append({"id": ans["id"], "source": "helpful", "messages": [
-            *ans["prompt"], {"role": "assistant", "content": ans["response"]}]})
-    write_jsonl_atomic(out / SFT, sft)
-    write_jsonl_atomic(out / PAIRS, pairs)
+        sft.append(SFTRecord.of(ans["id"], "helpful", ans["prompt"], ans["response"]))
+    write_jsonl_atomic(out / SFT, [r.to_dict() for r in sft])
+    write_jsonl_atomic(out / PAIRS, [p.to_dict() for p in pairs])
 
     gen_tokens = sum(s["generated_tokens"] for s in steps.values())
     gen_seconds = sum(s["seconds"] for s in steps.values())

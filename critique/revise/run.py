@@ -50,7 +50,7 @@ from charter.core.writable import check_output
 from constitution import Constitution, draw, load_constitution
 from critique.backends.base import Backend, Conversation, Sampling
 from critique.backends.context import check_context
-from critique.backends.options import BackendFields, backend_kwargs, build_backend
+from critique.backends.options import BackendSettings, backend_kwargs, build_backend, spec_of
 from critique.revise import outputs
 from critique.revise.cleaning import (
     clean,
@@ -64,9 +64,13 @@ from critique.revise.conversation import Dialogue
 
 
 @dataclass(kw_only=True)
-class CritiqueConfig(BackendFields):
+class CritiqueConfig(BackendSettings):
     """Settings of `charter critique` (flags, or keys of a `--config` YAML file); the backend
-    settings (backend, model, dtype, base_url, ...) come from `BackendFields`."""
+    settings (backend, dtype, base_url, ...) come from `BackendSettings`."""
+
+    model: str | None = None
+    """Model that answers, critiques and revises: a model dir, a run dir, a hub id, or the
+    served model name (openai); None: the embedded SmolLM2."""
 
     constitution: str
     """Principle file (YAML) whose critique/revision templates drive the loop."""
@@ -380,11 +384,11 @@ def run_critique(cfg: CritiqueConfig, backend: Backend | None = None,
 
     built = []
     if backend is None and (todo or todo_helpful):
-        backend = build_backend(cfg)
+        backend = build_backend(spec_of(cfg, cfg.model))
         built.append(backend)
     if teacher_backend is None and cfg.teacher is not None and cfg.teacher != cfg.model \
             and (todo or todo_helpful):
-        teacher_backend = build_backend(dataclasses.replace(cfg, model=cfg.teacher))
+        teacher_backend = build_backend(spec_of(cfg, cfg.teacher))
         built.append(teacher_backend)
     steps = _Steps(backend, cfg, teacher_backend) if backend is not None else None
     try:

@@ -14,6 +14,8 @@ import yaml
 from charter.core.errors import CharterError
 from charter.core.reader import check_text
 
+MAX_FILE_BYTES = 1_000_000  # a principle file or YAML config larger than this is refused
+
 
 class ConstitutionError(CharterError):
     """A principle file that cannot be used, with file, line and field."""
