@@ -15,7 +15,9 @@ import argparse
 import ast
 import dataclasses
 import difflib
+import functools
 import inspect
+import operator
 import os
 import textwrap
 import types
@@ -57,9 +59,13 @@ def _field_types(cls: type) -> dict[str, Any]:
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        all_args = typing.get_args(tp)
+        args = [a for a in all_args if a is not type(None)]
+        optional = len(args) < len(all_args)
         if len(args) == 1:
-            return args[0], True
+            return args[0], optional
+        if optional:  # `str | dict | None`: optional, and still a union of the rest
+            return functools.reduce(operator.or_, args), True
     return tp, False
 
 
