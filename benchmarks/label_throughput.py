@@ -15,7 +15,8 @@ shown as A in even pairs, as B in odd ones, so a position-only labeller scores 5
 With the transformers backend the scoring is timed again without shared-prefix scoring
 (`share_prefix=False`: every row's full prompt) for "shared_vs_unshared".
 Prints pairs/s of each, accuracy against `chosen` (given order only, both orders, generate) and
-position bias; the last line is one JSON object with "score_vs_generate".
+position bias; the last line is one JSON object with "score_vs_generate" (and, with
+`--bf16-compare`, "bf16_winner_agreement": benchmarks/label_dtype.py on the same pairs).
 """
 
 from __future__ import annotations
@@ -142,6 +143,9 @@ def main() -> None:
                     help="transformers backend: run every row's full prompt (the baseline of "
                          "shared-prefix scoring)")
     ap.add_argument("--max-chars", type=int, default=900, help="skip longer transcripts")
+    ap.add_argument("--bf16-compare", action="store_true",
+                    help="also label the pairs in fp32, bf16 with an fp32 head and bf16 "
+                         "(benchmarks/label_dtype.py): winner agreement, |dp|, speed")
     args = ap.parse_args()
     n = 16 if args.quick else args.pairs
 
@@ -179,6 +183,12 @@ def main() -> None:
         print(f"score, no prefix sharing: {len(pairs) / unshared:8.3f} pairs/s  "
               f"({unshared:.1f} s)  shared prefixes are {unshared / t_score:.2f}x faster")
     sharing = {"shared_vs_unshared": round(unshared / t_score, 3) if unshared else None}
+    if args.bf16_compare:
+        from benchmarks.label_dtype import compare
+
+        dtypes = compare(args.model, constitution, pairs, cfg)
+        print(f"dtypes: {dtypes}")
+        sharing["bf16_winner_agreement"] = dtypes["bf16_winner_agreement"]
     if args.skip_generate:
         print(json.dumps({"score_vs_generate": None, **sharing, "pairs": len(pairs),
                           "score_pairs_per_s": round(len(pairs) / t_score, 4),

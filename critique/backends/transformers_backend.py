@@ -77,7 +77,7 @@ class TransformersBackend:
     def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "auto",
                  batch_size: int = 32, trust_remote_code: bool = False, progress: bool = True,
                  max_length: int | None = None, share_prefix: bool = True,
-                 kv_store_mb: float = 1024):
+                 kv_store_mb: float = 1024, fp32_head: bool | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -130,6 +130,13 @@ class TransformersBackend:
         except (RuntimeError, AssertionError) as e:
             raise CharterError(f"cannot use device {self.device!r}: {e}", field="device") from None
         self.model.eval()
+        # bf16/fp16 body, fp32 final norm + head (None: on CPUs, where it costs no memory of
+        # note); see head_precision.py
+        if dtype != "float32" and (fp32_head or fp32_head is None
+                                   and self.device.startswith("cpu")):
+            from critique.backends.head_precision import fp32_head as to_fp32_head
+
+            to_fp32_head(self.model)
         from critique.backends.kv_reuse import plain_cache_model
 
         # full attention everywhere: generate runs on preallocated cache layers and may reuse
