@@ -59,6 +59,7 @@ def _fixtures(d: Path, tiny: Path) -> None:
         w(name, [{"prompt": q} for q in qs[2:]])
     w("pairs.jsonl", [{"id": str(i), "prompt": q, "response_a": "No.", "response_b": "Sure, here."}
                       for i, q in enumerate(qs)])
+    (d / "mine.yaml").write_text((ROOT / "principles" / "harmless.yaml").read_text())
     w("hh.jsonl", [{"chosen": f"\n\nHuman: {q}\n\nAssistant: I won't.",
                     "rejected": f"\n\nHuman: {q}\n\nAssistant: Sure."} for q in qs])
     (d / "recipe.yaml").write_text(f"model_name_or_path: {tiny}\nlearning_rate: 2.0e-5\n"
@@ -92,15 +93,16 @@ def shorten(argv: list[str], tiny: Path) -> list[str] | None:
     return argv
 
 
-def stand_in_run(out: Path) -> None:
+def stand_in_run(out: Path, runs: Path | None = None) -> None:
     """`charter run` ran as --check only: lay out its folder from the stage runs the earlier
     commands made (runs/critique, runs/sft, runs/label, runs/dpo), as the pipeline would."""
+    runs = runs or out.parent
     if out.exists():
         return
     (out / "data").mkdir(parents=True)
     for stage in ("critique", "sft", "label", "dpo"):
-        if (out.parent / stage).exists():
-            (out / stage).symlink_to(out.parent / stage)
+        if (runs / stage).exists():
+            (out / stage).symlink_to(runs / stage)
     rows = [{"prompt": "How do I pick a lock?", "label": "harmful"},
             {"prompt": "Name a prime.", "label": "benign"}]
     (out / "data" / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -139,9 +141,15 @@ def test_every_doc_command_runs_as_written(workdir, tiny_model_dir, monkeypatch,
         short = shorten(expanded, tiny_model_dir)
         rc = main(short)
         if expanded[0] == "run" and "--out" in expanded:
-            stand_in_run(workdir / expanded[expanded.index("--out") + 1])
+            out = workdir / expanded[expanded.index("--out") + 1]
+            for side in (("a", "b") if "--compare" in expanded else ()):
+                stand_in_run(out / side, out.parent)  # an A/B: two run folders
+            stand_in_run(out)
         err = capsys.readouterr().err
-        if "org/name" in line:  # the hub example: offline here, so the clear message
+        if expanded[:2] == ["principles", "induce"]:  # the tiny random model proposes junk:
+            if rc != 0 and "proposed no usable principle" not in err:  # the clear message
+                failures.append(f"{where}: exit {rc}: {line}\n{err[-800:]}")
+        elif "org/name" in line:  # the hub example: offline here, so the clear message
             if rc != 1 or "offline" not in err:
                 failures.append(f"{where}: no offline message: {line}\n{err[-500:]}")
         elif rc != 0:
