@@ -68,11 +68,18 @@ def test_prompt_longer_than_the_context_fails_before_the_model_loads(tmp_path, c
     p = tmp_path / "p.jsonl"
     p.write_text(json.dumps({"prompt": "short"}) + "\n" +
                  json.dumps({"prompt": "word " * 1500}) + "\n")
-    for cmd in (["generate", "--out", str(tmp_path / "o.jsonl")],
+    tiny = str(tiny_model_dir)
+    for cmd in (["generate", "--out", str(tmp_path / "o.jsonl"), "--prompts", str(p),
+                 "--model", tiny],
                 ["critique", "--constitution", CONSTITUTION, "--out", str(tmp_path / "c"),
-                 "--no-progress"]):
-        err = _err([*cmd, "--prompts", str(p), "--model", str(tiny_model_dir)], capsys)
-        assert f"{p}:2: prompt is " in err and "context is 1024 tokens" in err, err
+                 "--no-progress", "--prompts", str(p), "--model", tiny],
+                # label samples from the policy; eval answers with every model it compares
+                ["label", "--constitution", CONSTITUTION, "--out", str(tmp_path / "l"),
+                 "--prompts", str(p), "--policy", tiny, "--labeler", tiny],
+                ["eval", "--out", str(tmp_path / "e"), "--harmful", str(p), "--model", tiny,
+                 "--judge", tiny, "--constitution", CONSTITUTION]):
+        err = _err(cmd, capsys)
+        assert f"{p}:2: prompt is " in err and "context is 1024 tokens" in err, (cmd[0], err)
 
 
 def test_degenerate_pairs_are_dropped_and_counted(tmp_path, capsys, tiny_model_dir):

@@ -12,6 +12,8 @@ refusal is reported per record by the backend.
 
 from __future__ import annotations
 
+import os
+from types import SimpleNamespace
 from typing import Any
 
 from charter.core.errors import CharterError
@@ -26,6 +28,8 @@ def context_limit(cfg: Any) -> tuple[Any, int] | None:
     from charter.core.models import resolve_model
 
     path = resolve_model(cfg.model)
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        return None  # a LoRA adapter folder: its base model's context is read when it loads
     trust = getattr(cfg, "trust_remote_code", False)
     try:
         conf = AutoConfig.from_pretrained(path, trust_remote_code=trust)
@@ -40,8 +44,13 @@ def context_limit(cfg: Any) -> tuple[Any, int] | None:
 
 
 def check_context(items: list, cfg: Any, on_error: str = "raise",
-                  errors: list[str] | None = None) -> list:
-    """`items` (PromptItems) that leave room for a response; see the module doc."""
+                  errors: list[str] | None = None, model: Any = ...) -> list:
+    """`items` (PromptItems) that leave room for a response; see the module doc. `model`
+    names the model that will answer them when it is not `cfg.model` (the label stage's
+    policy, the eval's baseline)."""
+    if model is not ...:
+        cfg = SimpleNamespace(**{k: getattr(cfg, k, None) for k in
+                                 ("backend", "trust_remote_code", "max_model_len")}, model=model)
     known = context_limit(cfg)
     if known is None:
         return items

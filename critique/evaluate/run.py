@@ -36,6 +36,7 @@ from charter.core.records import (
     write_jsonl_atomic,
 )
 from charter.core.writable import check_output
+from critique.backends.context import check_context
 from critique.backends.options import (
     BackendSettings,
     BackendSpec,
@@ -301,6 +302,13 @@ def run_eval(cfg: EvalConfig, backends: dict | None = None, release=None) -> dic
     t0 = time.time()
     input_errors: list[str] = []
     prompts = load_eval_prompts(cfg, input_errors)
+    # the models this run loads itself (a caller's ready backends were checked by the caller)
+    answering = [m for role, m in (("model", cfg.model), ("sft_model", cfg.sft_model),
+                                   ("baseline", cfg.baseline))
+                 if (m is not None or role == "model") and role not in (backends or {})]
+    for model in dict.fromkeys(answering):
+        # each prompt fits every answering model's context, before any model loads
+        prompts = check_context(prompts, cfg, cfg.on_error, input_errors, model=model)
     cons = None
     if cfg.judge and cfg.baseline is not None:  # a bad principle file fails before models load
         from constitution import load_constitution

@@ -49,6 +49,7 @@ from charter.core.records import (
 from charter.core.writable import check_output
 from constitution import draw, load_constitution
 from critique.backends.base import Sampling
+from critique.backends.context import check_context
 from critique.backends.options import BackendSettings, backend_kwargs, build_backend, spec_of
 from critique.label.inputs import LabelPair, read_label_pairs  # noqa: F401  (re-exported)
 from critique.label.report import build_report, write_diagnostics
@@ -217,6 +218,8 @@ def run_label(cfg: LabelConfig, backend=None, policy_backend=None, second_backen
     else:
         items = read_prompts(cfg.prompts, cfg.prompt_field, cfg.on_error,
                              input_errors)[: cfg.limit]
+        # each prompt fits the sampling policy's context, before any model loads
+        items = check_context(items, cfg, cfg.on_error, input_errors, model=cfg.policy)
     out = Path(cfg.out)
     check_output(out)  # writable, with free space, before any model loads
     _check_resume(out, cfg, constitution.sha256)
