@@ -32,7 +32,6 @@ from charter.core.records import (
     PromptItem,
     content_id,
     load_jsonl_for_resume,
-    read_prompts,
     write_jsonl_atomic,
 )
 from charter.core.writable import check_output
@@ -44,6 +43,7 @@ from critique.backends.options import (
     build_backend,
     spec_of,
 )
+from critique.evaluate.prompts import load_eval_prompts  # noqa: F401  (re-exported)
 from critique.evaluate.refusal import JUDGE_OPTIONS, judge_question, match_refusal
 from critique.evaluate.stats import rate_summary, win_summary
 from critique.preference.labelmath import p_first, position_bias
@@ -130,33 +130,6 @@ class EvalConfig(BackendSettings):
 
 
 # -- prompts ------------------------------------------------------------------------------------
-
-
-def load_eval_prompts(cfg: EvalConfig, errors: list[str] | None = None) -> list[PromptItem]:
-    """Harmful then benign prompts, each kind cut to `limit`; every prompt must carry a label.
-    Records skipped under `on_error="skip"` are reported in `errors`."""
-    items: list[PromptItem] = []
-    if cfg.prompts:
-        items = read_prompts(cfg.prompts, cfg.prompt_field, cfg.on_error, errors)
-        for it in items:
-            if it.label is None:
-                raise CharterError("missing label: evaluation prompts need label harmful/unsafe "
-                                   "or benign/safe (or use --harmful/--benign files)",
-                                   path=it.source.rsplit(":", 1)[0],
-                                   line=int(it.source.rsplit(":", 1)[1]), field="label")
-    for path, label in ((cfg.harmful, "harmful"), (cfg.benign, "benign")):
-        if path:
-            items += [dataclasses.replace(it, label=label)
-                      for it in read_prompts(path, cfg.prompt_field, cfg.on_error, errors)]
-    out: list[PromptItem] = []
-    seen: set[tuple[str, str]] = set()
-    for label in ("harmful", "benign"):
-        kind = [it for it in items if it.label == label]
-        for it in kind[: cfg.limit] if cfg.limit is not None else kind:
-            if (label, it.id) not in seen:  # a prompt listed twice is evaluated once
-                seen.add((label, it.id))
-                out.append(it)
-    return out
 
 
 def _prompt_text(messages: list[dict]) -> str:
