@@ -22,7 +22,6 @@ stage) and `DIR/report.md` summarise it all; `final_model` is the last model tra
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import json
 import shutil
@@ -32,9 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from charter.core import rundir
 from charter.core.config import config_from_dict
 from charter.core.errors import CharterError
-from charter.core.records import write_json_atomic, write_jsonl_atomic
+from charter.core.records import write_jsonl_atomic
 from charter.core.writable import check_output
 from charter.pipeline_file import PipelineFile, load_pipeline_file, split_data
 from charter.roles import BackendPool, RoleSpec, make_spec
@@ -299,60 +299,53 @@ def _stage_roles(cfg: Any, roles: dict) -> dict[str, RoleSpec]:
 def fingerprint(stage: Stage, data_sha: str) -> str:
     """What a finished stage must match to be skipped: its settings, roles and the data split."""
     roles = {k: v.describe() for k, v in sorted(stage.roles.items())}
-    blob = json.dumps({"config": dataclasses.asdict(stage.cfg), "data": data_sha,
-                       **({"roles": roles} if roles else {})}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return rundir.fingerprint({"config": dataclasses.asdict(stage.cfg), "data": data_sha,
+                               **({"roles": roles} if roles else {})})
 
 
 def config_json(cfg: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
-def settings_diff(stored: dict, cfg: Any) -> list[str]:
-    """`key: old → new` for each setting that differs from a finished stage's. A key the stored
-    config lacks is ignored while the current value is the field's default (a setting added to
-    the stage in a later version of Charter changes nothing that was done)."""
-    now = config_json(cfg)
+def _defaults(cfg: Any) -> dict:
+    """Each field's default (JSON form): a setting a finished stage's record lacks (added to
+    the stage in a later version of Charter) is no difference while it has its default."""
     defaults = {}
     for f in dataclasses.fields(cfg):
         if f.default is not dataclasses.MISSING:
             defaults[f.name] = f.default
         elif f.default_factory is not dataclasses.MISSING:
             defaults[f.name] = f.default_factory()
-    defaults = json.loads(json.dumps(defaults, default=str))
-    diffs = []
-    for key in sorted(set(stored) | set(now)):
-        if key not in stored and key in defaults and now.get(key) == defaults[key]:
-            continue
-        if stored.get(key) != now.get(key):
-            diffs.append(f"{key}: {stored.get(key)!r} → {now.get(key)!r}")
-    return diffs
+    return json.loads(json.dumps(defaults, default=str))
+
+
+def stage_folder(out: Path, stage: Stage) -> rundir.RunFolder:
+    """The guard of a stage's folder: DONE.json (written last) records its settings; a torn
+    one means the stage runs again (its own resume keeps finished work)."""
+    folder = out / stage.name
+    return rundir.RunFolder(folder, state="DONE.json", key="config", field=None,
+                            what="this stage finished", on_damage="ignore",
+                            advice=f"delete {folder} (and the stages after it) to run it "
+                                   "again, or restore them")
 
 
 def read_done(out: Path, stage: Stage) -> dict | None:
-    path = out / stage.name / "DONE.json"
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        return None  # torn: the stage runs again (its own resume keeps finished work)
+    return stage_folder(out, stage).read()
 
 
 def check_resumable(out: Path, stages: list[Stage], data_sha: str) -> list[bool]:
     """Which stages are done; errors for stale results (see the module docstring)."""
     done = []
     for st in stages:
-        d = read_done(out, st)
+        guard = stage_folder(out, st)
+        d = guard.read()
         if d is not None and d.get("fingerprint") != st.fingerprint:
-            diffs = settings_diff(d.get("config") or {}, st.cfg)
+            diffs = rundir.differences(d.get("config") or {}, config_json(st.cfg),
+                                       defaults=_defaults(st.cfg))
             if d.get("data") != data_sha:
                 diffs.append("the prompt data split")
             if diffs:
-                raise CharterError(
-                    f"{out / st.name} finished with other settings ({'; '.join(diffs[:5])}); "
-                    "delete it (and the stages after it) to run it again, or restore them",
-                    path=out / st.name / "DONE.json")
+                raise guard.refusal(diffs, limit=5)
         done.append(d is not None)
     for i, st in enumerate(stages):
         if not done[i]:
@@ -388,7 +381,7 @@ def run_pipeline(path: str | Path, out: str | Path | None = None,
         pf.cfg.constitution = str(Path(constitution).resolve())
     out = Path(out or pf.cfg.out or default_out(path))
     splits = split_data(pf)  # reads (and so checks) every prompt file
-    data_sha = hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest()[:16]
+    data_sha = rundir.fingerprint(splits)
     stages = plan(pf, out, kinds)
     for st in stages:
         st.fingerprint = fingerprint(st, data_sha)
@@ -433,7 +426,7 @@ def run_pipeline(path: str | Path, out: str | Path | None = None,
                                       seconds=round(time.time() - t0, 2))
                 raise
             seconds = round(time.time() - t0, 2)
-            write_json_atomic(out / st.name / "DONE.json", {
+            stage_folder(out, st).record({
                 "stage": st.name, "fingerprint": st.fingerprint, "data": data_sha,
                 "seconds": seconds, "result": result, "config": config_json(st.cfg)})
             state[st.name] = {"status": "done", "seconds": seconds, "result": result}

@@ -221,7 +221,7 @@ def test_changed_settings_of_a_finished_stage_is_an_error(project):
     run_pipeline(project / "pipe.yaml", out, KINDS)
     text = (project / "pipe.yaml").read_text().replace("max_steps: 3", "max_steps: 5")
     (project / "pipe.yaml").write_text(text)
-    with pytest.raises(CharterError, match=r"run/sft finished with other settings "
+    with pytest.raises(CharterError, match=r"run/sft: this stage finished with other settings "
                        r"\(max_steps: 3 → 5\)"):
         run_pipeline(project / "pipe.yaml", out, KINDS)
     # deleting sft alone is not enough: the stages after it were made from the old model
