@@ -37,6 +37,7 @@ from charter.core.config import config_to_dict
 from charter.core.errors import CharterError
 from charter.core.records import (
     JsonlAppender,
+    LabelRecord,
     PreferencePair,
     content_id,
     load_jsonl_for_resume,
@@ -264,8 +265,8 @@ def run_label(cfg: LabelConfig, backend=None, policy_backend=None, second_backen
 
 def _run_pairs(cfg, items, out, constitution, pool, backend) -> tuple[list[dict], int, dict]:
     path = out / "labels.jsonl"
-    records = load_jsonl_for_resume(path)
-    done = {r.get("id") for r in records}
+    records = [LabelRecord.from_dict(r, path).to_dict() for r in load_jsonl_for_resume(path)]
+    done = {r["id"] for r in records}
     todo = [it for it in items if it.id not in done]
     from tqdm.auto import tqdm
 
@@ -289,9 +290,7 @@ def _run_pairs(cfg, items, out, constitution, pool, backend) -> tuple[list[dict]
                 raise CharterError(f"{e}; while labelling the pairs at {where} (the "
                                    "labels before them are saved)", field=e.field) from e
             for it, res in zip(chunk, results):
-                rec = {"id": it.id, **res}
-                if it.preferred is not None:
-                    rec["preferred"] = it.preferred
+                rec = LabelRecord.of(it.id, res, it.preferred).to_dict()
                 sink.append(rec)
                 records.append(rec)
             bar.update(len(chunk))
