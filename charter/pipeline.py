@@ -26,7 +26,6 @@ import importlib
 import json
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,147 +36,21 @@ from charter.core.errors import CharterError
 from charter.core.records import write_jsonl_atomic
 from charter.core.writable import check_output
 from charter.pipeline_file import PipelineFile, load_pipeline_file, split_data
-from charter.roles import BackendPool, RoleSpec, make_spec
-
-
-@dataclass
-class StageKind:
-    """How to build and run one kind of stage."""
-
-    config: str  # "module:Class" of the stage's config dataclass
-    run: Callable[[Any, Context], dict]  # (config, context) -> result summary
-    wired: tuple[str, ...]  # keys the runner fills (a section may not set them)
+from charter.pipeline_stages import STAGE_KINDS, Context, StageKind
+from charter.roles import RoleSpec, make_spec
 
 
 @dataclass
 class Stage:
     name: str  # the directory under DIR: critique, sft, label, label-2, eval-sft, ...
-    kind: str  # a STAGE_KINDS key
+    kind: str  # a STAGE_KINDS key (what summary.json calls it)
     iteration: int
     cfg: Any
+    step: StageKind  # the kind itself: wiring, inputs, outputs, how it runs
     fingerprint: str = ""
     roles: dict[str, RoleSpec] = dataclasses.field(default_factory=dict)  # role -> model
 
 
-class Context:
-    """What stages share while the pipeline runs: the pool of loaded backends, and the roles
-    (role -> `charter.roles.RoleSpec`) of the stage now running."""
-
-    def __init__(self, pool: BackendPool | None = None) -> None:
-        self.pool = pool or BackendPool()
-        self.roles: dict[str, RoleSpec] = {}
-
-    def backend(self, role: str):
-        """The loaded backend of this stage's `role` (None when the stage has no such role)."""
-        spec = self.roles.get(role)
-        return None if spec is None else self.pool.get(spec)
-
-    def release(self, role: str) -> None:
-        """Done with `role` in this stage: free its backend unless another role uses it."""
-        spec = self.roles.get(role)
-        if spec is not None:
-            keep = {s.load_key() for r, s in self.roles.items() if r != role and s is not None}
-            keep |= {k for k in self.pool.keys() if k != spec.load_key()}
-            self.pool.release(keep)
-
-    def close(self) -> None:
-        self.pool.close()
-
-
-# -- the stage kinds (their real entry points; tests may pass others) -------------------------
-
-
-def _run_critique(cfg, ctx: Context) -> dict:
-    from critique.revise.run import run_critique
-
-    manifest = run_critique(cfg, backend=ctx.backend("policy"),
-                            teacher_backend=ctx.backend("teacher"))
-    counts = manifest.get("counts") or {}
-    if not counts.get("sft_examples"):
-        raise CharterError(f"critique wrote no SFT examples ({counts.get('flagged', 0)} records "
-                           f"flagged: {counts.get('flagged_by_reason')}); see the records: "
-                           "larger max_new_tokens, other few-shot examples or another model",
-                           path=Path(cfg.out) / "records.jsonl")
-    return {"counts": counts}
-
-
-def _train(fn: str) -> Callable[[Any, Context], dict]:
-    def run(cfg, ctx: Context) -> dict:
-        module, name = fn.split(":")
-        final = getattr(importlib.import_module(module), name)(cfg)
-        from critique.evaluate.report import read_metrics
-
-        rows = read_metrics(cfg.out)
-        last = {k: v for k, v in (rows[-1] if rows else {}).items() if isinstance(v, float)}
-        return {"final_model": str(final), "steps": rows[-1].get("step") if rows else None,
-                "last_metrics": last}
-    return run
-
-
-def _run_label(cfg, ctx: Context) -> dict:
-    from critique.label.run import run_label
-
-    report = run_label(cfg, backend=ctx.backend("labeler"), policy_backend=ctx.backend("policy"),
-                       second_backend=ctx.backend("second_labeler"))
-    if not report.get("n"):
-        raise CharterError("labelling made no preference pairs (every prompt's samples were "
-                           "identical or failed); raise temperature or samples",
-                           path=Path(cfg.out) / "pairs.jsonl")
-    keep = ("counts", "diagnostics", "relabel")
-    return {k: v for k, v in report.items() if isinstance(v, (int, float)) or k in keep}
-
-
-def _run_eval(cfg, ctx: Context) -> dict:
-    from critique.evaluate.run import run_eval
-
-    # loaded when the eval reaches each role, freed when done with it (one model at a time)
-    backends = {role: (lambda r=role: ctx.backend(r)) for role in ctx.roles}
-    headline = eval_headline(run_eval(cfg, backends, release=ctx.release))
-    from charter.core.models import resolve_model
-    from training.cards import add_to_card
-
-    try:  # the evaluated model's card gains the headline (a trained model of this run)
-        add_to_card(Path(resolve_model(cfg.model)) / "README.md", headline=headline)
-    except CharterError:
-        pass  # not a local model folder: no card to update
-    return headline
-
-
-def eval_headline(report: dict) -> dict:
-    """Refusal rates (baseline and model), their change, and the judge's win rates."""
-    out: dict = {}
-    for role, m in report["models"].items():
-        for label in ("harmful", "benign"):
-            out[f"{role}_{label}_refusal"] = m[label]["refusal"]["rate"]
-    for key, value in (report.get("delta") or {}).items():
-        out[f"delta_{key}"] = value
-    for label, w in (report.get("win_rate") or {}).items():
-        out[f"win_rate_{label}"] = w["win_rate"]
-        out[f"win_ci95_{label}"] = w["win_ci95"]
-    for name, by_label in (report.get("win_rates") or {}).items():
-        if name != "model_vs_baseline":
-            for label in ("harmful", "benign"):
-                if label in by_label:
-                    out[f"win_rate_{name}_{label}"] = by_label[label]["win_rate"]
-                    out[f"win_ci95_{name}_{label}"] = by_label[label]["win_ci95"]
-    return out
-
-
-STAGE_KINDS: dict[str, StageKind] = {
-    "critique": StageKind("critique.revise.run:CritiqueConfig", _run_critique,
-                          ("constitution", "prompts", "helpful_prompts", "out", "model",
-                           "teacher")),
-    "sft": StageKind("training.options:SFTConfig", _train("training.sft:train_sft"),
-                     ("data", "out", "model")),
-    "label": StageKind("critique.label.run:LabelConfig", _run_label,
-                       ("constitution", "prompts", "pairs", "policy", "labeler",
-                        "second_labeler", "out")),
-    "dpo": StageKind("training.options:DPOConfig", _train("training.dpo:train_dpo"),
-                     ("data", "out", "model")),
-    "eval": StageKind("critique.evaluate.run:EvalConfig", _run_eval,
-                      ("model", "baseline", "sft_model", "prompts", "harmful", "benign", "out",
-                       "judge", "judge_backend", "constitution", "metrics")),
-}
 SHARED_DEFAULTS = ("backend", "seed")  # top-level keys copied into sections that have them
 
 
@@ -220,7 +93,7 @@ def plan(pf: PipelineFile, out: Path, kinds: dict[str, StageKind]) -> list[Stage
         cfg = config_from_dict(cls, values, source=str(pf.path),
                                lines={k: lines.get(k) or pf.lines[""].get(k)
                                       or pf.lines[""].get(section) for k in values})
-        return Stage(name, kind, iteration, cfg, roles=_stage_roles(cfg, roles or {}))
+        return Stage(name, kind, iteration, cfg, spec, roles=_stage_roles(cfg, roles or {}))
 
     def role(name: str, policy: str) -> RoleSpec | None:
         """The role `name` of the pipeline file with start/policy resolved."""
@@ -270,6 +143,7 @@ def plan(pf: PipelineFile, out: Path, kinds: dict[str, StageKind]) -> list[Stage
         policy = str(out / f"dpo{suffix(k)}")
         stages.append(evaluate(f"eval{suffix(k)}", policy,
                                [str(out / "sft"), policy], k))
+    check_wiring(out, stages)
     return stages
 
 
@@ -358,6 +232,41 @@ def check_resumable(out: Path, stages: list[Stage], data_sha: str) -> list[bool]
     return done
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_wiring(out: Path, stages: list[Stage]) -> None:
+    """Every input a stage reads from inside the run folder is the data split or what an
+    earlier stage writes (or a folder it writes into): a plan that breaks this is a bug."""
+    written: list[Path] = [out / "data"]
+    for st in stages:
+        for name, path in st.step.inputs(st.cfg).items():
+            if _inside(path, out) and not any(_inside(w, path) or _inside(path, w)
+                                              for w in written):
+                raise CharterError(f"stage {st.name} reads {name} = {path}, which no earlier "
+                                   "stage writes (a bug in the pipeline runner; please report "
+                                   "it)")
+        written += st.step.outputs(st.cfg).values()
+
+
+def check_inputs(out: Path, st: Stage) -> None:
+    """Before a stage runs: what it reads from earlier stages is there."""
+    for name, path in st.step.inputs(st.cfg).items():
+        if _inside(path, out) and not path.exists():
+            raise CharterError(f"stage {st.name} needs its {name} from an earlier stage, but "
+                               f"it is missing; delete the stage that writes it to run it "
+                               "again", path=path)
+
+
+def check_outputs(st: Stage) -> None:
+    """After a stage ran: it left what the stages after it read."""
+    for name, path in st.step.outputs(st.cfg).items():
+        if not path.exists():
+            raise CharterError(f"stage {st.name} finished without writing its {name}",
+                               path=path)
+
+
 # -- running ----------------------------------------------------------------------------------
 
 
@@ -391,6 +300,8 @@ def run_pipeline(path: str | Path, out: str | Path | None = None,
             k: len(v) for k, v in splits.items()}, "stages": [
             {"name": st.name, "status": "done" if d else "pending",
              "roles": {r: spec.describe() for r, spec in st.roles.items()},
+             "inputs": {k: str(v) for k, v in st.step.inputs(st.cfg).items()},
+             "outputs": {k: str(v) for k, v in st.step.outputs(st.cfg).items()},
              "config": dataclasses.asdict(st.cfg)} for st, d in zip(stages, done)]}
 
     check_output(out)  # writable, with free space, before any stage runs
@@ -412,14 +323,16 @@ def run_pipeline(path: str | Path, out: str | Path | None = None,
                 print(f"[charter run] {st.name}: already done, skipped")
                 continue
             print(f"[charter run] {st.name}: running into {out / st.name}")
-            _reuse_baseline(out, st)
+            check_inputs(out, st)
+            st.step.before(out, st.name)
             ctx.pool.release(_needed_from(stages, stages.index(st)))
             ctx.roles = st.roles
             state[st.name]["status"] = "running"
             write_summary(out, pf, stages, state, time.time() - t_all, plot=False)
             t0 = time.time()
             try:
-                result = kinds[st.kind].run(st.cfg, ctx)
+                result = st.step.run(st.cfg, ctx)
+                check_outputs(st)
             except BaseException as e:
                 state[st.name].update(status="failed" if isinstance(e, Exception)
                                       else "interrupted", error=str(e)[:500],
@@ -444,7 +357,7 @@ def _needed_from(stages: list[Stage], i: int) -> set[tuple]:
     reloads in seconds)."""
     keys: set[tuple] = set()
     for st in stages[i:]:
-        if st.kind in ("sft", "dpo"):
+        if st.step.trains:
             break
         keys |= {spec.load_key() for spec in st.roles.values()}
     return keys
@@ -453,15 +366,3 @@ def _needed_from(stages: list[Stage], i: int) -> set[tuple]:
 def _changed(path: Path, rows: list[dict]) -> bool:
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     return not path.exists() or path.read_text(encoding="utf-8") != text
-
-
-def _reuse_baseline(out: Path, st: Stage) -> None:
-    """Later evals compare against the same starting model: reuse its greedy responses (the
-    eval's resume check keys them by model, prompt and token budget, so nothing stale is used)."""
-    if st.kind != "eval":
-        return
-    target = out / st.name / "responses-baseline.jsonl"
-    for src in sorted(out.glob("eval*/responses-baseline.jsonl")):
-        if src != target and not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, target)
