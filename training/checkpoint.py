@@ -251,18 +251,20 @@ def save_checkpoint(acc, model, opt, sched, step: int, out: Path, cfg_dict: dict
         err = e
     # every process learns whether any failed, so none waits for one that stopped
     parts = gather_object([None if err else mine])
-    try:
-        if err is None and any(p is None for p in parts):
-            raise CharterError("another process could not write its part of the checkpoint",
-                               path=final)
-        if acc.is_main_process:
+    if err is None and any(p is None for p in parts):
+        err = CharterError("another process could not write its part of the checkpoint",
+                           path=final)
+    if err is None and acc.is_main_process:
+        try:
             files = {n: meta for part in parts for n, meta in part.items()}
             write_manifest(tmp, step, files)  # written last: marks complete
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-    except (OSError, CharterError) as e:
-        err = err or e
+        except (OSError, CharterError) as e:
+            err = e
+    if not all(gather_object([err is None])) and err is None:
+        err = CharterError("the checkpoint's manifest could not be written", path=final)
     if err is not None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise disk_error(err, final, need, "checkpoint not saved; the previous checkpoint is "
