@@ -7,8 +7,9 @@ checkpoint cannot run code on resume), the resolved config, and last a `manifest
 lists every file with its size and sha256. It is written under a temporary name and renamed
 when complete, so a run killed while saving leaves no checkpoint that looks complete; leftovers
 are ignored and cleaned up. Resume takes the newest checkpoint whose files match its manifest,
-says which, and explains any newer one that is damaged. Anything that writes more files (sharded
-optimizer state) only has to put them in the folder: the manifest lists whatever is there.
+says which, and explains any newer one that is damaged. Under FSDP every process writes its
+shard of the weights and optimizer state instead (`training.fsdp`); each process hashes what
+it wrote and the manifest lists the union, so a checkpoint is complete only with every shard.
 
 A run folder is identified by its content (`train_config.json`: stage, settings, and the
 identity of the data and model it trains on), not by the spelling of its path, so a run resumes
@@ -31,6 +32,7 @@ from charter.core.records import write_json_atomic, write_text_atomic
 from charter.core.rundir import RunFolder
 from charter.core.safestate import load_state, state_bytes
 from charter.core.writable import disk_error, write_bytes_durable
+from training import fsdp
 from training.cards import model_card  # noqa: F401  (re-exported for the loops)
 
 CONFIG_NAME = "train_config.json"  # not config.json: that name marks a model directory
@@ -39,8 +41,9 @@ FORMAT = "charter-checkpoint/1"
 # Settings that may change between a run and its resumption.
 # share_prompt only changes how the same log-probs are computed; `out` is where the run is, not
 # what it is (a moved folder resumes).
+# fsdp: checkpoints load whether written sharded or not, on any number of processes.
 RESUMABLE = {"save_every", "log_every", "report_to", "epochs", "max_steps", "trust_remote_code",
-             "share_prompt", "keep_checkpoints", "out", "merge", "chunked_logps"}
+             "share_prompt", "keep_checkpoints", "out", "merge", "chunked_logps", "fsdp"}
 PATH_FIELDS = ("data", "model", "ref_model")  # compared by what they hold, not how spelled
 
 
@@ -144,6 +147,10 @@ def checkpoint_problem(d: Path) -> str | None:
             return f"{name} has {f.stat().st_size} bytes, the manifest says {meta.get('bytes')}"
         if _sha256(f) != meta.get("sha256"):
             return f"{name} does not match its checksum (damaged on disk?)"
+    try:
+        fsdp.shard_world(d)  # a sharded checkpoint has every process's shard
+    except CharterError as e:
+        return e.detail
     return None
 
 
@@ -191,28 +198,48 @@ def _rng_state() -> dict:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def write_manifest(d: Path, step: int) -> None:
-    """List every file in checkpoint folder `d` with its size and sha256 (written last)."""
-    files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)}
-             for f in sorted(d.iterdir()) if f.is_file() and f.name != MANIFEST}
-    write_json_atomic(d / MANIFEST, {"format": FORMAT, "step": step, "files": files})
+def write_manifest(d: Path, step: int, written: dict[str, dict] | None = None) -> None:
+    """List every file in checkpoint folder `d` with its size and sha256 (written last).
+    `written`: the sizes and hashes the processes computed as they wrote; each must be on disk
+    with that size (a shard another node wrote that this one cannot see is an error)."""
+    names = sorted(f.name for f in d.iterdir() if f.is_file() and f.name != MANIFEST)
+    files = dict(written or {})
+    for name, meta in files.items():
+        if not (d / name).is_file() or (d / name).stat().st_size != meta["bytes"]:
+            raise CharterError(f"{name} was written but is not complete here (is --out on a "
+                               "file system every node shares?)", path=d)
+    for name in names:
+        if name not in files:
+            files[name] = {"bytes": (d / name).stat().st_size, "sha256": _sha256(d / name)}
+    write_json_atomic(d / MANIFEST, {"format": FORMAT, "step": step,
+                                     "files": dict(sorted(files.items()))})
 
 
 def save_checkpoint(acc, model, opt, sched, step: int, out: Path, cfg_dict: dict) -> Path:
-    """Write out/checkpoint-STEP atomically (every process writes its RNG state). A full or
-    read-only disk stops with the path and the space needed; the half-written folder is removed
-    and the previous checkpoint stays the one to resume from."""
+    """Write out/checkpoint-STEP atomically (every process writes its RNG state, and under FSDP
+    its shard). A full or read-only disk, on any process, stops every process with the path and
+    the space needed; the half-written folder is removed and the previous checkpoint stays the
+    one to resume from."""
+    from accelerate.utils import gather_object
     from safetensors.torch import save as st_save
 
     final = out / f"checkpoint-{step}"
     tmp = out / f".checkpoint-{step}.tmp"
     blobs = {f"rng-{acc.process_index}.safetensors": state_bytes(_rng_state())}
-    if acc.is_main_process:
+    if fsdp.is_sharded(model):  # every process writes its rows; nothing is gathered
+        blobs.update(fsdp.shard_blobs(acc, model, opt))
+    elif acc.is_main_process:
         blobs["model.safetensors"] = st_save(_trainable_state(acc.unwrap_model(model)))
         blobs["optimizer.safetensors"] = state_bytes(opt.state_dict())
+    if acc.is_main_process:
         blobs["scheduler.safetensors"] = state_bytes(sched.state_dict())
         blobs[CONFIG_NAME] = (json.dumps(cfg_dict, indent=2) + "\n").encode()
     need = sum(len(b) for b in blobs.values())
+    # each process hashes what it wrote (from memory: no file is read back, and no process
+    # reads another's shards); the manifest is the union
+    mine = {n: {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()}
+            for n, b in blobs.items()}
+    err: BaseException | None = None
     try:
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -220,15 +247,27 @@ def save_checkpoint(acc, model, opt, sched, step: int, out: Path, cfg_dict: dict
         acc.wait_for_everyone()
         for name, blob in blobs.items():
             write_bytes_durable(tmp / name, blob)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            write_manifest(tmp, step)  # written last: marks complete
+    except (OSError, CharterError) as e:
+        err = e
+    # every process learns whether any failed, so none waits for one that stopped
+    parts = gather_object([None if err else mine])
+    if err is None and any(p is None for p in parts):
+        err = CharterError("another process could not write its part of the checkpoint",
+                           path=final)
+    if err is None and acc.is_main_process:
+        try:
+            files = {n: meta for part in parts for n, meta in part.items()}
+            write_manifest(tmp, step, files)  # written last: marks complete
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-    except (OSError, CharterError) as e:
+        except (OSError, CharterError) as e:
+            err = e
+    if not all(gather_object([err is None])) and err is None:
+        err = CharterError("the checkpoint's manifest could not be written", path=final)
+    if err is not None:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise disk_error(e, final, need, "checkpoint not saved; the previous checkpoint is "
+        raise disk_error(err, final, need, "checkpoint not saved; the previous checkpoint is "
                          "intact, re-run the same command to resume from it") from None
     if acc.is_main_process:
         prune_checkpoints(out, cfg_dict.get("keep_checkpoints"))
@@ -247,28 +286,12 @@ def prune_checkpoints(out: Path, keep: int | None) -> None:
 
 
 def load_checkpoint(acc, model, opt, sched, ckpt: Path) -> int:
-    """Restore weights, optimizer, scheduler and RNG; return the step to continue from."""
-    from safetensors.torch import load_file
-
+    """Restore weights, optimizer, scheduler and RNG; return the step to continue from. The
+    weights and optimizer state may be full or sharded, written by any number of processes
+    (`training.fsdp`)."""
     step = int(read_json_file(ckpt / MANIFEST, MANIFEST)["step"])
+    fsdp.load_weights_and_optimizer(acc, acc.unwrap_model(model), opt, ckpt)
     try:
-        weights = load_file(str(ckpt / "model.safetensors"))
-    except Exception as e:  # SafetensorError: damaged after the checksum was taken
-        raise CharterError(f"damaged weights ({e})", path=ckpt / "model.safetensors") from None
-    unwrapped = acc.unwrap_model(model)
-    expected = {n for n, p in unwrapped.named_parameters() if p.requires_grad}
-    if set(weights) != expected:
-        raise CharterError("checkpoint weights do not match this model (was --lora changed?)",
-                           path=ckpt)
-    with torch.no_grad():
-        params = dict(unwrapped.named_parameters())
-        for n, w in weights.items():
-            if params[n].shape != w.shape:
-                raise CharterError(f"checkpoint weight {n} has shape {tuple(w.shape)}, the "
-                                   f"model's is {tuple(params[n].shape)}", path=ckpt)
-            params[n].copy_(w)
-    try:
-        opt.load_state_dict(load_state(ckpt / "optimizer.safetensors"))
         sched.load_state_dict(load_state(ckpt / "scheduler.safetensors"))
     except (KeyError, ValueError, TypeError, IndexError) as e:
         raise CharterError(f"optimizer or scheduler state does not fit this run ({e})",
@@ -307,19 +330,22 @@ def save_final(acc, model, tok, out: Path, card: str, step: int, merge: bool = F
     and the adapter is kept in final/adapter/."""
     final, tmp = out / "final", out / ".final.tmp"
     acc.wait_for_everyone()
+    # sharded (FSDP): gathered on process 0 (every process takes part), saved as one model
+    full = fsdp.full_state_dict(acc, model)
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = acc.unwrap_model(model)
         need = sum(p.numel() * p.element_size() for p in unwrapped.parameters())
+        given = {} if full is None else {"state_dict": full}
         try:
             if hasattr(unwrapped, "merge_and_unload"):  # peft
                 unwrapped.save_pretrained(tmp / "adapter" if merge else tmp,
-                                          safe_serialization=True)
+                                          safe_serialization=True, **given)
                 if merge:  # fold the adapter into the weights
                     unwrapped = unwrapped.merge_and_unload()
             if not hasattr(unwrapped, "merge_and_unload"):
                 unwrapped.config.use_cache = True
-                unwrapped.save_pretrained(tmp, safe_serialization=True)
+                unwrapped.save_pretrained(tmp, safe_serialization=True, **given)
             tok.save_pretrained(tmp)
             write_text_atomic(tmp / "README.md", card)
             write_json_atomic(tmp / "charter_state.json", {"step": step})

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from charter.core.errors import CharterError
+from training import fsdp
 from training.logps import sequence_logps
 from training.options import TrainConfig
 
@@ -30,7 +31,7 @@ def log(acc, msg: str) -> None:
 
 def setup(cfg: TrainConfig):
     """(accelerator, model, tokenizer, resolved model path)."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import set_seed
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -46,13 +47,17 @@ def setup(cfg: TrainConfig):
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=False)
+    fsdp.undo_enable()
     # accelerate only sets up multi-process CPU training (DDP over gloo) when told `cpu=True`,
     # so a machine with no accelerator is a CPU run, launched alone or under torchrun.
     no_accel = not (torch.cuda.is_available() or torch.backends.mps.is_available())
     autocast = {"bf16-mixed": "bf16", "fp16-mixed": "fp16"}.get(cfg.precision, "no")
-    acc = Accelerator(mixed_precision=autocast, cpu=cfg.cpu or no_accel,
-                      log_with=trackers or None,
-                      project_dir=cfg.out)
+    cpu = cfg.cpu or no_accel
+    sharding = fsdp.plugin_for(cfg, PartialState(cpu=cpu).num_processes)  # None: no FSDP
+    acc = Accelerator(mixed_precision=autocast, cpu=cpu, log_with=trackers or None,
+                      project_dir=cfg.out, fsdp_plugin=sharding)
+    if sharding is not None:
+        fsdp.enable(acc, sharding)
     set_seed(cfg.seed)
     path = resolve_model(cfg.model)
     require_safetensors(path)

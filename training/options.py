@@ -74,6 +74,10 @@ class TrainConfig:
     label is, instead of materialising [tokens x vocab] logits (same values; less memory)"""
     cpu: bool = False
     """train on the CPU even when a GPU is present"""
+    fsdp: bool = False
+    """with several processes: shard weights, gradients and optimizer state over them (FSDP2
+    through accelerate, also on CPUs over gloo; on by itself under `accelerate launch
+    --use_fsdp`); checkpoints are then one shard per process"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass (less memory, ~30% slower)"""
     seed: int = 0

@@ -74,6 +74,15 @@ def _optim(v):
     return None  # nothing to set
 
 
+def _fsdp(v):
+    # TrainingArguments' fsdp is a string of options ("full_shard auto_wrap"); any sharding
+    # option means shard here (FSDP2, full sharding)
+    if isinstance(v, str):
+        words = v.split()
+        return bool(words) and words != ["no_shard"]
+    return v
+
+
 # TRL/TrainingArguments key -> (our key, value conversion)
 ALIASES: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "learning_rate": ("lr", _same),
@@ -96,6 +105,7 @@ ALIASES: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "use_peft": ("lora", _same),
     "lora_target_modules": ("lora_targets", _targets),
     "use_cpu": ("cpu", _same),
+    "fsdp": ("fsdp", _fsdp),
     "optim": ("", _optim),
     "tensorboard": ("report_to", lambda v: ["tensorboard"] if v else None),  # our old flag
     "bf16": ("mixed_precision", lambda v: "bf16" if v else None),

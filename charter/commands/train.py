@@ -5,6 +5,7 @@
     charter train dpo --data pairs.jsonl --out runs/dpo --lora --lora-r 16 --mixed-precision bf16
     accelerate launch --num_processes 2 -m charter train dpo --data pairs.jsonl --out runs/dpo
     torchrun --nproc_per_node 2 -m charter train dpo --data pairs.jsonl --out runs/dpo  # CPU DDP
+    torchrun --nproc_per_node 8 -m charter train dpo ... --fsdp     # sharded (docs/scaling.md)
 
 Re-running the same command resumes from the latest complete checkpoint in --out. The model is
 saved to OUT/final (safetensors, loads with AutoModelForCausalLM.from_pretrained), and
