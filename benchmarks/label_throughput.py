@@ -15,8 +15,15 @@ shown as A in even pairs, as B in odd ones, so a position-only labeller scores 5
 With the transformers backend the scoring is timed again without shared-prefix scoring
 (`share_prefix=False`: every row's full prompt) for "shared_vs_unshared".
 Prints pairs/s of each, accuracy against `chosen` (given order only, both orders, generate) and
-position bias; the last line is one JSON object with "score_vs_generate" (and, with
-`--bf16-compare`, "bf16_winner_agreement": benchmarks/label_dtype.py on the same pairs).
+position bias; the last line is one JSON object with "score_vs_generate" and
+"bf16_winner_agreement".
+
+bf16 agreement (`--agreement N`, default 200, 32 with --quick, 0: off): the first N HH-RLHF pairs
+labelled as the label stage labels them (benchmarks/label_dtype.py): the quickstart's principle
+file (principles/harmless.yaml, or --constitution), one preference principle drawn per pair,
+its first labelling example as few-shot, both orders; each in a fresh transformers backend, fp32
+(the reference) and bf16 with the final norm and LM head in fp32. It reports the fraction of
+pairs with the fp32 winner and the distribution of |p_bf16 - p_fp32|.
 """
 
 from __future__ import annotations
@@ -79,15 +86,19 @@ def load_pairs(path: Path, n: int, max_chars: int) -> list[dict]:
     return out
 
 
-def by_score(backend, constitution, pairs, cfg) -> list[dict]:
+def by_score(backend, constitution, pairs, cfg, drawn: list | None = None) -> list[dict]:
+    """Both-order labels of `pairs`; `drawn[i]`: the principles of pair i (default: the
+    constitution's first preference principle for every pair)."""
     from critique.preference.score import compare_pairs
 
-    pr = constitution.preference_principles[:1]
+    first = constitution.preference_principles[:1]
     out = []
     for i in range(0, len(pairs), cfg.batch_size):
         chunk = pairs[i:i + cfg.batch_size]
+        prs = drawn[i:i + cfg.batch_size] if drawn is not None else [first] * len(chunk)
         out += compare_pairs(backend, constitution,
-                             [(p["messages"], p["a"], p["b"], pr) for p in chunk], cfg)
+                             [(p["messages"], p["a"], p["b"], pr) for p, pr in zip(chunk, prs)],
+                             cfg)
     return out
 
 
@@ -143,11 +154,15 @@ def main() -> None:
                     help="transformers backend: run every row's full prompt (the baseline of "
                          "shared-prefix scoring)")
     ap.add_argument("--max-chars", type=int, default=900, help="skip longer transcripts")
-    ap.add_argument("--bf16-compare", action="store_true",
-                    help="also label the pairs in fp32, bf16 with an fp32 head and bf16 "
-                         "(benchmarks/label_dtype.py): winner agreement, |dp|, speed")
+    ap.add_argument("--agreement", type=int, default=None, metavar="N",
+                    help="label N other pairs in fp32 and in bf16 (fp32 head) as the label "
+                         "stage does (benchmarks/label_dtype.py): winner agreement and |dp| "
+                         "(default 200, 32 with --quick; 0: skip)")
+    ap.add_argument("--agreement-variants", default="fp32,bf16_fp32_head",
+                    help="dtypes the agreement run labels with (fp32 first; also: bf16)")
     args = ap.parse_args()
     n = 16 if args.quick else args.pairs
+    n_agree = args.agreement if args.agreement is not None else (32 if args.quick else 200)
 
     from constitution import load_constitution, parse_constitution
     from critique.backends import load_backend
@@ -182,13 +197,16 @@ def main() -> None:
         backend.share_prefix = True
         print(f"score, no prefix sharing: {len(pairs) / unshared:8.3f} pairs/s  "
               f"({unshared:.1f} s)  shared prefixes are {unshared / t_score:.2f}x faster")
-    sharing = {"shared_vs_unshared": round(unshared / t_score, 3) if unshared else None}
-    if args.bf16_compare:
-        from benchmarks.label_dtype import compare
+    sharing = {"shared_vs_unshared": round(unshared / t_score, 3) if unshared else None,
+               "bf16_winner_agreement": None}
+    if n_agree:
+        from benchmarks.label_dtype import agreement
 
-        dtypes = compare(args.model, constitution, pairs, cfg)
-        print(f"dtypes: {dtypes}")
-        sharing["bf16_winner_agreement"] = dtypes["bf16_winner_agreement"]
+        dtypes = agreement(args, n_agree, args.agreement_variants.split(","))
+        print(f"bf16 agreement: {json.dumps(dtypes)}")
+        sharing.update(bf16_winner_agreement=dtypes["bf16_winner_agreement"],
+                       bf16_median_abs_dp=dtypes.get("bf16_fp32_head_median_abs_dp"),
+                       bf16_default_allowed=dtypes["bf16_default_allowed"])
     if args.skip_generate:
         print(json.dumps({"score_vs_generate": None, **sharing, "pairs": len(pairs),
                           "score_pairs_per_s": round(len(pairs) / t_score, 4),

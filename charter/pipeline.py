@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -208,8 +209,8 @@ def check_resumable(out: Path, stages: list[Stage], data_sha: str) -> list[bool]
         guard = stage_folder(out, st)
         d = guard.read()
         if d is not None and d.get("fingerprint") != st.fingerprint:
-            diffs = rundir.differences(d.get("config") or {}, config_json(st.cfg),
-                                       defaults=_defaults(st.cfg))
+            stored = relocate(d.get("config") or {}, _made_in(d), out)
+            diffs = rundir.differences(stored, config_json(st.cfg), defaults=_defaults(st.cfg))
             if d.get("data") != data_sha:
                 diffs.append("the prompt data split")
             if diffs:
@@ -224,6 +225,32 @@ def check_resumable(out: Path, stages: list[Stage], data_sha: str) -> list[bool]
                                    f"{', '.join(str(out / n) for n in later)} to redo them")
             break
     return done
+
+
+def _made_in(done: dict) -> str | None:
+    """The run folder a finished stage was made in: recorded in DONE.json (`run`), else (older
+    records) the parent of the stage's own `out`."""
+    if isinstance(done.get("run"), str):
+        return done["run"]
+    own = (done.get("config") or {}).get("out")
+    return str(Path(own).parent) if isinstance(own, str) else None
+
+
+def relocate(value: Any, old: str | None, new: Path) -> Any:
+    """`value` (a stage's JSON config) with every path inside run folder `old` rewritten to the
+    same place inside `new`: a moved or copied run folder (`mv runs/a runs/b`) resumes, while
+    a path outside the folder (a model, a data file) is still compared as written."""
+    if old is None or Path(old) == new:
+        return value
+    if isinstance(value, dict):
+        return {k: relocate(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [relocate(v, old, new) for v in value]
+    if isinstance(value, str) and value:
+        here, was = Path(os.path.abspath(value)), Path(os.path.abspath(old))
+        if _inside(here, was):
+            return str(new / here.relative_to(was))
+    return value
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -308,7 +335,7 @@ def run_pipeline(path: str | Path, out: str | Path | None = None,
         if d:
             prev = read_done(out, st) or {}
             state[st.name].update(status="skipped", seconds=prev.get("seconds"),
-                                  result=prev.get("result"))
+                                  result=relocate(prev.get("result"), _made_in(prev), out))
     ctx = Context()
     t_all = time.time()
     try:
@@ -335,6 +362,7 @@ def run_pipeline(path: str | Path, out: str | Path | None = None,
             seconds = round(time.time() - t0, 2)
             stage_folder(out, st).record({
                 "stage": st.name, "fingerprint": st.fingerprint, "data": data_sha,
+                "run": str(out),
                 "seconds": seconds, "result": result, "config": config_json(st.cfg)})
             state[st.name] = {"status": "done", "seconds": seconds, "result": result}
     finally:

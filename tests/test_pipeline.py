@@ -332,3 +332,31 @@ def test_critique_stage_that_writes_no_sft_data_fails_clearly(tmp_path, monkeypa
     ctx.roles = {"policy": make_spec("fake", None)}
     with pytest.raises(CharterError, match=r"records\.jsonl: critique wrote no SFT examples"):
         STAGE_KINDS["critique"].run(cfg, ctx)
+
+
+def test_moved_run_folder_resumes_with_nothing_redone(project):
+    """A finished run folder copied or moved elsewhere (`mv runs/a runs/b`) is still finished:
+    paths inside it are compared relative to the folder; a path outside it still counts."""
+    import shutil
+
+    from charter.core.runlock import release_all
+
+    out = project / "run"
+    run_pipeline(project / "pipe.yaml", out, KINDS)
+    release_all()  # as when the first process ended (its locks die with it)
+    moved = project / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    shutil.move(str(out), str(moved))
+    CALLS.clear()
+    summary = run_pipeline(project / "pipe.yaml", moved, KINDS)
+    assert CALLS == []
+    assert all(st["status"] == "skipped" for st in summary["stages"])
+    assert summary["final_model"].startswith(str(moved.resolve()))
+    # a setting that names a path outside the run folder is still a difference
+    done_path = moved / "sft" / "DONE.json"
+    done = json.loads(done_path.read_text())
+    done["config"]["model"] = str(project / "another-model")
+    done["fingerprint"] = "other"
+    done_path.write_text(json.dumps(done))
+    with pytest.raises(CharterError, match="model"):
+        run_pipeline(project / "pipe.yaml", moved, KINDS)
