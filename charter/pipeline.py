@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from charter.core import rundir
-from charter.core.config import config_from_dict
+from charter.core.config import config_from_dict, field_defaults
 from charter.core.errors import CharterError
 from charter.core.records import write_jsonl_atomic
 from charter.core.writable import check_output
@@ -185,13 +185,7 @@ def config_json(cfg: Any) -> dict:
 def _defaults(cfg: Any) -> dict:
     """Each field's default (JSON form): a setting a finished stage's record lacks (added to
     the stage in a later version of Charter) is no difference while it has its default."""
-    defaults = {}
-    for f in dataclasses.fields(cfg):
-        if f.default is not dataclasses.MISSING:
-            defaults[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            defaults[f.name] = f.default_factory()
-    return json.loads(json.dumps(defaults, default=str))
+    return json.loads(json.dumps(field_defaults(cfg), default=str))
 
 
 def stage_folder(out: Path, stage: Stage) -> rundir.RunFolder:

@@ -203,17 +203,17 @@ def eval_headline(report: dict) -> dict:
 
 
 STAGE_KINDS: dict[str, StageKind] = {
-    "critique": CritiqueStage("critique.revise.run:CritiqueConfig",
+    "critique": CritiqueStage("critique.revise.config:CritiqueConfig",
                               ("constitution", "prompts", "helpful_prompts", "out", "model",
                                "teacher")),
     "sft": TrainStage("training.options:SFTConfig", ("data", "out", "model"),
                       train="training.sft:train_sft"),
-    "label": LabelStage("critique.label.run:LabelConfig",
+    "label": LabelStage("critique.label.config:LabelConfig",
                         ("constitution", "prompts", "pairs", "policy", "labeler",
                          "second_labeler", "out")),
     "dpo": TrainStage("training.options:DPOConfig", ("data", "out", "model"),
                       train="training.dpo:train_dpo"),
-    "eval": EvalStage("critique.evaluate.run:EvalConfig",
+    "eval": EvalStage("critique.evaluate.config:EvalConfig",
                       ("model", "baseline", "sft_model", "prompts", "harmful", "benign", "out",
                        "judge", "judge_backend", "constitution", "metrics")),
 }

@@ -78,11 +78,9 @@ def test_unwritable_output_fails_before_work(command, where, tmp_path, inputs, c
     def no_model(*a, **k):
         raise AssertionError("a model was loaded before the output was checked")
 
-    import training.dpo
-    import training.sft
+    import training.stage
 
-    monkeypatch.setattr(training.sft, "setup", no_model)  # the names the stages call
-    monkeypatch.setattr(training.dpo, "setup", no_model)
+    monkeypatch.setattr(training.stage, "setup", no_model)  # the name SFT and DPO call
     monkeypatch.setattr("critique.backends.load_backend", no_model)
     rc = main(_argv(command, out, inputs, tiny_model_dir))
     err = capsys.readouterr().err

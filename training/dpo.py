@@ -16,7 +16,6 @@ out/checkpoint-STEP/ and out/final/ (safetensors, loadable with AutoModelForCaus
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import hashlib
 import json
@@ -27,32 +26,27 @@ import torch
 
 from charter.core.errors import CharterError
 from charter.core.safestate import load_state, state_bytes
-from charter.core.writable import check_output, disk_error, write_bytes_durable
+from charter.core.writable import disk_error, write_bytes_durable
 from training import checkpoint as ckpt
 from training import shared_prompt
 from training.collate import collate_pairs
 from training.data import (
-    data_provenance,
     drop_degenerate_pairs,
     load_pair_rows,
     pairs_fingerprint,
     tokenise_pairs,
 )
 from training.loop import (
-    MetricsLog,
     clip_and_step,
     forward_logps,
     log,
-    make_optimizer,
-    plot_metrics,
     raise_if_nonfinite,
-    setup,
     step_indices,
     total_steps,
 )
 from training.losses import LOSSES, preference_loss
 from training.options import DPOConfig
-from training.trackers import start_trackers
+from training.stage import finish, open_run, resume
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
            "logps/chosen", "logps/rejected")
@@ -177,20 +171,13 @@ def likelihood_displacement(history: list[tuple[float, float]], window: int = 3)
 def train_dpo(cfg: DPOConfig) -> Path:
     """Train with a preference loss; return out/final."""
     cfg.validate()
-    out = Path(cfg.out)
-    cfg_dict = dataclasses.asdict(cfg)
     loaded = load_pair_rows(cfg.data, cfg.split, cfg.hh_transcripts)  # bad data fails first
     degenerate = drop_degenerate_pairs(loaded)
-    check_output(out)  # so does an output that cannot be written
-    ckpt.check_run_dir(out, cfg_dict, "dpo")  # and a folder holding another run
-    acc, model, tok, model_path = setup(cfg)
-    log(acc, f"data: {loaded.path}: {len(loaded.rows)} rows, {loaded.shape}")
-    ckpt.prepare_run_dir(acc, out, cfg_dict, "dpo")
+    run = open_run(cfg, "dpo", loaded)
+    acc, model, tok, out = run.acc, run.model, run.tok, run.out
     if degenerate:
         log(acc, f"dropped {len(degenerate)} pairs whose chosen equals rejected (first: "
                  f"{degenerate[0]}); training on {len(loaded.rows)}")
-    if acc.is_main_process:
-        ckpt.clean_partial(out)
     examples = tokenise_pairs(tok, loaded, cfg.max_length, progress=acc.is_main_process,
                               max_prompt_length=cfg.max_prompt_length)
     if LOSSES[cfg.loss].soft_labels:
@@ -203,30 +190,16 @@ def train_dpo(cfg: DPOConfig) -> Path:
         log(acc, f"{out / 'final'} is already trained ({total} steps); nothing to do")
         return out / "final"
     share = shared_prompt.decide(cfg, acc.num_processes, model, examples)
-    ref = reference_logps(acc, cfg, model, examples, tok.pad_token_id, model_path, share)
-    opt, sched = make_optimizer(model, cfg, total, acc.num_processes)
-    model, opt = acc.prepare(model, opt)
-    start, last = 0, ckpt.resume_point(out, lambda m: log(acc, m))
-    if last is not None:
-        start = ckpt.load_checkpoint(acc, model, opt, sched, last)
-        log(acc, f"resuming from {last} (step {start} of {total})")
-    if cfg.report_to:
-        start_trackers(acc, cfg_dict, "dpo")
-    metrics = MetricsLog(acc, out, start)
-    run_steps(acc, cfg, model, opt, sched, examples, ref, tok.pad_token_id, start, total,
-              metrics, out, cfg_dict, last)
+    ref = reference_logps(acc, cfg, model, examples, tok.pad_token_id, run.model_path, share)
+    opt, sched, start, last, metrics = resume(run, total)
+    run_steps(acc, cfg, run.model, opt, sched, examples, ref, tok.pad_token_id, start, total,
+              metrics, out, run.cfg_dict, last)
     metrics.close()
     rows = metrics.rows
     summary = {k: rows[-1][k] for k in METRICS if rows and k in rows[-1]}
-    if acc.is_main_process:
-        plot_metrics(rows, ["loss", "rewards/margins", "rewards/accuracies"],
-                     out / "metrics.png", f"DPO ({cfg.loss}, β={cfg.beta})")
-    card = ckpt.model_card("dpo", cfg_dict, data_provenance(loaded.path), model_path,
-                           {"steps": total, **summary})
-    final = ckpt.save_final(acc, model, tok, out, card, total, merge=cfg.merge)
-    acc.end_training()
-    log(acc, f"saved {final}")
-    return final
+    return finish(run, rows, {"steps": total, **summary}, total,
+                  ["loss", "rewards/margins", "rewards/accuracies"],
+                  f"DPO ({cfg.loss}, β={cfg.beta})")
 
 
 def run_steps(acc, cfg: DPOConfig, model, opt, sched, examples, ref, pad_id, start, total,

@@ -14,30 +14,24 @@ change it. Writes out/metrics.jsonl, out/metrics.png, out/checkpoint-STEP/, out/
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from pathlib import Path
 
 import torch
 
-from charter.core.writable import check_output
 from training import checkpoint as ckpt
 from training.collate import collate_sft
-from training.data import data_provenance, load_sft_rows, tokenise_sft
+from training.data import load_sft_rows, tokenise_sft
 from training.loop import (
-    MetricsLog,
     clip_and_step,
     forward_logps,
     log,
-    make_optimizer,
-    plot_metrics,
     raise_if_nonfinite,
-    setup,
     step_indices,
     total_steps,
 )
 from training.options import SFTConfig
-from training.trackers import start_trackers
+from training.stage import finish, open_run, resume
 
 
 def _label_tokens(examples, idx: list[int]) -> int:
@@ -47,42 +41,21 @@ def _label_tokens(examples, idx: list[int]) -> int:
 def train_sft(cfg: SFTConfig) -> Path:
     """Fine-tune on the assistant turns; return out/final."""
     cfg.validate()
-    out = Path(cfg.out)
-    cfg_dict = dataclasses.asdict(cfg)
     loaded = load_sft_rows(cfg.data, cfg.split, cfg.hh_transcripts)  # bad data fails first
-    check_output(out)  # so does an output that cannot be written
-    ckpt.check_run_dir(out, cfg_dict, "sft")  # and a folder holding another run
-    acc, model, tok, model_path = setup(cfg)
-    log(acc, f"data: {loaded.path}: {len(loaded.rows)} rows, {loaded.shape}")
-    ckpt.prepare_run_dir(acc, out, cfg_dict, "sft")
-    if acc.is_main_process:
-        ckpt.clean_partial(out)
+    run = open_run(cfg, "sft", loaded)
+    acc, tok, out = run.acc, run.tok, run.out
     examples = tokenise_sft(tok, loaded, cfg.max_length, progress=acc.is_main_process)
     total = total_steps(cfg, len(examples), acc.num_processes)
     if ckpt.finished(out, total):
         log(acc, f"{out / 'final'} is already trained ({total} steps); nothing to do")
         return out / "final"
-    opt, sched = make_optimizer(model, cfg, total, acc.num_processes)
-    model, opt = acc.prepare(model, opt)
-    start, last = 0, ckpt.resume_point(out, lambda m: log(acc, m))
-    if last is not None:
-        start = ckpt.load_checkpoint(acc, model, opt, sched, last)
-        log(acc, f"resuming from {last} (step {start} of {total})")
-    if cfg.report_to:
-        start_trackers(acc, cfg_dict, "sft")
-    metrics = MetricsLog(acc, out, start)
-    run_steps(acc, cfg, model, opt, sched, examples, tok.pad_token_id, start, total, metrics,
-              out, cfg_dict, last)
+    opt, sched, start, last, metrics = resume(run, total)
+    run_steps(acc, cfg, run.model, opt, sched, examples, tok.pad_token_id, start, total,
+              metrics, out, run.cfg_dict, last)
     metrics.close()
     rows = metrics.rows
-    if acc.is_main_process:
-        plot_metrics(rows, ["loss", "lr", "tokens_per_s"], out / "metrics.png", "SFT")
     summary = {"steps": total, "final loss": rows[-1]["loss"] if rows else None}
-    card = ckpt.model_card("sft", cfg_dict, data_provenance(loaded.path), model_path, summary)
-    final = ckpt.save_final(acc, model, tok, out, card, total, merge=cfg.merge)
-    acc.end_training()
-    log(acc, f"saved {final}")
-    return final
+    return finish(run, rows, summary, total, ["loss", "lr", "tokens_per_s"], "SFT")
 
 
 def run_steps(acc, cfg: SFTConfig, model, opt, sched, examples, pad_id, start, total, metrics,

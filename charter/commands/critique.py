@@ -18,7 +18,7 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from charter.core.config import add_config_args
-    from critique.revise.run import CritiqueConfig
+    from critique.revise.config import CritiqueConfig
 
     p.add_argument("--config", metavar="YAML", default=None,
                    help="YAML file with any of the settings below (flags override it)")

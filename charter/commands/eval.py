@@ -18,7 +18,7 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from charter.core.config import add_config_args
-    from critique.evaluate.run import EvalConfig
+    from critique.evaluate.config import EvalConfig
 
     p.add_argument("--config", help="YAML file with these settings (flags override it)")
     add_config_args(p, EvalConfig)

@@ -20,7 +20,7 @@ import json
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from charter.core.config import add_config_args
-    from critique.label.run import LabelConfig
+    from critique.label.config import LabelConfig
 
     p.add_argument("--config", default=None, metavar="YAML",
                    help="YAML file of settings (flags given here override it)")

@@ -95,20 +95,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
         raise ValueError(f"expected true or false, got {value!r}")
-    if base is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ValueError(f"expected an integer, got {value!r}")
+    if base in _NUMBERS:
+        accepted, what = _NUMBERS[base]
+        if isinstance(value, bool) or not isinstance(value, accepted):
+            raise ValueError(f"expected {what}, got {value!r}")
         try:
-            return int(value)
+            return base(value)
         except ValueError:
-            raise ValueError(f"expected an integer, got {value!r}") from None
-    if base is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError(f"expected a number, got {value!r}")
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"expected a number, got {value!r}") from None
+            raise ValueError(f"expected {what}, got {value!r}") from None
     if base is str:
         if isinstance(value, (dict, list)):
             raise ValueError(f"expected a string, got {type(value).__name__}")
@@ -118,6 +112,23 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ValueError(f"expected a mapping, got {type(value).__name__}")
         return value
     return value
+
+
+# number types: what a value may be before conversion (a bool never), and its name in errors
+_NUMBERS: dict[type, tuple[tuple[type, ...], str]] = {
+    int: ((int, str), "an integer"), float: ((int, float, str), "a number")}
+
+
+def field_defaults(cls: Any) -> dict[str, Any]:
+    """Each field of dataclass `cls` (or of an instance's class) that has a default: its
+    default value (a factory's is called)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
 
 
 def _is_required(f: dataclasses.Field) -> bool:

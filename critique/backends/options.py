@@ -41,6 +41,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from charter.core.config import field_defaults
 from charter.core.errors import CharterError
 
 # setting -> (backends that take it, kwarg name)
@@ -156,22 +157,12 @@ def backend_spec(value: str | Mapping | BackendSpec | None, base: BackendSpec | 
                        f"{type(value).__name__}", field=field)
 
 
-def _defaults(cls: type) -> dict[str, Any]:
-    out = {}
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = f.default_factory()
-    return out
-
-
 def backend_kwargs(cfg: Any, where: str = "") -> dict[str, Any]:
     """Keyword arguments for `load_backend(backend, model, **kw)` from the backend settings of
     `cfg` (a `BackendSpec` or a config that inherits `BackendSettings`); `where` (a role name)
     prefixes the field named in errors."""
     backend = getattr(cfg, "backend", "transformers")
-    defaults = _defaults(BackendSettings)
+    defaults = field_defaults(BackendSettings)
     prefix = f"{where}." if where else ""
     kw: dict[str, Any] = {}
     for name, (takers, kwarg) in FIELD_MAP.items():

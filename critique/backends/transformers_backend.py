@@ -16,7 +16,6 @@ Only safetensors weights are loaded, and no code from the model folder runs unle
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 from charter.core.errors import CharterError
 from charter.core.models import model_label, require_safetensors, resolve_model
 from critique.backends.base import Conversation, Sampling, Usage, generate_args
+from critique.backends.decoding import cut_at_stop, pick_next, row_seed
 from critique.backends.tokens import chat_prompt, encode, finish_score, option_rows, score_args
 
 # Measured (benchmarks/README.md, "Backend dtype"): bf16 weights make generation 1.6x and
@@ -43,19 +43,6 @@ def autodetect_device() -> str:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
-
-
-def _row_seed(seed: int, ids: Sequence[int], sample: int) -> int:
-    """A 63-bit seed from the call's seed, the prompt's token ids and the sample index."""
-    h = hashlib.sha256(f"{seed}|{sample}|{','.join(map(str, ids))}".encode()).digest()
-    return int.from_bytes(h[:8], "little") >> 1
-
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    """`text` up to the earliest stop string (excluded), and whether one was found."""
-    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
-    return (text, False) if cut < 0 else (text[:cut], True)
 
 
 class TransformersBackend:
@@ -199,7 +186,7 @@ class TransformersBackend:
                else None)
         for batch in self._bar(self._batches(order), "generate"):
             ids = [prompts[rows[r][0]] for r in batch]
-            seeds = [_row_seed(sampling.seed, prompts[rows[r][0]], rows[r][1]) for r in batch]
+            seeds = [row_seed(sampling.seed, prompts[rows[r][0]], rows[r][1]) for r in batch]
             for r, text in zip(batch, self._generate_batch(ids, seeds, sampling, old, new)):
                 texts[r] = text
         self._store = new if self.share_prefix else None
@@ -302,22 +289,7 @@ class TransformersBackend:
         return [cut_at_stop(self.tokenizer.decode(o, skip_special_tokens=True), stop)[0]
                 for o in out]
 
-    @staticmethod
-    def _pick(logits, gens, sampling: Sampling):
-        """Next token per row: argmax at temperature 0, else temperature + top-p sampling."""
-        import torch
-
-        if sampling.temperature == 0:
-            return logits.argmax(-1)
-        probs = torch.softmax(logits / sampling.temperature, dim=-1).cpu()  # (B, V)
-        if sampling.top_p < 1.0:
-            sorted_p, idx = probs.sort(dim=-1, descending=True)
-            # keep the smallest set of tokens whose mass reaches top_p (the first always stays)
-            drop = sorted_p.cumsum(-1) - sorted_p >= sampling.top_p
-            sorted_p[drop] = 0.0
-            probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
-        picks = [torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(gens)]
-        return torch.cat(picks).to(logits.device)
+    _pick = staticmethod(pick_next)  # a method, so tests can watch what each step draws
 
     # -----------------------------------------------------------------------------------------
     # score
