@@ -227,4 +227,8 @@ def full_state_dict(acc, model) -> dict[str, torch.Tensor] | None:
     model is not sharded and can be saved as it is."""
     if not is_sharded(model):
         return None
-    return acc.get_state_dict(model)
+    full = acc.get_state_dict(model)
+    # a tied weight (lm_head = embed_tokens) is gathered under both names as two tensors, which
+    # save_pretrained would then write twice; keep the names an unsharded save writes
+    names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    return {k: v for k, v in full.items() if k in names}
