@@ -28,8 +28,8 @@ import torch
 
 from charter.core.errors import CharterError
 from charter.core.records import write_json_atomic, write_text_atomic
-from charter.core.safestate import load_state, state_bytes
-from charter.core.writable import disk_error, write_bytes_durable
+from charter.core.safestate import load_state, safetensors_pieces, state_pieces
+from charter.core.writable import disk_error, nbytes, write_bytes_durable
 from training.cards import model_card  # noqa: F401  (re-exported for the loops)
 
 CONFIG_NAME = "train_config.json"  # not config.json: that name marks a model directory
@@ -183,8 +183,7 @@ def resume_point(out: Path, say) -> Path | None:
 
 
 def _trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous().clone() for n, p in model.named_parameters()
-            if p.requires_grad}
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _rng_state() -> dict:
@@ -203,17 +202,17 @@ def save_checkpoint(acc, model, opt, sched, step: int, out: Path, cfg_dict: dict
     """Write out/checkpoint-STEP atomically (every process writes its RNG state). A full or
     read-only disk stops with the path and the space needed; the half-written folder is removed
     and the previous checkpoint stays the one to resume from."""
-    from safetensors.torch import save as st_save
-
     final = out / f"checkpoint-{step}"
     tmp = out / f".checkpoint-{step}.tmp"
-    blobs = {f"rng-{acc.process_index}.safetensors": state_bytes(_rng_state())}
+    # each file's pieces are views of the live tensors: writing them copies nothing (weights
+    # and AdamW state are 3x the model's size, so copies would raise the run's peak memory)
+    blobs = {f"rng-{acc.process_index}.safetensors": state_pieces(_rng_state())}
     if acc.is_main_process:
-        blobs["model.safetensors"] = st_save(_trainable_state(acc.unwrap_model(model)))
-        blobs["optimizer.safetensors"] = state_bytes(opt.state_dict())
-        blobs["scheduler.safetensors"] = state_bytes(sched.state_dict())
+        blobs["model.safetensors"] = safetensors_pieces(_trainable_state(acc.unwrap_model(model)))
+        blobs["optimizer.safetensors"] = state_pieces(opt.state_dict())
+        blobs["scheduler.safetensors"] = state_pieces(sched.state_dict())
         blobs[CONFIG_NAME] = (json.dumps(cfg_dict, indent=2) + "\n").encode()
-    need = sum(len(b) for b in blobs.values())
+    need = sum(nbytes(b) for b in blobs.values())
     try:
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
