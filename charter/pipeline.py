@@ -22,162 +22,36 @@ stage) and `DIR/report.md` summarise it all; `final_model` is the last model tra
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import json
+import os
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from charter.core import rundir
 from charter.core.config import config_from_dict
 from charter.core.errors import CharterError
-from charter.core.records import write_json_atomic, write_jsonl_atomic
+from charter.core.records import write_jsonl_atomic
 from charter.core.writable import check_output
 from charter.pipeline_file import PipelineFile, load_pipeline_file, split_data
-from charter.roles import BackendPool, RoleSpec, make_spec
-
-
-@dataclass
-class StageKind:
-    """How to build and run one kind of stage."""
-
-    config: str  # "module:Class" of the stage's config dataclass
-    run: Callable[[Any, Context], dict]  # (config, context) -> result summary
-    wired: tuple[str, ...]  # keys the runner fills (a section may not set them)
+from charter.pipeline_stages import STAGE_KINDS, Context, StageKind
+from charter.roles import RoleSpec, make_spec
 
 
 @dataclass
 class Stage:
     name: str  # the directory under DIR: critique, sft, label, label-2, eval-sft, ...
-    kind: str  # a STAGE_KINDS key
+    kind: str  # a STAGE_KINDS key (what summary.json calls it)
     iteration: int
     cfg: Any
+    step: StageKind  # the kind itself: wiring, inputs, outputs, how it runs
     fingerprint: str = ""
     roles: dict[str, RoleSpec] = dataclasses.field(default_factory=dict)  # role -> model
 
 
-class Context:
-    """What stages share while the pipeline runs: the pool of loaded backends, and the roles
-    (role -> `charter.roles.RoleSpec`) of the stage now running."""
-
-    def __init__(self, pool: BackendPool | None = None) -> None:
-        self.pool = pool or BackendPool()
-        self.roles: dict[str, RoleSpec] = {}
-
-    def backend(self, role: str):
-        """The loaded backend of this stage's `role` (None when the stage has no such role)."""
-        spec = self.roles.get(role)
-        return None if spec is None else self.pool.get(spec)
-
-    def release(self, role: str) -> None:
-        """Done with `role` in this stage: free its backend unless another role uses it."""
-        spec = self.roles.get(role)
-        if spec is not None:
-            keep = {s.load_key() for r, s in self.roles.items() if r != role and s is not None}
-            keep |= {k for k in self.pool.keys() if k != spec.load_key()}
-            self.pool.release(keep)
-
-    def close(self) -> None:
-        self.pool.close()
-
-
-# -- the stage kinds (their real entry points; tests may pass others) -------------------------
-
-
-def _run_critique(cfg, ctx: Context) -> dict:
-    from critique.revise.run import run_critique
-
-    manifest = run_critique(cfg, backend=ctx.backend("policy"),
-                            teacher_backend=ctx.backend("teacher"))
-    counts = manifest.get("counts") or {}
-    if not counts.get("sft_examples"):
-        raise CharterError(f"critique wrote no SFT examples ({counts.get('flagged', 0)} records "
-                           f"flagged: {counts.get('flagged_by_reason')}); see the records: "
-                           "larger max_new_tokens, other few-shot examples or another model",
-                           path=Path(cfg.out) / "records.jsonl")
-    return {"counts": counts}
-
-
-def _train(fn: str) -> Callable[[Any, Context], dict]:
-    def run(cfg, ctx: Context) -> dict:
-        module, name = fn.split(":")
-        final = getattr(importlib.import_module(module), name)(cfg)
-        from critique.evaluate.report import read_metrics
-
-        rows = read_metrics(cfg.out)
-        last = {k: v for k, v in (rows[-1] if rows else {}).items() if isinstance(v, float)}
-        return {"final_model": str(final), "steps": rows[-1].get("step") if rows else None,
-                "last_metrics": last}
-    return run
-
-
-def _run_label(cfg, ctx: Context) -> dict:
-    from critique.label.run import run_label
-
-    report = run_label(cfg, backend=ctx.backend("labeler"), policy_backend=ctx.backend("policy"),
-                       second_backend=ctx.backend("second_labeler"))
-    if not report.get("n"):
-        raise CharterError("labelling made no preference pairs (every prompt's samples were "
-                           "identical or failed); raise temperature or samples",
-                           path=Path(cfg.out) / "pairs.jsonl")
-    keep = ("counts", "diagnostics", "relabel")
-    return {k: v for k, v in report.items() if isinstance(v, (int, float)) or k in keep}
-
-
-def _run_eval(cfg, ctx: Context) -> dict:
-    from critique.evaluate.run import run_eval
-
-    # loaded when the eval reaches each role, freed when done with it (one model at a time)
-    backends = {role: (lambda r=role: ctx.backend(r)) for role in ctx.roles}
-    headline = eval_headline(run_eval(cfg, backends, release=ctx.release))
-    from charter.core.models import resolve_model
-    from training.cards import add_to_card
-
-    try:  # the evaluated model's card gains the headline (a trained model of this run)
-        add_to_card(Path(resolve_model(cfg.model)) / "README.md", headline=headline)
-    except CharterError:
-        pass  # not a local model folder: no card to update
-    return headline
-
-
-def eval_headline(report: dict) -> dict:
-    """Refusal rates (baseline and model), their change, and the judge's win rates."""
-    out: dict = {}
-    for role, m in report["models"].items():
-        for label in ("harmful", "benign"):
-            out[f"{role}_{label}_refusal"] = m[label]["refusal"]["rate"]
-    for key, value in (report.get("delta") or {}).items():
-        out[f"delta_{key}"] = value
-    for label, w in (report.get("win_rate") or {}).items():
-        out[f"win_rate_{label}"] = w["win_rate"]
-        out[f"win_ci95_{label}"] = w["win_ci95"]
-    for name, by_label in (report.get("win_rates") or {}).items():
-        if name != "model_vs_baseline":
-            for label in ("harmful", "benign"):
-                if label in by_label:
-                    out[f"win_rate_{name}_{label}"] = by_label[label]["win_rate"]
-                    out[f"win_ci95_{name}_{label}"] = by_label[label]["win_ci95"]
-    return out
-
-
-STAGE_KINDS: dict[str, StageKind] = {
-    "critique": StageKind("critique.revise.run:CritiqueConfig", _run_critique,
-                          ("constitution", "prompts", "helpful_prompts", "out", "model",
-                           "teacher")),
-    "sft": StageKind("training.options:SFTConfig", _train("training.sft:train_sft"),
-                     ("data", "out", "model")),
-    "label": StageKind("critique.label.run:LabelConfig", _run_label,
-                       ("constitution", "prompts", "pairs", "policy", "labeler",
-                        "second_labeler", "out")),
-    "dpo": StageKind("training.options:DPOConfig", _train("training.dpo:train_dpo"),
-                     ("data", "out", "model")),
-    "eval": StageKind("critique.evaluate.run:EvalConfig", _run_eval,
-                      ("model", "baseline", "sft_model", "prompts", "harmful", "benign", "out",
-                       "judge", "judge_backend", "constitution", "metrics")),
-}
 SHARED_DEFAULTS = ("backend", "seed")  # top-level keys copied into sections that have them
 
 
@@ -220,7 +94,7 @@ def plan(pf: PipelineFile, out: Path, kinds: dict[str, StageKind]) -> list[Stage
         cfg = config_from_dict(cls, values, source=str(pf.path),
                                lines={k: lines.get(k) or pf.lines[""].get(k)
                                       or pf.lines[""].get(section) for k in values})
-        return Stage(name, kind, iteration, cfg, roles=_stage_roles(cfg, roles or {}))
+        return Stage(name, kind, iteration, cfg, spec, roles=_stage_roles(cfg, roles or {}))
 
     def role(name: str, policy: str) -> RoleSpec | None:
         """The role `name` of the pipeline file with start/policy resolved."""
@@ -270,6 +144,7 @@ def plan(pf: PipelineFile, out: Path, kinds: dict[str, StageKind]) -> list[Stage
         policy = str(out / f"dpo{suffix(k)}")
         stages.append(evaluate(f"eval{suffix(k)}", policy,
                                [str(out / "sft"), policy], k))
+    check_wiring(out, stages)
     return stages
 
 
@@ -299,60 +174,53 @@ def _stage_roles(cfg: Any, roles: dict) -> dict[str, RoleSpec]:
 def fingerprint(stage: Stage, data_sha: str) -> str:
     """What a finished stage must match to be skipped: its settings, roles and the data split."""
     roles = {k: v.describe() for k, v in sorted(stage.roles.items())}
-    blob = json.dumps({"config": dataclasses.asdict(stage.cfg), "data": data_sha,
-                       **({"roles": roles} if roles else {})}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return rundir.fingerprint({"config": dataclasses.asdict(stage.cfg), "data": data_sha,
+                               **({"roles": roles} if roles else {})})
 
 
 def config_json(cfg: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
-def settings_diff(stored: dict, cfg: Any) -> list[str]:
-    """`key: old → new` for each setting that differs from a finished stage's. A key the stored
-    config lacks is ignored while the current value is the field's default (a setting added to
-    the stage in a later version of Charter changes nothing that was done)."""
-    now = config_json(cfg)
+def _defaults(cfg: Any) -> dict:
+    """Each field's default (JSON form): a setting a finished stage's record lacks (added to
+    the stage in a later version of Charter) is no difference while it has its default."""
     defaults = {}
     for f in dataclasses.fields(cfg):
         if f.default is not dataclasses.MISSING:
             defaults[f.name] = f.default
         elif f.default_factory is not dataclasses.MISSING:
             defaults[f.name] = f.default_factory()
-    defaults = json.loads(json.dumps(defaults, default=str))
-    diffs = []
-    for key in sorted(set(stored) | set(now)):
-        if key not in stored and key in defaults and now.get(key) == defaults[key]:
-            continue
-        if stored.get(key) != now.get(key):
-            diffs.append(f"{key}: {stored.get(key)!r} → {now.get(key)!r}")
-    return diffs
+    return json.loads(json.dumps(defaults, default=str))
+
+
+def stage_folder(out: Path, stage: Stage) -> rundir.RunFolder:
+    """The guard of a stage's folder: DONE.json (written last) records its settings; a torn
+    one means the stage runs again (its own resume keeps finished work)."""
+    folder = out / stage.name
+    return rundir.RunFolder(folder, state="DONE.json", key="config", field=None,
+                            what="this stage finished", on_damage="ignore",
+                            advice=f"delete {folder} (and the stages after it) to run it "
+                                   "again, or restore them")
 
 
 def read_done(out: Path, stage: Stage) -> dict | None:
-    path = out / stage.name / "DONE.json"
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        return None  # torn: the stage runs again (its own resume keeps finished work)
+    return stage_folder(out, stage).read()
 
 
 def check_resumable(out: Path, stages: list[Stage], data_sha: str) -> list[bool]:
     """Which stages are done; errors for stale results (see the module docstring)."""
     done = []
     for st in stages:
-        d = read_done(out, st)
+        guard = stage_folder(out, st)
+        d = guard.read()
         if d is not None and d.get("fingerprint") != st.fingerprint:
-            diffs = settings_diff(d.get("config") or {}, st.cfg)
+            stored = relocate(d.get("config") or {}, _made_in(d), out)
+            diffs = rundir.differences(stored, config_json(st.cfg), defaults=_defaults(st.cfg))
             if d.get("data") != data_sha:
                 diffs.append("the prompt data split")
             if diffs:
-                raise CharterError(
-                    f"{out / st.name} finished with other settings ({'; '.join(diffs[:5])}); "
-                    "delete it (and the stages after it) to run it again, or restore them",
-                    path=out / st.name / "DONE.json")
+                raise guard.refusal(diffs, limit=5)
         done.append(d is not None)
     for i, st in enumerate(stages):
         if not done[i]:
@@ -363,6 +231,67 @@ def check_resumable(out: Path, stages: list[Stage], data_sha: str) -> list[bool]
                                    f"{', '.join(str(out / n) for n in later)} to redo them")
             break
     return done
+
+
+def _made_in(done: dict) -> str | None:
+    """The run folder a finished stage was made in: recorded in DONE.json (`run`), else (older
+    records) the parent of the stage's own `out`."""
+    if isinstance(done.get("run"), str):
+        return done["run"]
+    own = (done.get("config") or {}).get("out")
+    return str(Path(own).parent) if isinstance(own, str) else None
+
+
+def relocate(value: Any, old: str | None, new: Path) -> Any:
+    """`value` (a stage's JSON config) with every path inside run folder `old` rewritten to the
+    same place inside `new`: a moved or copied run folder (`mv runs/a runs/b`) resumes, while
+    a path outside the folder (a model, a data file) is still compared as written."""
+    if old is None or Path(old) == new:
+        return value
+    if isinstance(value, dict):
+        return {k: relocate(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [relocate(v, old, new) for v in value]
+    if isinstance(value, str) and value:
+        here, was = Path(os.path.abspath(value)), Path(os.path.abspath(old))
+        if _inside(here, was):
+            return str(new / here.relative_to(was))
+    return value
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_wiring(out: Path, stages: list[Stage]) -> None:
+    """Every input a stage reads from inside the run folder is the data split or what an
+    earlier stage writes (or a folder it writes into): a plan that breaks this is a bug."""
+    written: list[Path] = [out / "data"]
+    for st in stages:
+        for name, path in st.step.inputs(st.cfg).items():
+            if _inside(path, out) and not any(_inside(w, path) or _inside(path, w)
+                                              for w in written):
+                raise CharterError(f"stage {st.name} reads {name} = {path}, which no earlier "
+                                   "stage writes (a bug in the pipeline runner; please report "
+                                   "it)")
+        written += st.step.outputs(st.cfg).values()
+
+
+def check_inputs(out: Path, st: Stage) -> None:
+    """Before a stage runs: what it reads from earlier stages is there."""
+    for name, path in st.step.inputs(st.cfg).items():
+        if _inside(path, out) and not path.exists():
+            raise CharterError(f"stage {st.name} needs its {name} from an earlier stage, but "
+                               f"it is missing; delete the stage that writes it to run it "
+                               "again", path=path)
+
+
+def check_outputs(st: Stage) -> None:
+    """After a stage ran: it left what the stages after it read."""
+    for name, path in st.step.outputs(st.cfg).items():
+        if not path.exists():
+            raise CharterError(f"stage {st.name} finished without writing its {name}",
+                               path=path)
 
 
 # -- running ----------------------------------------------------------------------------------
@@ -388,7 +317,7 @@ def run_pipeline(path: str | Path, out: str | Path | None = None,
         pf.cfg.constitution = str(Path(constitution).resolve())
     out = Path(out or pf.cfg.out or default_out(path))
     splits = split_data(pf)  # reads (and so checks) every prompt file
-    data_sha = hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest()[:16]
+    data_sha = rundir.fingerprint(splits)
     stages = plan(pf, out, kinds)
     for st in stages:
         st.fingerprint = fingerprint(st, data_sha)
@@ -398,6 +327,8 @@ def run_pipeline(path: str | Path, out: str | Path | None = None,
             k: len(v) for k, v in splits.items()}, "stages": [
             {"name": st.name, "status": "done" if d else "pending",
              "roles": {r: spec.describe() for r, spec in st.roles.items()},
+             "inputs": {k: str(v) for k, v in st.step.inputs(st.cfg).items()},
+             "outputs": {k: str(v) for k, v in st.step.outputs(st.cfg).items()},
              "config": dataclasses.asdict(st.cfg)} for st, d in zip(stages, done)]}
 
     check_output(out)  # writable, with free space, before any stage runs
@@ -410,7 +341,7 @@ def run_pipeline(path: str | Path, out: str | Path | None = None,
         if d:
             prev = read_done(out, st) or {}
             state[st.name].update(status="skipped", seconds=prev.get("seconds"),
-                                  result=prev.get("result"))
+                                  result=relocate(prev.get("result"), _made_in(prev), out))
     ctx = Context()
     t_all = time.time()
     try:
@@ -419,7 +350,8 @@ def run_pipeline(path: str | Path, out: str | Path | None = None,
                 print(f"[charter run] {st.name}: already done, skipped")
                 continue
             print(f"[charter run] {st.name}: running into {out / st.name}")
-            _reuse_baseline(out, st)
+            check_inputs(out, st)
+            st.step.before(out, st.name)
             ctx.pool.release(_needed_from(stages, stages.index(st)))
             free_memory()  # what the stages before left (models, activations) is gone
             ctx.roles = st.roles
@@ -427,15 +359,17 @@ def run_pipeline(path: str | Path, out: str | Path | None = None,
             write_summary(out, pf, stages, state, time.time() - t_all, plot=False)
             t0 = time.time()
             try:
-                result = kinds[st.kind].run(st.cfg, ctx)
+                result = st.step.run(st.cfg, ctx)
+                check_outputs(st)
             except BaseException as e:
                 state[st.name].update(status="failed" if isinstance(e, Exception)
                                       else "interrupted", error=str(e)[:500],
                                       seconds=round(time.time() - t0, 2))
                 raise
             seconds = round(time.time() - t0, 2)
-            write_json_atomic(out / st.name / "DONE.json", {
+            stage_folder(out, st).record({
                 "stage": st.name, "fingerprint": st.fingerprint, "data": data_sha,
+                "run": str(out),
                 "seconds": seconds, "result": result, "config": config_json(st.cfg)})
             state[st.name] = {"status": "done", "seconds": seconds, "result": result}
     finally:
@@ -452,7 +386,7 @@ def _needed_from(stages: list[Stage], i: int) -> set[tuple]:
     reloads in seconds)."""
     keys: set[tuple] = set()
     for st in stages[i:]:
-        if st.kind in ("sft", "dpo"):
+        if st.step.trains:
             break
         keys |= {spec.load_key() for spec in st.roles.values()}
     return keys
@@ -478,15 +412,3 @@ def free_memory() -> None:
 def _changed(path: Path, rows: list[dict]) -> bool:
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     return not path.exists() or path.read_text(encoding="utf-8") != text
-
-
-def _reuse_baseline(out: Path, st: Stage) -> None:
-    """Later evals compare against the same starting model: reuse its greedy responses (the
-    eval's resume check keys them by model, prompt and token budget, so nothing stale is used)."""
-    if st.kind != "eval":
-        return
-    target = out / st.name / "responses-baseline.jsonl"
-    for src in sorted(out.glob("eval*/responses-baseline.jsonl")):
-        if src != target and not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, target)

@@ -109,10 +109,10 @@ def test_extending_limit_resumes(setup):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"rounds": 3}, "rounds: 2 before, 3 now"),
-    ({"seed": 1}, "seed: 0 before, 1 now"),
-    ({"max_new_tokens": 10}, "sampling.max_new_tokens: 256 before, 10 now"),
-    ({"few_shot": 1}, "few_shot: 0 before, 1 now"),
+    ({"rounds": 3}, "rounds: 2 → 3"),
+    ({"seed": 1}, "seed: 0 → 1"),
+    ({"max_new_tokens": 10}, "sampling.max_new_tokens: 256 → 10"),
+    ({"few_shot": 1}, "few_shot: 0 → 1"),
 ])
 def test_refuses_to_resume_with_other_settings(setup, change, message):
     tmp_path, cfg = setup

@@ -136,7 +136,7 @@ def test_resume_after_torn_line_no_duplicates(tmp_path, constitution_path):
     assert ids == ["p0", "p1", "p2", "p3"]
     assert len([c for c in fake.calls if c[0] == "score"]) == 2  # only p2 and p3 redone
     assert report["n"] == 4 and report["labelled_this_run"] == 2
-    with pytest.raises(CharterError, match="different settings.*principles_per_pair"):
+    with pytest.raises(CharterError, match="labels made with other settings.*principles_per_pair"):
         run_label(LabelConfig(**{**kw, "principles_per_pair": 2}), backend=fake)
 
 

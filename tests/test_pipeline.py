@@ -6,6 +6,7 @@ tested alone, in milliseconds); the eval stage is the real one on the fake backe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from charter.cli import main
 from charter.core.errors import CharterError
-from charter.pipeline import STAGE_KINDS, StageKind, run_pipeline
+from charter.pipeline import STAGE_KINDS, run_pipeline
 
 CALLS: list[str] = []
 KILL_AT: set[str] = set()
@@ -90,15 +91,17 @@ def fake_label(cfg, ctx):
     return {"pairs": 1, "policy": cfg.policy, "labeler": cfg.labeler}
 
 
+def _fake(kind: str, config: str, run):
+    """The real stage kind (wiring, inputs, outputs) with a fake config and run."""
+    return dataclasses.replace(STAGE_KINDS[kind], config=f"tests.test_pipeline:{config}",
+                               runner=run)
+
+
 KINDS = {
-    "critique": StageKind("tests.test_pipeline:FakeCritiqueConfig", fake_critique,
-                          STAGE_KINDS["critique"].wired),
-    "sft": StageKind("tests.test_pipeline:FakeTrainConfig", fake_train,
-                     STAGE_KINDS["sft"].wired),
-    "label": StageKind("tests.test_pipeline:FakeLabelConfig", fake_label,
-                       STAGE_KINDS["label"].wired),
-    "dpo": StageKind("tests.test_pipeline:FakeTrainConfig", fake_train,
-                     STAGE_KINDS["dpo"].wired),
+    "critique": _fake("critique", "FakeCritiqueConfig", fake_critique),
+    "sft": _fake("sft", "FakeTrainConfig", fake_train),
+    "label": _fake("label", "FakeLabelConfig", fake_label),
+    "dpo": _fake("dpo", "FakeTrainConfig", fake_train),
     "eval": STAGE_KINDS["eval"],  # the real eval, on the fake backend
 }
 
@@ -172,6 +175,48 @@ def test_full_run_wiring_and_outputs(project):
     assert "| eval-2 | done |" in (out / "report.md").read_text()
 
 
+def test_stages_declare_inputs_and_outputs_and_the_runner_checks_them(project):
+    """--check lists each stage's inputs and outputs (sft reads critique's sft.jsonl, label-2
+    samples from dpo/); a stage that finishes without its output, or whose input from an
+    earlier stage is gone, is one clear error; a kind reading what no stage writes is refused
+    when planning."""
+    out = project / "run"
+    plan = {s["name"]: s for s in run_pipeline(project / "pipe.yaml", out, KINDS,
+                                               check=True)["stages"]}
+    assert plan["sft"]["inputs"]["data"] == str(out / "critique" / "sft.jsonl")
+    assert plan["critique"]["outputs"] == {"sft": str(out / "critique" / "sft.jsonl")}
+    assert plan["label-2"]["inputs"]["policy"] == str(out / "dpo")
+    assert plan["dpo"]["outputs"] == {"model": str(out / "dpo" / "final")}
+
+    def lazy(cfg, ctx):  # "finishes" without writing sft.jsonl
+        _step("critique", cfg)
+        return {}
+
+    kinds = {**KINDS, "critique": dataclasses.replace(KINDS["critique"], runner=lazy)}
+    with pytest.raises(CharterError, match=r"critique/sft\.jsonl: stage critique finished "
+                                           r"without writing its sft"):
+        run_pipeline(project / "pipe.yaml", out, kinds)
+    assert not (out / "critique" / "DONE.json").exists()
+
+    KILL_AT.add("sft")
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(project / "pipe.yaml", out, KINDS)
+    (out / "critique" / "sft.jsonl").unlink()
+    with pytest.raises(CharterError, match=r"critique/sft\.jsonl: stage sft needs its data "
+                                           r"from an earlier stage, but it is missing"):
+        run_pipeline(project / "pipe.yaml", out, KINDS)
+
+    class Astray(type(KINDS["sft"])):
+        def inputs(self, cfg):
+            return {"data": Path(cfg.out).parent / "nowhere.jsonl"}
+
+    kinds = {**KINDS, "sft": Astray(**{f.name: getattr(KINDS["sft"], f.name)
+                                        for f in dataclasses.fields(KINDS["sft"])})}
+    with pytest.raises(CharterError, match=r"stage sft reads data = .*nowhere\.jsonl, which "
+                                           r"no earlier stage writes"):
+        run_pipeline(project / "pipe.yaml", project / "run2", kinds, check=True)
+
+
 def test_killed_pipeline_resumes_without_redoing_finished_stages(project):
     out = project / "run"
     KILL_AT.add("label-2")
@@ -221,7 +266,7 @@ def test_changed_settings_of_a_finished_stage_is_an_error(project):
     run_pipeline(project / "pipe.yaml", out, KINDS)
     text = (project / "pipe.yaml").read_text().replace("max_steps: 3", "max_steps: 5")
     (project / "pipe.yaml").write_text(text)
-    with pytest.raises(CharterError, match=r"run/sft finished with other settings "
+    with pytest.raises(CharterError, match=r"run/sft: this stage finished with other settings "
                        r"\(max_steps: 3 → 5\)"):
         run_pipeline(project / "pipe.yaml", out, KINDS)
     # deleting sft alone is not enough: the stages after it were made from the old model
@@ -272,7 +317,7 @@ def test_cli_run_reports_bad_file_on_one_line(project, capsys):
 def test_critique_stage_that_writes_no_sft_data_fails_clearly(tmp_path, monkeypatch):
     """The real critique stage on a backend whose answers are all empty: every record is
     flagged, so SFT would have nothing to train on; the pipeline says so, naming the records."""
-    from charter.pipeline import Context, _run_critique
+    from charter.pipeline import STAGE_KINDS, Context
     from critique.backends.fake import FakeBackend
     from critique.revise.run import CritiqueConfig
 
@@ -286,4 +331,32 @@ def test_critique_stage_that_writes_no_sft_data_fails_clearly(tmp_path, monkeypa
     ctx = Context(BackendPool(loader=lambda spec: FakeBackend(lambda conv, prefix: "")))
     ctx.roles = {"policy": make_spec("fake", None)}
     with pytest.raises(CharterError, match=r"records\.jsonl: critique wrote no SFT examples"):
-        _run_critique(cfg, ctx)
+        STAGE_KINDS["critique"].run(cfg, ctx)
+
+
+def test_moved_run_folder_resumes_with_nothing_redone(project):
+    """A finished run folder copied or moved elsewhere (`mv runs/a runs/b`) is still finished:
+    paths inside it are compared relative to the folder; a path outside it still counts."""
+    import shutil
+
+    from charter.core.runlock import release_all
+
+    out = project / "run"
+    run_pipeline(project / "pipe.yaml", out, KINDS)
+    release_all()  # as when the first process ended (its locks die with it)
+    moved = project / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    shutil.move(str(out), str(moved))
+    CALLS.clear()
+    summary = run_pipeline(project / "pipe.yaml", moved, KINDS)
+    assert CALLS == []
+    assert all(st["status"] == "skipped" for st in summary["stages"])
+    assert summary["final_model"].startswith(str(moved.resolve()))
+    # a setting that names a path outside the run folder is still a difference
+    done_path = moved / "sft" / "DONE.json"
+    done = json.loads(done_path.read_text())
+    done["config"]["model"] = str(project / "another-model")
+    done["fingerprint"] = "other"
+    done_path.write_text(json.dumps(done))
+    with pytest.raises(CharterError, match="model"):
+        run_pipeline(project / "pipe.yaml", moved, KINDS)

@@ -221,3 +221,38 @@ def test_unreadable_file(tmp_path, monkeypatch):
                             False if str(path) == str(p) else real(path, mode, *a, **k))
     with pytest.raises(CharterError, match="not readable"):
         read_prompts(p)
+
+
+def test_label_record_writes_and_reads_both_modes():
+    """Compare: the result's fields in order, extra kept, preferred last; an unreadable label
+    keeps p_a null. Rate: only the rating fields. Each row reads back to the same record."""
+    from charter.core.records import LabelRecord
+
+    res = {"p_a": 0.75, "orders": [0.8, 0.7], "votes": {"h": 0.75},
+           "vote_orders": {"h": [0.8, 0.7]}, "missing_option_reads": 1}
+    row = LabelRecord.of("p1", res, "a").to_dict()
+    assert list(row) == ["id", "p_a", "orders", "votes", "vote_orders",
+                         "missing_option_reads", "preferred"]
+    assert row["p_a"] == 0.75 and row["preferred"] == "a"
+    assert LabelRecord.from_dict(row) == LabelRecord.of("p1", res, "a")
+    assert LabelRecord.of("p2", {"p_a": None, "orders": None, "votes": {},
+                                 "vote_orders": {}}).to_dict()["p_a"] is None
+    rated = LabelRecord.of("p3", {"ratings": [7.0, 3.0], "rating_gap": 4.0,
+                                  "rating_votes": {"h": [7.0, 3.0]}})
+    assert rated.mode == "rate" and rated.to_dict() == {
+        "id": "p3", "ratings": [7.0, 3.0], "rating_gap": 4.0, "rating_votes": {"h": [7.0, 3.0]}}
+    assert LabelRecord.from_dict(rated.to_dict()) == rated
+    with pytest.raises(CharterError, match="id"):
+        LabelRecord.from_dict({"p_a": 0.5}, path="labels.jsonl")
+
+
+def test_eval_response_key_depends_on_model_prompt_and_budget():
+    from charter.core.records import EvalResponse
+
+    msgs = [{"role": "user", "content": "hi"}]
+    k = EvalResponse.key_of("m", msgs, 64)
+    assert k != EvalResponse.key_of("m2", msgs, 64) != EvalResponse.key_of("m", msgs, 32)
+    rec = EvalResponse(k, "p0", "hello")
+    assert rec.to_dict() == {"key": k, "id": "p0", "response": "hello"}
+    assert EvalResponse.from_dict(rec.to_dict()) == rec
+    assert EvalResponse.from_dict({"id": "p0", "response": "old row without a key"}) is None

@@ -86,7 +86,7 @@ def test_generate_refuses_an_output_made_with_other_settings(tmp_path, prompts, 
     before = out.read_bytes()
     assert main([*base, "--temperature", "0.7", "--seed", "3"]) == 1
     err = capsys.readouterr().err
-    assert "other settings (temperature: 0.0 then, 0.7 now, seed: 0 then, 3 now)" in err, err
+    assert "this file holds responses made with other settings (seed: 0 → 3; temperature: 0.0 → 0.7)" in err, err
     assert out.read_bytes() == before
     assert main(base) == 0  # the same settings resume (nothing left to do)
     plain = tmp_path / "old.jsonl"

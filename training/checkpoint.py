@@ -28,6 +28,7 @@ import torch
 
 from charter.core.errors import CharterError
 from charter.core.records import write_json_atomic, write_text_atomic
+from charter.core.rundir import RunFolder
 from charter.core.safestate import load_state, safetensors_pieces, state_pieces
 from charter.core.writable import disk_error, nbytes, write_bytes_durable
 from training.cards import model_card  # noqa: F401  (re-exported for the loops)
@@ -81,27 +82,25 @@ def check_run_dir(out: Path, cfg_dict: dict, stage: str) -> dict:
     the record to write as train_config.json."""
     identity = {k: path_identity(cfg_dict.get(k)) for k in PATH_FIELDS if k in cfg_dict}
     record = {"stage": stage, **cfg_dict, "identity": identity}
-    f = out / CONFIG_NAME
-    if not f.exists():
+    guard = run_folder(out, stage)
+    old = guard.stored()
+    if old is None:
         return record
-    old = read_json_file(f, f"{CONFIG_NAME} (this run's settings; restore it or use another "
-                            "--out)")
     if old.get("stage") != stage:
         raise CharterError(f"this directory holds a {old.get('stage')} run, not {stage}; "
                            "use another --out", path=out, field="out")
     old_id = old.get("identity") or {}
 
-    def same(k):
-        if old.get(k) == cfg_dict[k]:
-            return True
+    def same(k, _old, _new):  # a path spelled otherwise (a moved folder) holding the same
         return k in PATH_FIELDS and k in old_id and old_id[k] == identity.get(k)
 
-    diff = [k for k in cfg_dict if k not in RESUMABLE and not same(k)]
-    if diff:
-        what = ", ".join(f"{k}: {old.get(k)!r} then, {cfg_dict[k]!r} now" for k in diff)
-        raise CharterError(f"this directory holds a run with other settings ({what}); use "
-                           "another --out or delete it to start over", path=out, field="out")
+    guard.check(cfg_dict, stored=old, ignore=RESUMABLE, same=same, current_only=True)
     return record
+
+
+def run_folder(out: Path, stage: str) -> RunFolder:
+    """The guard of a training folder: its settings are the whole train_config.json."""
+    return RunFolder(out, state=CONFIG_NAME, key=None, what=f"a {stage} run")
 
 
 def prepare_run_dir(acc, out: Path, cfg_dict: dict, stage: str) -> None:
@@ -110,7 +109,7 @@ def prepare_run_dir(acc, out: Path, cfg_dict: dict, stage: str) -> None:
     record = check_run_dir(out, cfg_dict, stage)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        write_json_atomic(out / CONFIG_NAME, record)
+        run_folder(out, stage).record(record)
 
 
 def _sha256(path: Path) -> str:

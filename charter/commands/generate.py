@@ -82,33 +82,24 @@ RESPONSE_SETTINGS = ("backend", "model", "dtype", "max_model_len", "tokenizer",
 def guard_settings(cfg: GenerateConfig) -> None:
     """`OUT.settings.json` records the settings of the responses in OUT; a re-run with other
     settings is refused (it would mix answers from two models or samplers in one file)."""
-    import json
     from pathlib import Path
 
     from charter.core.errors import CharterError
-    from charter.core.records import write_json_atomic
+    from charter.core.rundir import RunFolder
 
     out = Path(cfg.out)
-    side = out.with_name(out.name + ".settings.json")
+    guard = RunFolder(out.parent, state=out.name + ".settings.json", key=None, what="responses",
+                      output=out, advice="use another --out or move it away")
     now = {k: getattr(cfg, k) for k in RESPONSE_SETTINGS}
-    if side.exists():
-        try:
-            old = json.loads(side.read_text(encoding="utf-8"))
-            assert isinstance(old, dict)
-        except (OSError, ValueError, AssertionError):
-            raise CharterError("damaged settings file; move it and the output away to start "
-                               "over", path=side) from None
-        diff = [k for k in RESPONSE_SETTINGS if old.get(k) != now[k]]
-        if diff:
-            what = ", ".join(f"{k}: {old.get(k)!r} then, {now[k]!r} now" for k in diff)
-            raise CharterError(f"this file holds responses made with other settings ({what}); "
-                               "use another --out or move it away", path=out, field="out")
+    old = guard.stored()
+    if old is not None:
+        guard.check(now, stored=old, current_only=True)
         return
     if out.exists() and out.stat().st_size > 0:
         raise CharterError(f"this file already holds records, made with unknown settings (no "
-                           f"{side.name} beside it); use another --out or move it away",
+                           f"{guard.state} beside it); use another --out or move it away",
                            path=out, field="out")
-    write_json_atomic(side, now)
+    guard.record(now)
 
 
 def run_generate(cfg: GenerateConfig, backend=None) -> dict:

@@ -245,6 +245,83 @@ class SFTRecord:
         return asdict(self)
 
 
+@dataclass
+class LabelRecord:
+    """One labelled pair of `charter label --pairs` (`labels.jsonl`). Compare mode: `p_a` (the
+    principle ensemble of P(A preferred), None when no reading had both option tokens), the
+    two orders' means `orders`, and per principle `votes` and `vote_orders`. Rate mode: both
+    responses' `ratings`, their `rating_gap` and each principle's [r_a, r_b] `rating_votes`.
+    `preferred` is the input's human label (a/b); `extra` holds the rest (reasoning,
+    missing_option_reads). `from_dict` reads a row back."""
+
+    id: str
+    p_a: float | None = None
+    orders: list[float] | None = None
+    votes: dict[str, float] = field(default_factory=dict)
+    vote_orders: dict[str, list[float]] = field(default_factory=dict)
+    ratings: list[float] | None = None
+    rating_gap: float | None = None
+    rating_votes: dict[str, list[float]] | None = None
+    preferred: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    _COMPARE = ("p_a", "orders", "votes", "vote_orders")
+    _RATE = ("ratings", "rating_gap", "rating_votes")
+
+    @classmethod
+    def of(cls, id: str, label: dict, preferred: str | None = None) -> LabelRecord:
+        """The record of pair `id` from a comparison's or rating's result dict."""
+        known = {k: v for k, v in label.items() if k in cls._COMPARE + cls._RATE}
+        rest = {k: v for k, v in label.items() if k not in known}
+        return cls(id=id, preferred=preferred, extra=rest, **known)
+
+    @property
+    def mode(self) -> str:
+        return "rate" if self.ratings is not None else "compare"
+
+    def to_dict(self) -> dict:
+        """The JSONL row: id, the mode's label fields, extra, then preferred (if given)."""
+        d: dict = {"id": self.id}
+        d.update({k: getattr(self, k) for k in (self._RATE if self.mode == "rate"
+                                                 else self._COMPARE)})
+        d.update(self.extra)
+        if self.preferred is not None:
+            d["preferred"] = self.preferred
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, path: object = None) -> LabelRecord:
+        if not isinstance(d.get("id"), str):
+            raise CharterError("a label record needs a string id", path=path, field="id")
+        rest = {k: v for k, v in d.items() if k not in ("id", "preferred")}
+        return cls.of(d["id"], rest, d.get("preferred"))
+
+
+@dataclass
+class EvalResponse:
+    """One greedy response of `charter eval` (`responses-<role>.jsonl`). `key` is a content
+    hash of (model, prompt, token budget), so a resumed run, or a file reused from another eval
+    of the same model, never serves a stale answer; `id` is the prompt's id."""
+
+    key: str
+    id: str
+    response: str
+
+    @staticmethod
+    def key_of(model: str, messages: list[Message], max_new_tokens: int) -> str:
+        return content_id("eval-response", model, messages, max_new_tokens)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EvalResponse | None:
+        """The record of a row; None for a row without a key (an older file's: regenerated)."""
+        if not isinstance(d.get("key"), str) or not isinstance(d.get("response"), str):
+            return None
+        return cls(d["key"], str(d.get("id")), d["response"])
+
+
 def _completion(value: Any, path: object, line: int, field: str) -> list[Message]:
     if isinstance(value, str):  # TRL's "standard" format: a plain completion string
         return [{"role": "assistant", "content": value}]

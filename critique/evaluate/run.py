@@ -28,9 +28,9 @@ from typing import Literal
 from charter.core.errors import CharterError
 from charter.core.models import model_label
 from charter.core.records import (
+    EvalResponse,
     JsonlAppender,
     PromptItem,
-    content_id,
     load_jsonl_for_resume,
     write_jsonl_atomic,
 )
@@ -149,9 +149,10 @@ def generate_responses(backend, prompts: list[PromptItem], model: str, path: Pat
     from critique.backends.base import Sampling
 
     def key(it: PromptItem) -> str:
-        return content_id("eval-response", model, it.messages, max_new_tokens)
+        return EvalResponse.key_of(model, it.messages, max_new_tokens)
 
-    done = {r["key"]: r["response"] for r in load_jsonl_for_resume(path) if "key" in r}
+    done = {r.key: r.response for r in map(EvalResponse.from_dict, load_jsonl_for_resume(path))
+            if r is not None}
     todo = [it for it in prompts if key(it) not in done]
     sampling = Sampling(temperature=0.0, max_new_tokens=max_new_tokens, n=1, seed=seed)
     with JsonlAppender(path) as out, tqdm(total=len(todo), desc=desc, unit="prompt",
@@ -161,7 +162,7 @@ def generate_responses(backend, prompts: list[PromptItem], model: str, path: Pat
             texts = backend.generate([it.messages for it in batch], sampling)
             for it, t in zip(batch, texts):
                 done[key(it)] = t[0]
-                out.append({"key": key(it), "id": it.id, "response": t[0]})
+                out.append(EvalResponse(key(it), it.id, t[0]).to_dict())
             bar.update(len(batch))
     return {it.id: done[key(it)] for it in prompts}
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from charter.core.config import config_to_dict
 from charter.core.errors import CharterError
 from charter.core.records import (
     JsonlAppender,
+    LabelRecord,
     PreferencePair,
     content_id,
     load_jsonl_for_resume,
@@ -46,7 +46,7 @@ from charter.core.records import (
     write_jsonl_atomic,
     write_text_atomic,
 )
-from charter.core.writable import check_output
+from charter.core.rundir import RunFolder
 from constitution import draw, load_constitution
 from critique.backends.base import Sampling
 from critique.backends.context import check_context
@@ -178,26 +178,18 @@ def _chunks(items: list, n: int):
         yield items[i:i + n]
 
 
-def _check_resume(out: Path, cfg: LabelConfig, constitution_sha: str) -> None:
-    """Refuse to resume into a directory made with different settings; else record them."""
+def _open_run(out: Path, cfg: LabelConfig, constitution_sha: str) -> None:
+    """Claim `out` (writable, locked); refuse to resume into a folder made with different
+    settings; else record them."""
     settings = {k: v for k, v in config_to_dict(cfg).items() if k not in _RESUME_FREE}
     settings["constitution_sha256"] = constitution_sha
-    path = out / "config.json"
+    guard = RunFolder(out, state="config.json", key="settings", what="labels")
+    guard.claim()
     has_records = any((out / name).exists() and (out / name).stat().st_size > 0
                       for name in ("labels.jsonl", "pairs.jsonl", "prompts_done.jsonl"))
-    if path.exists() and has_records:  # a run that saved nothing (bad model path...) may change
-        try:
-            old = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
-        except ValueError:
-            raise CharterError("unreadable run settings; move the directory away", path=path,
-                               ) from None
-        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        if diff:
-            raise CharterError(
-                "this directory holds labels made with different settings ("
-                + ", ".join(f"{k}: {old.get(k)!r} → {settings.get(k)!r}" for k in diff)
-                + "); use another --out or remove it", path=out, field="out")
-    write_json_atomic(path, {"settings": settings, "config": config_to_dict(cfg)})
+    if has_records:  # a run that saved nothing (bad model path...) may change its settings
+        guard.check(settings)
+    guard.record({"settings": settings, "config": config_to_dict(cfg)})
 
 
 def run_label(cfg: LabelConfig, backend=None, policy_backend=None, second_backend=None) -> dict:
@@ -221,8 +213,7 @@ def run_label(cfg: LabelConfig, backend=None, policy_backend=None, second_backen
         # each prompt fits the sampling policy's context, before any model loads
         items = check_context(items, cfg, cfg.on_error, input_errors, model=cfg.policy)
     out = Path(cfg.out)
-    check_output(out)  # writable, with free space, before any model loads
-    _check_resume(out, cfg, constitution.sha256)
+    _open_run(out, cfg, constitution.sha256)  # before any model loads
     write_text_atomic(out / "constitution.yaml", constitution.source_text)
     owned = []
     if backend is None:
@@ -274,8 +265,8 @@ def run_label(cfg: LabelConfig, backend=None, policy_backend=None, second_backen
 
 def _run_pairs(cfg, items, out, constitution, pool, backend) -> tuple[list[dict], int, dict]:
     path = out / "labels.jsonl"
-    records = load_jsonl_for_resume(path)
-    done = {r.get("id") for r in records}
+    records = [LabelRecord.from_dict(r, path).to_dict() for r in load_jsonl_for_resume(path)]
+    done = {r["id"] for r in records}
     todo = [it for it in items if it.id not in done]
     from tqdm.auto import tqdm
 
@@ -299,9 +290,7 @@ def _run_pairs(cfg, items, out, constitution, pool, backend) -> tuple[list[dict]
                 raise CharterError(f"{e}; while labelling the pairs at {where} (the "
                                    "labels before them are saved)", field=e.field) from e
             for it, res in zip(chunk, results):
-                rec = {"id": it.id, **res}
-                if it.preferred is not None:
-                    rec["preferred"] = it.preferred
+                rec = LabelRecord.of(it.id, res, it.preferred).to_dict()
                 sink.append(rec)
                 records.append(rec)
             bar.update(len(chunk))

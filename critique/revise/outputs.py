@@ -16,7 +16,6 @@ answers are left out of the exports; pairs whose chosen and rejected are identic
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -26,10 +25,10 @@ from charter.core.records import (
     PromptItem,
     SFTRecord,
     load_jsonl_for_resume,
-    write_json_atomic,
     write_jsonl_atomic,
     write_text_atomic,
 )
+from charter.core.rundir import RunFolder
 from constitution import Constitution
 
 RECORDS, HELPFUL = "records.jsonl", "helpful.jsonl"
@@ -37,16 +36,9 @@ SFT, PAIRS, MANIFEST, CONSTITUTION = "sft.jsonl", "pairs.jsonl", "manifest.json"
     "constitution.yaml"
 
 
-def _differences(old: dict, new: dict, at: str = "") -> list[str]:
-    diffs = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        name = f"{at}.{key}" if at else key
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _differences(a, b, name)
-        elif a != b:
-            diffs.append(f"{name}: {a!r} before, {b!r} now")
-    return diffs
+def run_folder(out: Path) -> RunFolder:
+    """The guard of a critique folder: its settings are the manifest's provenance."""
+    return RunFolder(out, state=MANIFEST, key="provenance", what="a run")
 
 
 def check_resumable(out: Path, prov: dict, constitution: Constitution) -> None:
@@ -55,22 +47,12 @@ def check_resumable(out: Path, prov: dict, constitution: Constitution) -> None:
     The earlier settings come from `manifest.json` (written before the first record), else from
     the first record's provenance; the constitution copy must match byte for byte.
     """
-    if out.exists() and not out.is_dir():
-        raise CharterError("--out must be a directory, found a file", path=out, field="out")
-    old = None
-    manifest = out / MANIFEST
-    if manifest.exists():
-        try:
-            old = json.loads(manifest.read_text(encoding="utf-8")).get("provenance")
-        except (ValueError, AttributeError):
-            raise CharterError("unreadable manifest; use a new --out", path=manifest) from None
+    guard = run_folder(out)
+    old = guard.stored()
     if old is None:
         records = load_jsonl_for_resume(out / RECORDS)
         old = records[0].get("provenance") if records else None
-    if old is not None and old != prov:
-        diffs = "; ".join(_differences(old, prov))
-        raise CharterError(f"this directory holds a run made with other settings ({diffs}); "
-                           "use a new --out to run with these settings", path=out, field="out")
+    guard.check(prov, stored=old)
     copy = out / CONSTITUTION
     if copy.exists() and copy.read_text(encoding="utf-8") != constitution.source_text:
         raise CharterError(f"this directory was made with another principle file "
@@ -95,7 +77,7 @@ def manifest_base(cfg, prov: dict, constitution: Constitution) -> dict:
 
 
 def write_manifest(out: Path, manifest: dict) -> None:
-    write_json_atomic(out / MANIFEST, manifest)
+    run_folder(out).record(manifest)
 
 
 def _round_counts(rec: dict) -> tuple[int, int]:

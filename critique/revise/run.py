@@ -46,7 +46,6 @@ from charter.core.records import (
     load_jsonl_for_resume,
     read_prompts,
 )
-from charter.core.writable import check_output
 from constitution import Constitution, draw, load_constitution
 from critique.backends.base import Backend, Conversation, Sampling
 from critique.backends.context import check_context
@@ -372,7 +371,7 @@ def run_critique(cfg: CritiqueConfig, backend: Backend | None = None,
     for w in warnings:
         print(f"charter critique: warning: {w}", file=sys.stderr)
 
-    check_output(out)  # writable, with free space, before any model loads
+    outputs.run_folder(out).claim()  # writable, with free space, locked, before any model loads
     outputs.save_constitution(out, constitution)
     base = outputs.manifest_base(cfg, prov, constitution)
     outputs.write_manifest(out, {**base, "status": "running"})
