@@ -347,6 +347,7 @@ def run_pipeline(path: str | Path, out: str | Path | None = None,
             check_inputs(out, st)
             st.step.before(out, st.name)
             ctx.pool.release(_needed_from(stages, stages.index(st)))
+            free_memory()  # what the stages before left (models, activations) is gone
             ctx.roles = st.roles
             state[st.name]["status"] = "running"
             write_summary(out, pf, stages, state, time.time() - t_all, plot=False)
@@ -383,6 +384,23 @@ def _needed_from(stages: list[Stage], i: int) -> set[tuple]:
             break
         keys |= {spec.load_key() for spec in st.roles.values()}
     return keys
+
+
+def free_memory() -> None:
+    """Before a stage: collect the earlier stages' models now (a training run's Accelerator and model sit in
+    reference cycles, freed only when the cyclic collector runs), and hand the freed heap back
+    to the system (glibc keeps freed activation memory mapped: the next stage's peak would add
+    to it)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass  # not glibc: its allocator returns memory its own way
 
 
 def _changed(path: Path, rows: list[dict]) -> bool:

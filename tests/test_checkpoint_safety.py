@@ -15,7 +15,8 @@ import torch
 
 from charter.cli import main
 from charter.core.errors import CharterError
-from charter.core.safestate import load_state, state_bytes
+from charter.core.safestate import load_state, safetensors_pieces, state_bytes
+from charter.core.writable import nbytes, write_bytes_durable
 from training import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +66,27 @@ def test_state_round_trip_without_pickle(tmp_path):
     assert torch.equal(back["opt"]["state"][0]["exp_avg"], state["opt"]["state"][0]["exp_avg"])
     assert back["nested"] == [{"a": (1, 2.5, "x")}] and back["inf"] == float("inf")
     opt.load_state_dict(back["opt"])  # torch accepts it
+
+
+def test_state_files_are_written_from_the_tensors_own_memory(tmp_path):
+    """`safetensors_pieces` gives the bytes safetensors' own writer gives (every dtype we store,
+    a 0-dim and an empty tensor, metadata), and its tensor pieces are views of the tensors, not
+    copies: a checkpoint adds nothing of its size to the run's peak memory."""
+    from safetensors.torch import load_file, save
+
+    tensors = {"w": torch.randn(3, 4), "b": torch.arange(6, dtype=torch.bfloat16),
+               "step": torch.tensor(7.0), "mask": torch.tensor([True, False]),
+               "ids": torch.arange(5), "h": torch.ones(2, dtype=torch.float16),
+               "empty": torch.zeros(0, 3)}
+    pieces = safetensors_pieces(tensors, {"k": "v"})
+    assert b"".join(pieces) == save(tensors, metadata={"k": "v"})
+    views = {memoryview(p).obj.__array_interface__["data"][0] for p in pieces[2:]
+             if memoryview(p).nbytes}
+    assert views == {t.data_ptr() for t in tensors.values() if t.numel()}
+    write_bytes_durable(tmp_path / "t.safetensors", pieces)
+    assert nbytes(pieces) == (tmp_path / "t.safetensors").stat().st_size
+    back = load_file(tmp_path / "t.safetensors")
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00" * 16, b"PK\x03\x04 a zip, not safetensors",

@@ -182,6 +182,7 @@ def test_disk_full_while_checkpointing_then_resume(tmp_path, monkeypatch, capsys
 
     def write(path, data):
         if "checkpoint-3" in str(path) and "optimizer" in str(path):
+            data = b"".join(data)  # the file's pieces
             with open(path, "wb") as f:
                 f.write(data[: len(data) // 2])  # half the file made it to disk
             raise OSError(errno.ENOSPC, "No space left on device")

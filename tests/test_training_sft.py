@@ -58,3 +58,32 @@ def test_config_validation_names_the_field(field, value):
     with pytest.raises(CharterError) as e:
         SFTConfig(data="d", out="o", **{field: value}).validate()
     assert e.value.field == field
+
+
+def test_a_finished_run_frees_its_model(tmp_path, tiny_model_dir, monkeypatch):
+    """The pipeline runs SFT, label and DPO in one process: once train_sft has returned and the
+    runner has collected garbage (`charter.pipeline.free_memory`; accelerate's objects hold
+    reference cycles), its model, optimizer state and Accelerator are gone: nothing keeps them
+    (a cache, a global, accelerate's state)."""
+    import weakref
+
+    import training.sft as sft
+    from charter.pipeline import free_memory
+    from training.options import SFTConfig
+
+    refs = []
+    setup = sft.setup
+
+    def spy(cfg):
+        acc, model, tok, path = setup(cfg)
+        refs.extend([weakref.ref(acc), weakref.ref(model)])
+        return acc, model, tok, path
+
+    monkeypatch.setattr(sft, "setup", spy)
+    write_sft(tmp_path / "sft.jsonl", 4)
+    sft.train_sft(SFTConfig(data=str(tmp_path / "sft.jsonl"), out=str(tmp_path / "out"),
+                            model=str(tiny_model_dir), batch_size=2, max_steps=1,
+                            save_every=None))
+    assert len(refs) == 2
+    free_memory()
+    assert all(r() is None for r in refs)

@@ -30,8 +30,8 @@ import torch
 from charter.core.errors import CharterError
 from charter.core.records import write_json_atomic, write_text_atomic
 from charter.core.rundir import RunFolder
-from charter.core.safestate import load_state, state_bytes
-from charter.core.writable import disk_error, write_bytes_durable
+from charter.core.safestate import load_state, safetensors_pieces, state_pieces
+from charter.core.writable import disk_error, nbytes, write_bytes_durable
 from training import fsdp
 from training.cards import model_card  # noqa: F401  (re-exported for the loops)
 
@@ -189,8 +189,7 @@ def resume_point(out: Path, say) -> Path | None:
 
 
 def _trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous().clone() for n, p in model.named_parameters()
-            if p.requires_grad}
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _rng_state() -> dict:
@@ -215,30 +214,38 @@ def write_manifest(d: Path, step: int, written: dict[str, dict] | None = None) -
                                      "files": dict(sorted(files.items()))})
 
 
+def _digest(data) -> str:
+    """sha256 of what `write_bytes_durable` writes for `data` (bytes or a list of pieces)."""
+    h = hashlib.sha256()
+    for piece in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+        h.update(piece)
+    return h.hexdigest()
+
+
 def save_checkpoint(acc, model, opt, sched, step: int, out: Path, cfg_dict: dict) -> Path:
     """Write out/checkpoint-STEP atomically (every process writes its RNG state, and under FSDP
     its shard). A full or read-only disk, on any process, stops every process with the path and
     the space needed; the half-written folder is removed and the previous checkpoint stays the
     one to resume from."""
     from accelerate.utils import gather_object
-    from safetensors.torch import save as st_save
 
     final = out / f"checkpoint-{step}"
     tmp = out / f".checkpoint-{step}.tmp"
-    blobs = {f"rng-{acc.process_index}.safetensors": state_bytes(_rng_state())}
+    # each unsharded file's pieces are views of the live tensors: writing them copies nothing
+    # (weights and AdamW state are 3x the model's size, so copies would raise the run's peak)
+    blobs = {f"rng-{acc.process_index}.safetensors": state_pieces(_rng_state())}
     if fsdp.is_sharded(model):  # every process writes its rows; nothing is gathered
         blobs.update(fsdp.shard_blobs(acc, model, opt))
     elif acc.is_main_process:
-        blobs["model.safetensors"] = st_save(_trainable_state(acc.unwrap_model(model)))
-        blobs["optimizer.safetensors"] = state_bytes(opt.state_dict())
+        blobs["model.safetensors"] = safetensors_pieces(_trainable_state(acc.unwrap_model(model)))
+        blobs["optimizer.safetensors"] = state_pieces(opt.state_dict())
     if acc.is_main_process:
-        blobs["scheduler.safetensors"] = state_bytes(sched.state_dict())
+        blobs["scheduler.safetensors"] = state_pieces(sched.state_dict())
         blobs[CONFIG_NAME] = (json.dumps(cfg_dict, indent=2) + "\n").encode()
-    need = sum(len(b) for b in blobs.values())
+    need = sum(nbytes(b) for b in blobs.values())
     # each process hashes what it wrote (from memory: no file is read back, and no process
     # reads another's shards); the manifest is the union
-    mine = {n: {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()}
-            for n, b in blobs.items()}
+    mine = {n: {"bytes": nbytes(b), "sha256": _digest(b)} for n, b in blobs.items()}
     err: BaseException | None = None
     try:
         if acc.is_main_process:

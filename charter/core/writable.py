@@ -102,9 +102,17 @@ def disk_error(e: BaseException, path: str | os.PathLike, need: int | None = Non
                         path=path)
 
 
-def write_bytes_durable(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to a new file and fsync it (callers rename the folder or file after)."""
+def write_bytes_durable(path: str | os.PathLike, data) -> None:
+    """Write `data` (bytes, or a list of bytes-like pieces written in turn) to a new file and
+    fsync it (callers rename the folder or file after)."""
     with open(path, "wb") as f:
-        f.write(data)
+        for piece in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+            f.write(piece)
         f.flush()
         os.fsync(f.fileno())
+
+
+def nbytes(data) -> int:
+    """Size of what `write_bytes_durable` writes for `data`."""
+    pieces = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+    return sum(memoryview(p).nbytes for p in pieces)
