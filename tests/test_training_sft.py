@@ -68,18 +68,19 @@ def test_a_finished_run_frees_its_model(tmp_path, tiny_model_dir, monkeypatch):
     import weakref
 
     import training.sft as sft
+    import training.stage as stage
     from charter.pipeline import free_memory
     from training.options import SFTConfig
 
     refs = []
-    setup = sft.setup
+    setup = stage.setup
 
     def spy(cfg):
         acc, model, tok, path = setup(cfg)
         refs.extend([weakref.ref(acc), weakref.ref(model)])
         return acc, model, tok, path
 
-    monkeypatch.setattr(sft, "setup", spy)
+    monkeypatch.setattr(stage, "setup", spy)
     write_sft(tmp_path / "sft.jsonl", 4)
     sft.train_sft(SFTConfig(data=str(tmp_path / "sft.jsonl"), out=str(tmp_path / "out"),
                             model=str(tiny_model_dir), batch_size=2, max_steps=1,
