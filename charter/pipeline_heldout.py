@@ -9,8 +9,8 @@ trains on the next `train`. At 40 held-out prompts a refusal rate's 95% interval
 `--more-heldout N` takes the N harmful prompts that follow the training ones in the same
 shuffle (no stage of either run has seen them), has each side's final model answer them with
 the run's own eval settings (greedy), and pools them with that run's held-out harmful prompts.
-Refusal only: the judge's win rates cost more than the answers and stay on the run's own
-eval. The training data does not change, so this adds to a finished A/B without re-running
+The starting model answers them too (once, shared by both sides). Refusal only: the judge's
+win rates cost more than the answers and stay on the run's own eval. The training data does not change, so this adds to a finished A/B without re-running
 anything (re-running the same command resumes every stage, then this).
 
 Outputs: OUT/heldout-more/harmful.jsonl (the prompts), OUT/heldout-more/a/ and b/ (each a
@@ -69,8 +69,6 @@ def evaluate_more(out: Path, result: dict, pf, n: int) -> dict:
     from charter.pipeline_compare import intervals_apart
     from critique.evaluate.config import EvalConfig
     from critique.evaluate.run import run_eval
-    from critique.evaluate.stats import wilson_interval
-
     folder = out / "heldout-more"
     rows = more_heldout_prompts(pf, n, out / "a")
     prompts = folder / "harmful.jsonl"
@@ -85,19 +83,40 @@ def evaluate_more(out: Path, result: dict, pf, n: int) -> dict:
         if settings.get("refusal_detector", "rule") != "rule":  # the judge's verdict counts too
             settings.update(judge=base.get("judge"), judge_backend=base.get("judge_backend"),
                             constitution=base.get("constitution"))
-        cfg = EvalConfig(**settings, model=side["final_model"], prompts=str(prompts),
-                         out=str(folder / k))
+        cfg = EvalConfig(**settings, model=side["final_model"], baseline=base.get("baseline"),
+                         prompts=str(prompts), out=str(folder / k))
+        if k == "b":  # the starting model's answers: made once, in A (as the A/B's own eval)
+            share_baseline(folder, "a", "b")
         print(f"[charter run] {k.upper()}: {n} more held-out harmful prompts into {folder / k}")
-        more = run_eval(cfg)["models"]["model"]["harmful"]["refusal"]
+        models = run_eval(cfg)["models"]
         free_memory()
-        own = side["model"]["harmful"]
-        count, total = own["count"] + more["count"], own["n"] + more["n"]
-        pooled = {"count": count, "n": total, "rate": count / total if total else None,
-                  "ci95": list(wilson_interval(count, total))}
-        entry[k] = {"more": more, "pooled": pooled}
+        entry[k] = _pooled(models["model"]["harmful"]["refusal"], side["model"]["harmful"])
+        if k == "a" and "baseline" in models:
+            entry["start"] = _pooled(models["baseline"]["harmful"]["refusal"],
+                                     side["baseline"]["harmful"])
     entry["pooled_apart"] = intervals_apart(entry["a"]["pooled"]["ci95"],
                                             entry["b"]["pooled"]["ci95"])
     return entry
+
+
+def _pooled(more: dict, own: dict) -> dict:
+    """The extra prompts' refusal summary, and pooled with the run's own (a Wilson interval)."""
+    from critique.evaluate.stats import wilson_interval
+
+    count, total = own["count"] + more["count"], own["n"] + more["n"]
+    return {"more": more, "pooled": {"count": count, "n": total,
+                                     "rate": count / total if total else None,
+                                     "ci95": list(wilson_interval(count, total))}}
+
+
+def share_baseline(folder: Path, src: str, dst: str) -> None:
+    import shutil
+
+    made = folder / src / "responses-baseline.jsonl"
+    target = folder / dst / "responses-baseline.jsonl"
+    if made.exists() and not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(made, target)
 
 
 def render_more(entry: dict, pct) -> list[str]:
@@ -107,14 +126,23 @@ def render_more(entry: dict, pct) -> list[str]:
     verdict = ("do not overlap: the outcome follows the principle file"
                if entry["pooled_apart"] else "still overlap: these prompts cannot tell the "
                "two files apart either")
-    return ["", "## More held-out harmful prompts", "",
+    rows = ["", "## More held-out harmful prompts", "",
             f"{entry['n']} more harmful prompts from the same set (the ones after the training "
             "prompts in the same seeded shuffle: no stage of either run saw them), answered by "
-            "each trained model with the eval's settings; refusal by the same rule. Pooled with "
+            "the starting model and each trained model with the eval's settings; refusal by the "
+            "same rule. Pooled with "
             f"the held-out ones above. Prompts: `{entry['prompts']}`.", "",
-            "| trained model: harmful refusal | A | B |", "|---|---|---|",
-            f"| the {entry['n']} more prompts | {pct(a['more'])} | {pct(b['more'])} |",
-            f"| pooled with the run's own held-out prompts | {pct(a['pooled'])} | "
-            f"{pct(b['pooled'])} |", "",
+            "| harmful refusal | A | B |", "|---|---|---|"]
+    start = entry.get("start")
+    if start:  # the same starting model on both sides
+        rows += [f"| starting model, the {entry['n']} more prompts | {pct(start['more'])} | "
+                 f"{pct(start['more'])} |",
+                 f"| starting model, pooled with the run's own | {pct(start['pooled'])} | "
+                 f"{pct(start['pooled'])} |"]
+    rows += [f"| trained model, the {entry['n']} more prompts | {pct(a['more'])} | "
+             f"{pct(b['more'])} |",
+             f"| trained model, pooled with the run's own held-out prompts | "
+             f"{pct(a['pooled'])} | {pct(b['pooled'])} |", "",
             f"Pooled harmful refusal, A − B: {100 * (ra - rb):+.1f} points; the two 95% "
             f"intervals {verdict}."]
+    return rows

@@ -126,7 +126,8 @@ def test_more_heldout_prompts_pool_with_the_run_own(project, capsys):
     result = run_compare(project / "pipe.yaml", project / "b.yaml", out, KINDS,
                          more_heldout=1)
     assert CALLS == []  # every stage of both runs resumed: only the extra eval ran
-    assert capsys.readouterr().err.count("eval model: 100%") == 2  # one per side
+    err = capsys.readouterr().err
+    assert err.count("eval model: 100%") == 2 and err.count("eval baseline: 100%") == 1
     rows = [json.loads(x) for x in (out / "heldout-more/harmful.jsonl").read_text().splitlines()]
     used = {json.loads(x)["id"] for name in ("eval", "train")
             for x in (out / "a/data" / f"{name}.jsonl").read_text().splitlines()}
@@ -140,11 +141,17 @@ def test_more_heldout_prompts_pool_with_the_run_own(project, capsys):
         assert more[k]["pooled"]["n"] == own["n"] + 1 == 4
         assert more[k]["pooled"]["count"] == own["count"] + more[k]["more"]["count"]
         assert (out / "heldout-more" / k / "report.json").exists()
+    start = result["a"]["baseline"]["harmful"]  # the starting model: answered once, in A
+    assert more["start"]["pooled"]["n"] == start["n"] + 1 == 4
+    assert more["start"]["pooled"]["count"] == start["count"] + more["start"]["more"]["count"]
+    assert (out / "heldout-more/b/responses-baseline.jsonl").read_bytes() == \
+        (out / "heldout-more/a/responses-baseline.jsonl").read_bytes()
     lo, hi = more["a"]["pooled"]["ci95"]
     assert 0 <= lo <= more["a"]["pooled"]["rate"] <= hi <= 1
     report = (out / "report.md").read_text()
     assert "## More held-out harmful prompts" in report
-    assert "| pooled with the run's own held-out prompts |" in report
+    assert "| trained model, pooled with the run's own held-out prompts |" in report
+    assert "| starting model, pooled with the run's own |" in report
     # asking for more than the set has left names the numbers
     with pytest.raises(CharterError, match=r"8 distinct prompts, 3 held out and 4 trained on, "
                                            r"so only 1 are left"):
