@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from charter.core import rundir
+from charter.core import procmem, rundir
 from charter.core.config import config_from_dict, field_defaults
 from charter.core.errors import CharterError
 from charter.core.records import write_jsonl_atomic
@@ -335,6 +335,7 @@ def run_pipeline(path: str | Path, out: str | Path | None = None,
         if d:
             prev = read_done(out, st) or {}
             state[st.name].update(status="skipped", seconds=prev.get("seconds"),
+                                  memory=prev.get("memory"),
                                   result=relocate(prev.get("result"), _made_in(prev), out))
     ctx = Context()
     t_all = time.time()
@@ -348,6 +349,7 @@ def run_pipeline(path: str | Path, out: str | Path | None = None,
             st.step.before(out, st.name)
             ctx.pool.release(_needed_from(stages, stages.index(st)))
             free_memory()  # what the stages before left (models, activations) is gone
+            rss_start = procmem.reset_peak()
             ctx.roles = st.roles
             state[st.name]["status"] = "running"
             write_summary(out, pf, stages, state, time.time() - t_all, plot=False)
@@ -361,11 +363,13 @@ def run_pipeline(path: str | Path, out: str | Path | None = None,
                                       seconds=round(time.time() - t0, 2))
                 raise
             seconds = round(time.time() - t0, 2)
+            memory = {"start_mb": rss_start, "peak_mb": procmem.peak_mb()}  # resident, MB
             stage_folder(out, st).record({
                 "stage": st.name, "fingerprint": st.fingerprint, "data": data_sha,
-                "run": str(out),
-                "seconds": seconds, "result": result, "config": config_json(st.cfg)})
-            state[st.name] = {"status": "done", "seconds": seconds, "result": result}
+                "run": str(out), "seconds": seconds, "memory": memory,
+                "result": result, "config": config_json(st.cfg)})
+            state[st.name] = {"status": "done", "seconds": seconds, "memory": memory,
+                              "result": result}
     finally:
         ctx.close()
         summary = write_summary(out, pf, stages, state, time.time() - t_all)

@@ -103,11 +103,14 @@ def render(summary: dict, has_trend: bool, attribution: list[str] = ()) -> str:
              f"iterations: {summary['iterations']}; total time {summary['seconds']:.0f} s.", "",
              f"Final model: `{summary['final_model'] or 'not trained yet'}`", ""]
     lines += render_roles(summary.get("roles") or {}) + [
-             "## Stages", "", "| stage | status | seconds | result |", "|---|---|---|---|"]
+             "## Stages", "", "Peak memory: the process's resident memory at its highest during "
+             "the stage (models, training state, caches, and what the libraries hold).", "",
+             "| stage | status | seconds | peak memory (MB) | result |", "|---|---|---|---|---|"]
     for st in summary["stages"]:
-        secs = st.get("seconds")
+        secs, peak = st.get("seconds"), (st.get("memory") or {}).get("peak_mb")
         lines.append(f"| {st['name']} | {st['status']} | "
-                     f"{'' if secs is None else f'{secs:.0f}'} | {_result(st)} |")
+                     f"{'' if secs is None else f'{secs:.0f}'} | "
+                     f"{'' if peak is None else f'{peak:,}'} | {_result(st)} |")
     evals = [st for st in summary["stages"] if st["kind"] == "eval" and st.get("result")]
     if evals:
         lines += ["", "## Evaluation (held-out prompts)", "",

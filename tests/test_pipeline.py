@@ -150,6 +150,11 @@ def test_full_run_wiring_and_outputs(project):
     names = [s["name"] for s in summary["stages"]]
     assert names == ["critique", "sft", "label", "dpo", "eval", "label-2", "dpo-2", "eval-2"]
     assert all(s["status"] == "done" for s in summary["stages"])
+    # each stage's resident memory: its own high-water mark, at least where it started
+    for s in summary["stages"]:
+        assert 0 < s["memory"]["start_mb"] <= s["memory"]["peak_mb"], s
+    assert "| stage | status | seconds | peak memory (MB) | result |" in \
+        (out / "report.md").read_text()
     assert summary["final_model"] == str((out / "dpo-2" / "final").resolve())
     # held-out split: 3 + 2 eval prompts, 4 harmful + 2 benign train prompts, disjoint
     ev = [json.loads(x) for x in (out / "data" / "eval.jsonl").read_text().splitlines()]
@@ -351,6 +356,7 @@ def test_moved_run_folder_resumes_with_nothing_redone(project):
     summary = run_pipeline(project / "pipe.yaml", moved, KINDS)
     assert CALLS == []
     assert all(st["status"] == "skipped" for st in summary["stages"])
+    assert all(st["memory"]["peak_mb"] > 0 for st in summary["stages"])  # kept from DONE.json
     assert summary["final_model"].startswith(str(moved.resolve()))
     # a setting that names a path outside the run folder is still a difference
     done_path = moved / "sft" / "DONE.json"
