@@ -26,6 +26,7 @@ from pathlib import Path
 
 from charter.core.errors import CharterError
 from charter.core.records import write_json_atomic, write_text_atomic
+from critique.evaluate.stats import intervals_apart
 
 
 def run_compare(path: str | Path, compare: str | Path, out: str | Path | None = None,
@@ -79,11 +80,6 @@ def share_baseline(a_out: Path, b_out: Path) -> list[str]:
             shutil.copyfile(src, target)
         shared.append(f"{src.parent.name}/{src.name}")
     return shared
-
-
-def intervals_apart(a: list[float], b: list[float]) -> bool:
-    """True when two intervals [lo, hi] do not overlap (one lies wholly above the other)."""
-    return a[0] > b[1] or b[0] > a[1]
 
 
 def side(run: Path, summary: dict, constitution: str) -> dict:

@@ -66,9 +66,9 @@ def evaluate_more(out: Path, result: dict, pf, n: int) -> dict:
     """Each side's final model on the `n` extra prompts; their refusal rates alone and pooled
     with the side's own held-out harmful prompts, and whether the pooled intervals are apart."""
     from charter.pipeline import free_memory
-    from charter.pipeline_compare import intervals_apart
     from critique.evaluate.config import EvalConfig
     from critique.evaluate.run import run_eval
+    from critique.evaluate.stats import intervals_apart
     folder = out / "heldout-more"
     rows = more_heldout_prompts(pf, n, out / "a")
     prompts = folder / "harmful.jsonl"

@@ -86,3 +86,8 @@ def win_summary(probs: Sequence[float], resamples: int = 1000, seed: int = 0,
     return {"n": n, "wins": wins, "losses": losses, "ties": ties,
             "win_rate": score / n if n else None, "win_ci95": [lo, hi],
             "mean_p": mean_p, "mean_p_ci95": [blo, bhi]}
+
+
+def intervals_apart(a, b) -> bool:
+    """True when two intervals [lo, hi] do not overlap (one lies wholly above the other)."""
+    return a[0] > b[1] or b[0] > a[1]
