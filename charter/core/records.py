@@ -195,6 +195,96 @@ class EvalResponse:
         return cls(d["key"], str(d.get("id")), d["response"])
 
 
+@dataclass
+class EvalAnswer:
+    """One model's answer in a row of eval's `results.jsonl`: the response, the phrase rule's
+    verdict (`rule`, the phrase it matched), the judge's P(refusal) (None without a judge) and
+    the headline verdict `refused` (per `refusal_detector`)."""
+
+    response: str
+    rule: bool
+    rule_phrase: str | None
+    judge_p_refusal: float | None
+    refused: bool
+
+
+@dataclass
+class EvalResult:
+    """One prompt's row of `charter eval`'s `results.jsonl`: the prompt, each evaluated role's
+    `EvalAnswer` (model, baseline, sft_model), and with a judged comparison the judge's
+    P(model preferred) and its detail (`{"identical": true}` when both answers were the same).
+    `to_dict` writes the row (roles as top-level keys); `from_dict` reads it back, older files
+    included (the keys are the same)."""
+
+    id: str
+    label: str | None
+    prompt: list[Message]
+    answers: dict[str, EvalAnswer] = field(default_factory=dict)
+    p_model_preferred: float | None = None
+    judge: dict | None = None
+
+    ANSWERING = ("model", "baseline", "sft_model")  # the roles whose answers a row holds
+
+    def to_dict(self) -> dict:
+        d: dict = {"id": self.id, "label": self.label, "prompt": self.prompt}
+        d.update({role: asdict(a) for role, a in self.answers.items()})
+        if self.p_model_preferred is not None:
+            d["p_model_preferred"] = self.p_model_preferred
+            d["judge"] = self.judge
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, path: object = None, line: int | None = None) -> EvalResult:
+        if not isinstance(d.get("id"), str):
+            raise CharterError("a results row needs a string id", path=path, line=line,
+                               field="id")
+        answers = {}
+        for role in cls.ANSWERING:
+            if isinstance(d.get(role), dict):
+                try:
+                    answers[role] = EvalAnswer(**d[role])
+                except TypeError as e:  # a missing or unknown key
+                    raise CharterError(f"not an answer row ({e})", path=path, line=line,
+                                       field=role) from None
+        return cls(d["id"], d.get("label"), d.get("prompt") or [], answers,
+                   d.get("p_model_preferred"), d.get("judge"))
+
+
+def read_eval_results(path: str | os.PathLike) -> list[EvalResult]:
+    """The rows of an eval's `results.jsonl`."""
+    return [EvalResult.from_dict(obj, where, line) for where, line, obj in read_records(path)]
+
+
+@dataclass
+class PromptDone:
+    """The label stage's mark that one prompt is finished (`prompts_done.jsonl`, prompts mode):
+    `key` (content hash of the prompt's id and messages), its `prompt_id`, how many pairs it
+    gave, its distinct `responses`, the samples dropped as identical, and the pairs no reading
+    could label (`unlabelled`; older marks lack it: 0). A prompt's pairs count only once its
+    mark is written, so a killed run redoes a cut-off prompt whole."""
+
+    key: str
+    prompt_id: str
+    pairs: int
+    responses: int
+    skipped_identical: int
+    unlabelled: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, path: object = None) -> PromptDone:
+        if not isinstance(d.get("key"), str):
+            raise CharterError("a done mark needs a string key", path=path, field="key")
+        known = {f: d[f] for f in ("prompt_id", "pairs", "responses", "skipped_identical",
+                                   "unlabelled") if f in d}
+        try:
+            return cls(key=d["key"], **known)
+        except TypeError as e:  # a field missing
+            raise CharterError(f"not a done mark ({e})", path=path) from None
+
+
 def _completion(value: Any, path: object, line: int, field: str) -> list[Message]:
     if isinstance(value, str):  # TRL's "standard" format: a plain completion string
         return [{"role": "assistant", "content": value}]
