@@ -29,14 +29,18 @@ from charter.core.records import write_json_atomic, write_text_atomic
 
 
 def run_compare(path: str | Path, compare: str | Path, out: str | Path | None = None,
-                kinds: dict | None = None) -> dict:
+                kinds: dict | None = None, more_heldout: int = 0) -> dict:
     """Run the pipeline at `path` with its own constitution (A) and with `compare` (B);
-    `kinds` as in `run_pipeline` (tests pass stand-ins)."""
+    `kinds` as in `run_pipeline` (tests pass stand-ins); `more_heldout` > 0 adds that many
+    held-out harmful prompts to the comparison (charter/pipeline_heldout.py)."""
     from charter.pipeline import default_out, run_pipeline
     from charter.pipeline_file import load_pipeline_file
     from constitution import load_constitution
 
     pf = load_pipeline_file(path)
+    if more_heldout < 0:
+        raise CharterError(f"--more-heldout must be 0 or more, got {more_heldout}",
+                           field="more_heldout")
     b_file = str(Path(compare).resolve())
     load_constitution(b_file)  # a bad B fails before A runs for half an hour
     a_file = pf.cfg.constitution
@@ -54,6 +58,10 @@ def run_compare(path: str | Path, compare: str | Path, out: str | Path | None = 
               "a": side(out / "a", a, a_file), "b": side(out / "b", b, b_file)}
     result["harmful_refusal_apart"] = intervals_apart(
         *(result[k]["model"]["harmful"]["ci95"] for k in ("a", "b")))
+    if more_heldout:
+        from charter.pipeline_heldout import evaluate_more
+
+        result["more_heldout"] = evaluate_more(out, result, pf, more_heldout)
     write_json_atomic(out / "compare.json", result)
     png = plot_compare(result, out / "compare.png")
     write_text_atomic(out / "report.md", render(result, diff_files(a_file, b_file),
@@ -153,6 +161,13 @@ def render(result: dict, diff: str, image: str | None) -> str:
         apart = result["harmful_refusal_apart"]
         lines += ["", f"Harmful refusal, A − B: {100 * (ra - rb):+.1f} points; the two 95% "
                   f"intervals {'do not overlap: the outcome follows the principle file' if apart else 'overlap: this run cannot tell the two files apart'}."]
+        if not apart and "more_heldout" not in result:
+            lines.append("More held-out prompts give the comparison more power without "
+                         "re-running anything: add `--more-heldout 200` to the same command.")
+    if "more_heldout" in result:
+        from charter.pipeline_heldout import render_more
+
+        lines += render_more(result["more_heldout"], _pct)
     if image:
         lines += ["", f"![refusal rates, A and B]({image})"]
     from critique.label.report import render_diagnostics
@@ -179,5 +194,9 @@ def plot_compare(result: dict, path: Path) -> Path | None:
     bars = [("starting model", result["a"]["baseline"])]
     bars += [(f"{k.upper()}: {result[k]['constitution']['name']}"[:40], result[k]["model"])
              for k in ("a", "b")]
+    more = result.get("more_heldout")
+    if more:  # the pooled harmful rates (no benign bar: the extra prompts are harmful only)
+        bars += [(f"{k.upper()}, pooled with {more['n']} more"[:40],
+                  {"harmful": more[k]["pooled"]}) for k in ("a", "b")]
     return plot_refusal_bars(bars, path, "Constitution A/B: refusal rates (95% Wilson "
                                          "intervals)")

@@ -112,3 +112,46 @@ def test_compare_on_the_real_stages_with_a_tiny_model(tmp_path, tiny_model_dir):
     assert "+name: helpful-only" in report and "-name: harmless" in report
     assert json.loads((out / "compare.json").read_text())["shared"] == [
         "eval/responses-baseline.jsonl"]
+
+
+def test_more_heldout_prompts_pool_with_the_run_own(project, capsys):
+    """--more-heldout N: the N harmful prompts after the held-out and training ones (the
+    fixture's 8 prompts: 3 held out, 4 trained on, 1 left), answered by both trained models and
+    pooled with each run's own held-out harmful prompts; a finished A/B is not re-run."""
+    (project / "b.yaml").write_text(B)
+    out = project / "ab"
+    run_compare(project / "pipe.yaml", project / "b.yaml", out, KINDS)
+    CALLS.clear()
+    capsys.readouterr()
+    result = run_compare(project / "pipe.yaml", project / "b.yaml", out, KINDS,
+                         more_heldout=1)
+    assert CALLS == []  # every stage of both runs resumed: only the extra eval ran
+    assert capsys.readouterr().err.count("eval model: 100%") == 2  # one per side
+    rows = [json.loads(x) for x in (out / "heldout-more/harmful.jsonl").read_text().splitlines()]
+    used = {json.loads(x)["id"] for name in ("eval", "train")
+            for x in (out / "a/data" / f"{name}.jsonl").read_text().splitlines()}
+    assert len(rows) == 1 and rows[0]["id"] not in used and rows[0]["label"] == "harmful"
+    assert rows[0]["messages"][0]["content"].startswith("harmful request ")
+    more = json.loads((out / "compare.json").read_text())["more_heldout"]
+    assert more == result["more_heldout"] and more["n"] == 1
+    for k in ("a", "b"):
+        own = result[k]["model"]["harmful"]
+        assert more[k]["more"]["n"] == 1
+        assert more[k]["pooled"]["n"] == own["n"] + 1 == 4
+        assert more[k]["pooled"]["count"] == own["count"] + more[k]["more"]["count"]
+        assert (out / "heldout-more" / k / "report.json").exists()
+    lo, hi = more["a"]["pooled"]["ci95"]
+    assert 0 <= lo <= more["a"]["pooled"]["rate"] <= hi <= 1
+    report = (out / "report.md").read_text()
+    assert "## More held-out harmful prompts" in report
+    assert "| pooled with the run's own held-out prompts |" in report
+    # asking for more than the set has left names the numbers
+    with pytest.raises(CharterError, match=r"8 distinct prompts, 3 held out and 4 trained on, "
+                                           r"so only 1 are left"):
+        run_compare(project / "pipe.yaml", project / "b.yaml", out, KINDS, more_heldout=2)
+
+
+def test_more_heldout_needs_compare(project, capsys):
+    assert main(["run", str(project / "pipe.yaml"), "--more-heldout", "5"]) == 1
+    err = capsys.readouterr().err
+    assert "--more-heldout adds prompts to a constitution A/B: it needs --compare" in err

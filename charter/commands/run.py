@@ -3,6 +3,7 @@
     charter run examples/quickstart.yaml --out runs/quick
     charter run examples/quickstart.yaml --check     # validate and show the plan only
     charter run examples/quickstart.yaml --compare principles/helpful-only.yaml --out runs/ab
+    charter run examples/quickstart.yaml --compare principles/helpful-only.yaml --more-heldout 200
 
 The file names the constitution, the starting model, the prompt sets (with held-out parts for
 evaluation) and each stage's settings (the keys of that stage's command); see
@@ -29,6 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", default=None, metavar="B.yaml",
                    help="a second principle file: run the pipeline with each (A = the file's "
                    "constitution, into OUT/a and OUT/b) and compare them in OUT/report.md")
+    p.add_argument("--more-heldout", type=int, default=0, metavar="N",
+                   help="with --compare: also have both trained models answer N more held-out "
+                   "harmful prompts (after the training ones in the same shuffle; refusal only) "
+                   "and pool them with the run's own, for a comparison with more power")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,14 +46,25 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(plan, indent=2))
         print(f"ok: {len(plan['stages'])} stages, prompts {plan['data']}")
         return 0
+    if args.more_heldout and not args.compare:
+        from charter.core.errors import CharterError
+
+        raise CharterError("--more-heldout adds prompts to a constitution A/B: it needs "
+                           "--compare B.yaml", field="more_heldout")
     if args.compare:
         from charter.pipeline_compare import run_compare
 
-        result = run_compare(args.pipeline, args.compare, args.out)
+        result = run_compare(args.pipeline, args.compare, args.out,
+                             more_heldout=args.more_heldout)
         for k in ("a", "b"):
             h = result[k]["model"]["harmful"]
             print(f"{k.upper()}: {result[k]['constitution']['name']:20s} harmful refusal "
                   f"{h['rate']:.3f} [{h['ci95'][0]:.3f}, {h['ci95'][1]:.3f}]")
+            more = result.get("more_heldout")
+            if more:
+                h = more[k]["pooled"]
+                print(f"   pooled with {more['n']} more held-out prompts: {h['rate']:.3f} "
+                      f"[{h['ci95'][0]:.3f}, {h['ci95'][1]:.3f}] ({h['count']}/{h['n']})")
         print(f"report: {result['out']}/report.md")
         return 0
     summary = run_pipeline(args.pipeline, args.out)

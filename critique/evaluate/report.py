@@ -148,15 +148,16 @@ def plot_refusals(report: dict, path: Path) -> Path | None:
 
 def plot_refusal_bars(bars: list[tuple[str, dict]], path: Path, title: str) -> Path:
     """Grouped bars of refusal rates with their intervals: `bars` = [(legend label,
-    {"harmful": rate summary, "benign": rate summary})], summaries as `stats.rate_summary`."""
+    {"harmful": rate summary, "benign": rate summary})], summaries as `stats.rate_summary`;
+    a label left out is not drawn."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     width = 0.8 / len(bars)
     for i, (name, by_label) in enumerate(bars):
         xs, ys, errs = [], [], [[], []]
         for j, label in enumerate(("harmful", "benign")):
-            s = by_label[label]
-            if s["rate"] is None:
+            s = by_label.get(label)
+            if s is None or s["rate"] is None:
                 continue
             xs.append(j + (i - (len(bars) - 1) / 2) * width)
             ys.append(100 * s["rate"])
