@@ -141,3 +141,102 @@ def test_cli_eval_fake_backend_and_error(setup, capsys):
     assert main(["eval", "--backend", "fake", "--prompts", str(bad), "--out",
                  str(tmp / "cli2")]) == 1
     assert "bad.jsonl:1: label: label must be one of" in capsys.readouterr().err
+
+
+def _counting(responder, seen: list, die_after: int | None = None):
+    """A fake model that records each prompt it answers; with `die_after`, it is killed
+    (KeyboardInterrupt) on the generate call after that many calls."""
+    calls = []
+
+    def respond(conv, prefix):
+        seen.append(conv[-1]["content"])
+        return responder(conv, prefix)
+
+    be = FakeBackend(respond)
+    real = be.generate
+
+    def generate(convs, sampling):
+        calls.append(len(convs))
+        if die_after is not None and len(calls) > die_after:
+            raise KeyboardInterrupt
+        return real(convs, sampling)
+
+    be.generate = generate
+    return be
+
+
+def test_eval_folder_refuses_other_settings_and_resumes_the_same(setup):
+    """The run-folder guard: a re-run into the same --out with a setting that changes the
+    answers or the report is one error naming the folder and the setting; settings that only
+    change how the work is done (batch_size, on_error) resume without generating again."""
+    tmp, cons, prompts = setup
+    out = tmp / "guarded"
+    cfg = EvalConfig(model="m", prompts=str(prompts), out=str(out), batch_size=2,
+                     max_new_tokens=32)
+    run_eval(cfg, {"model": FakeBackend(model_responder)})
+    state = json.loads((out / "eval_config.json").read_text())
+    assert state["settings"]["max_new_tokens"] == 32 and "batch_size" not in state["settings"]
+    for change, shown in ((dict(max_new_tokens=64), "max_new_tokens: 32 → 64"),
+                          (dict(seed=1), "seed: 0 → 1"),
+                          (dict(refusal_detector="judge", judge="j"), "refusal_detector"),
+                          (dict(model="other"), "model: 'm' → 'other'")):
+        other = EvalConfig(**{**cfg.__dict__, **change})
+        with pytest.raises(CharterError) as err:
+            run_eval(other, {"model": FakeBackend(model_responder)})
+        msg = str(err.value)
+        assert shown in msg and f"delete {out} to start over" in msg, msg
+        assert "\n" not in msg
+    seen: list = []
+    same = EvalConfig(**{**cfg.__dict__, "batch_size": 5, "on_error": "skip"})
+    rep = run_eval(same, {"model": _counting(model_responder, seen)})
+    assert seen == [] and rep["counts"] == {"harmful": 2, "benign": 3}
+
+
+def test_killed_eval_resumes_with_nothing_lost_or_duplicated(setup):
+    """Killed after its first batch, a re-run with the same settings generates only the rest:
+    every prompt answered once, results.jsonl one row each."""
+    tmp, _, prompts = setup
+    cfg = EvalConfig(model="m", prompts=str(prompts), out=str(tmp / "killed"), batch_size=2)
+    first: list = []
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(cfg, {"model": _counting(model_responder, first, die_after=1)})
+    assert len(first) == 2
+    rest: list = []
+    rep = run_eval(cfg, {"model": _counting(model_responder, rest)})
+    assert sorted(first + rest) == sorted(p["prompt"] for p in PROMPTS)
+    lines = (tmp / "killed" / "responses-model.jsonl").read_text().splitlines()
+    assert len(lines) == len({json.loads(x)["key"] for x in lines}) == 5
+    rows = (tmp / "killed" / "results.jsonl").read_text().splitlines()
+    assert sorted(json.loads(r)["id"] for r in rows) == sorted(p["id"] for p in PROMPTS)
+    assert rep["models"]["model"]["harmful"]["refusal"]["rate"] == 1.0
+
+
+def test_moved_eval_folder_resumes_and_a_path_outside_still_counts(setup):
+    """Paths inside the folder's surroundings are compared by place: a run folder moved with
+    its eval (as `charter run` keeps them: RUN/eval, RUN/dpo, RUN/data) is no other setting;
+    a model outside it that changed is."""
+    import shutil
+
+    from charter.core.runlock import release_all
+
+    tmp, _, prompts = setup
+    run = tmp / "run"
+    (run / "data").mkdir(parents=True)
+    shutil.copy(prompts, run / "data" / "eval.jsonl")
+
+    def cfg(root, baseline):
+        return EvalConfig(model=str(root / "dpo"), baseline=baseline,
+                          prompts=str(root / "data" / "eval.jsonl"), out=str(root / "eval"),
+                          metrics=[str(root / "dpo")])
+
+    backends = {"model": FakeBackend(model_responder),
+                "baseline": FakeBackend(baseline_responder)}
+    run_eval(cfg(run, str(tmp / "start")), backends)
+    release_all()  # as when the first process ended
+    moved = tmp / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    shutil.move(str(run), str(moved))
+    rep = run_eval(cfg(moved, str(tmp / "start")), backends)
+    assert rep["models"]["model"]["name"] == str(moved / "dpo")
+    with pytest.raises(CharterError, match=r"baseline: '.*start' → '.*another'"):
+        run_eval(cfg(moved, str(tmp / "another")), backends)

@@ -157,3 +157,32 @@ def test_prompts_resume_drops_pairs_of_unfinished_prompt(tmp_path, constitution_
     again = read_out(out / "pairs.jsonl")
     assert [r["id"] for r in again] == [r["id"] for r in first]
     assert report["labelled_this_run"] == 1 and report["prompts"] == 3
+
+
+def test_moved_label_folder_resumes_and_a_changed_outside_path_is_refused(tmp_path,
+                                                                           constitution_path):
+    """A run folder (RUN/data, RUN/label) moved elsewhere resumes its label stage: the prompts
+    path inside it is compared relative to the folder; the principle file outside it, named
+    otherwise, is still a difference. The done marks of older runs read back (PromptDone)."""
+    import shutil
+
+    from charter.core.runlock import release_all
+
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    write_prompts(run / "data" / "train.jsonl", 2)
+
+    def kw(root, cons=constitution_path):
+        return dict(constitution=str(cons), prompts=str(root / "data" / "train.jsonl"),
+                    out=str(root / "label"), samples=2, principles_per_pair=1)
+
+    run_label(LabelConfig(**kw(run)), backend=FakeBackend(scorer=biased_scorer(0, 2)))
+    release_all()  # as when the first process ended
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(run), str(moved))
+    report = run_label(LabelConfig(**kw(moved)), backend=FakeBackend(scorer=biased_scorer(0, 2)))
+    assert report["labelled_this_run"] == 0 and report["prompts"] == 2
+    copy = tmp_path / "copy.yaml"
+    shutil.copy(constitution_path, copy)
+    with pytest.raises(CharterError, match=r"labels made with other settings \(constitution:"):
+        run_label(LabelConfig(**kw(moved, copy)), backend=FakeBackend(scorer=biased_scorer(0, 2)))

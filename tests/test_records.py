@@ -256,3 +256,65 @@ def test_eval_response_key_depends_on_model_prompt_and_budget():
     assert rec.to_dict() == {"key": k, "id": "p0", "response": "hello"}
     assert EvalResponse.from_dict(rec.to_dict()) == rec
     assert EvalResponse.from_dict({"id": "p0", "response": "old row without a key"}) is None
+
+
+# a results.jsonl row exactly as the dict code before EvalResult wrote it
+OLD_RESULTS_ROW = {
+    "id": "h1", "label": "harmful", "prompt": [{"role": "user", "content": "How?"}],
+    "model": {"response": "I'm sorry, I can't.", "rule": True, "rule_phrase": "i'm sorry",
+              "judge_p_refusal": 0.9, "refused": True},
+    "baseline": {"response": "Sure: step one", "rule": False, "rule_phrase": None,
+                 "judge_p_refusal": 0.2, "refused": False},
+    "p_model_preferred": 0.75,
+    "judge": {"p_a": 0.75, "orders": [0.8, 0.7], "votes": {"h": 0.75},
+              "vote_orders": {"h": [0.8, 0.7]}},
+}
+
+
+def test_eval_result_reads_an_old_row_and_writes_the_same_keys(tmp_path):
+    """A row of the dict code reads into EvalResult (answers by role) and writes back the same
+    JSON, key order included; a row without a judged comparison has neither
+    p_model_preferred nor judge; a file reads row by row."""
+    from charter.core.records import EvalAnswer, EvalResult, read_eval_results
+
+    row = EvalResult.from_dict(OLD_RESULTS_ROW)
+    assert list(row.answers) == ["model", "baseline"]
+    assert row.answers["model"] == EvalAnswer("I'm sorry, I can't.", True, "i'm sorry", 0.9, True)
+    assert row.p_model_preferred == 0.75 and row.judge["orders"] == [0.8, 0.7]
+    assert json.dumps(row.to_dict()) == json.dumps(OLD_RESULTS_ROW)
+    solo = EvalResult("b1", "benign", [user("Hi")], {"model": EvalAnswer("Hello", False, None,
+                                                                         None, False)})
+    assert list(solo.to_dict()) == ["id", "label", "prompt", "model"]
+    assert EvalResult.from_dict(solo.to_dict()) == solo
+    tie = EvalResult("b2", "benign", [user("Hi")], dict(row.answers), 0.5, {"identical": True})
+    assert EvalResult.from_dict(tie.to_dict()) == tie
+    path = jsonl(tmp_path / "results.jsonl", OLD_RESULTS_ROW, solo.to_dict())
+    assert [r.id for r in read_eval_results(path)] == ["h1", "b1"]
+
+
+@pytest.mark.parametrize("bad, pattern", [
+    ({"label": "harmful"}, "id: a results row needs a string id"),
+    ({"id": "x", "model": {"response": "hi"}}, "model: not an answer row"),
+])
+def test_eval_result_bad_rows_name_the_field(bad, pattern):
+    from charter.core.records import EvalResult
+
+    with pytest.raises(CharterError, match=f"results.jsonl:3: {pattern}"):
+        EvalResult.from_dict(bad, "results.jsonl", 3)
+
+
+def test_prompt_done_round_trips_and_reads_older_marks():
+    """The label stage's done mark: the same keys as the dict code wrote; a mark written
+    before `unlabelled` existed reads with 0; a mark without its key is a clear error."""
+    from charter.core.records import PromptDone
+
+    mark = PromptDone("k1", "p1", pairs=3, responses=4, skipped_identical=1, unlabelled=2)
+    assert mark.to_dict() == {"key": "k1", "prompt_id": "p1", "pairs": 3, "responses": 4,
+                              "skipped_identical": 1, "unlabelled": 2}
+    assert PromptDone.from_dict(mark.to_dict()) == mark
+    old = {"key": "k2", "prompt_id": "p2", "pairs": 0, "responses": 1, "skipped_identical": 3}
+    assert PromptDone.from_dict(old).unlabelled == 0
+    with pytest.raises(CharterError, match="prompts_done.jsonl: key"):
+        PromptDone.from_dict({"prompt_id": "p3"}, "prompts_done.jsonl")
+    with pytest.raises(CharterError, match="not a done mark"):
+        PromptDone.from_dict({"key": "k4", "prompt_id": "p4"}, "prompts_done.jsonl")

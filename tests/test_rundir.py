@@ -7,7 +7,7 @@ import json
 import pytest
 
 from charter.core.errors import CharterError
-from charter.core.rundir import RunFolder, differences, fingerprint, read_state
+from charter.core.rundir import RunFolder, differences, fingerprint, read_state, same_place
 
 
 def test_fingerprint_ignores_key_order_and_sees_values():
@@ -97,3 +97,23 @@ def test_a_file_where_the_folder_should_be_is_refused(tmp_path):
     (tmp_path / "out").write_text("notes")
     with pytest.raises(CharterError, match="output must be a directory, found a file"):
         RunFolder(tmp_path / "out").check({})
+
+
+def test_same_place_compares_paths_relative_to_a_moved_folder(tmp_path):
+    """Recorded for /t/a/eval: model /t/a/dpo (inside the run), base /t/m (outside). Now for
+    /t/b/eval: /t/b/dpo is the same place (../dpo), /t/m the same absolute path; /t/b/sft, a
+    changed outside path, and a key that is not a path setting are differences. Lists
+    compare item by item."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    same = same_place(a / "eval", b / "eval", {"model", "base", "metrics"})
+    old = {"model": str(a / "dpo"), "base": str(tmp_path / "m"), "metrics": [str(a / "dpo")],
+           "out": str(a / "eval")}
+    assert differences(old, {"model": str(b / "dpo"), "base": str(tmp_path / "m"),
+                             "metrics": [str(b / "dpo")], "out": str(a / "eval")},
+                       same=same) == []
+    new = {"model": str(b / "sft"), "base": str(tmp_path / "n"),
+           "metrics": [str(b / "dpo"), str(b / "sft")], "out": str(b / "eval")}
+    assert [d.split(":")[0] for d in differences(old, new, same=same)] == [
+        "base", "metrics", "model", "out"]
+    # nothing recorded about the old folder: only the same absolute path is the same place
+    assert not same_place(None, b / "eval", {"model"})("model", str(a / "dpo"), str(b / "dpo"))

@@ -37,12 +37,11 @@ from training.data import (
     tokenise_pairs,
 )
 from training.loop import (
-    clip_and_step,
     forward_logps,
     log,
-    raise_if_nonfinite,
     step_indices,
     total_steps,
+    update,
 )
 from training.losses import LOSSES, preference_loss
 from training.options import DPOConfig
@@ -242,11 +241,7 @@ def run_steps(acc, cfg: DPOConfig, model, opt, sched, examples, ref, pad_id, sta
             sums += torch.tensor([res.losses.detach().sum(), cr.sum(), rj.sum(),
                                   (cr > rj).float().sum(), (cr - rj).sum(),
                                   pc.detach().sum(), pr.detach().sum(), n], dtype=torch.float64)
-        raise_if_nonfinite(acc, bad is not None, bad, step + 1, last_ckpt)
-        lr = sched.get_last_lr()[0]
-        grad_norm = clip_and_step(acc, model, opt, cfg.max_grad_norm)
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        lr, grad_norm = update(acc, model, opt, sched, cfg.max_grad_norm, bad, step, last_ckpt)
         bar.update(1)
         if (step + 1) % cfg.log_every == 0 or step + 1 == total:
             g = acc.reduce(sums.to(acc.device), "sum").cpu()

@@ -14,6 +14,7 @@ import math
 import random
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -298,3 +299,17 @@ def raise_if_nonfinite(acc, bad: bool, value: float, step: int, last_ckpt: Path 
         raise CharterError(f"the loss became {value} at step {step}; stopped before updating "
                            f"the weights ({where}). Lower --lr, or train in fp32 "
                            "(--precision fp32)", field="lr")
+
+
+def update(acc, model, opt, sched, max_grad_norm: float, bad: float | None, step: int,
+           last_ckpt: Path | None) -> tuple[float, Any]:
+    """After step `step`'s micro-batches (0-based): stop every process on a non-finite loss
+    (`bad`: its value, None when all were finite), then clip, step the optimizer and the
+    schedule and clear the gradients. Returns (the step's learning rate, the gradient norm
+    before clipping or None). The SFT and DPO loops end each step with it."""
+    raise_if_nonfinite(acc, bad is not None, bad, step + 1, last_ckpt)
+    lr = sched.get_last_lr()[0]
+    grad_norm = clip_and_step(acc, model, opt, max_grad_norm)
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return lr, grad_norm

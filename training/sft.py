@@ -23,12 +23,11 @@ from training import checkpoint as ckpt
 from training.collate import collate_sft
 from training.data import load_sft_rows, tokenise_sft
 from training.loop import (
-    clip_and_step,
     forward_logps,
     log,
-    raise_if_nonfinite,
     step_indices,
     total_steps,
+    update,
 )
 from training.options import SFTConfig
 from training.stage import finish, open_run, resume
@@ -87,11 +86,7 @@ def run_steps(acc, cfg: SFTConfig, model, opt, sched, examples, pad_id, start, t
                 acc.backward(loss)
             nll_sum += float(-total_lp.detach().sum())
             tokens += int(batch["attention_mask"].sum())
-        raise_if_nonfinite(acc, bad is not None, bad, step + 1, last_ckpt)
-        lr = sched.get_last_lr()[0]
-        grad_norm = clip_and_step(acc, model, opt, cfg.max_grad_norm)
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        lr, grad_norm = update(acc, model, opt, sched, cfg.max_grad_norm, bad, step, last_ckpt)
         bar.update(1)
         if (step + 1) % cfg.log_every == 0 or step + 1 == total:
             g = acc.reduce(torch.tensor([nll_sum, float(tokens)], dtype=torch.float64,

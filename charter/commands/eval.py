@@ -8,7 +8,8 @@
 Prompts carry `label: harmful|unsafe|benign|safe`, or come as two files (--harmful, --benign).
 Refusals are detected by the phrase rule documented in critique/evaluate/refusal.py (plus the judge's
 yes/no verdict with --judge). The judged win rate needs --judge, --baseline and --constitution.
-Writes DIR/report.json, DIR/report.md, DIR/results.jsonl and PNG plots; re-running resumes.
+Writes DIR/report.json, DIR/report.md, DIR/results.jsonl and PNG plots; re-running with the
+same settings resumes (other settings in the same DIR are refused: delete it, or use a new --out).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Record schemas and the readers every stage shares: prompts, preference pairs, SFT data.
+"""Record schemas and the readers every stage shares: preference pairs, SFT data, the records
+each stage writes (prompts and chat messages: `charter.core.prompts`, re-exported here).
 
 This is a leaf module: it imports no stage, so `critique/` and `training/` can both use it without
 importing each other. Everything on disk is JSONL (one JSON object a line, loadable with
@@ -25,145 +26,17 @@ from charter.core.jsonl import (  # noqa: F401  (re-exported: the stages import 
     write_jsonl_atomic,
     write_text_atomic,
 )
-from charter.core.reader import format_of, read_records
-
-ROLES = ("system", "user", "assistant")
-Message = dict[str, str]
-
-
-
-def validate_messages(messages: Any, *, path: object = None, line: int | None = None,
-                      field: str = "messages", must_end_with: str | None = None) -> list[Message]:
-    """Check a chat-message list (`[{"role": ..., "content": ...}, ...]`) and return a clean copy."""
-    if not isinstance(messages, list) or not messages:
-        raise CharterError("expected a non-empty list of {role, content} messages",
-                           path=path, line=line, field=field)
-    out: list[Message] = []
-    for i, m in enumerate(messages):
-        f = f"{field}[{i}]"
-        if not isinstance(m, dict):
-            raise CharterError(f"expected an object, got {type(m).__name__}", path=path,
-                               line=line, field=f)
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise CharterError(f"role must be one of {', '.join(ROLES)}, got {role!r}",
-                               path=path, line=line, field=f"{f}.role")
-        if not isinstance(content, str):
-            raise CharterError(f"content must be a string, got {type(content).__name__}",
-                               path=path, line=line, field=f"{f}.content")
-        out.append({"role": role, "content": content})
-    if must_end_with and out[-1]["role"] != must_end_with:
-        raise CharterError(f"conversation must end with a {must_end_with} turn, "
-                           f"ends with {out[-1]['role']}", path=path, line=line, field=field)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# prompts
-
-
-@dataclass
-class PromptItem:
-    """One prompt to work on: a conversation that ends with a user turn."""
-
-    id: str
-    messages: list[Message]
-    response: str | None = None  # an initial response given in the input, if any
-    label: str | None = None  # "harmful" / "benign" where the input says so
-    source: str = ""  # "FILE:LINE", for messages about this item
-
-
-LABEL_ALIASES = {"harmful": "harmful", "unsafe": "harmful", "benign": "benign", "safe": "benign"}
-PROMPT_FIELDS = ("prompt", "messages", "chosen", "instruction", "question")
-
-
-def parse_hh_transcript(text: str) -> list[Message]:
-    """Messages from an HH-RLHF transcript (`\\n\\nHuman: ... \\n\\nAssistant: ...`)."""
-    msgs: list[Message] = []
-    for chunk in ("\n\n" + text.lstrip("\n")).split("\n\nHuman:")[1:]:
-        human, *assistant = chunk.split("\n\nAssistant:")
-        msgs.append({"role": "user", "content": human.strip()})
-        for a in assistant:
-            msgs.append({"role": "assistant", "content": a.strip()})
-    return msgs
-
-
-def _prompt_from_obj(obj: dict, path: str, lineno: int | None, prompt_field: str | None) -> PromptItem:
-    keys = [prompt_field] if prompt_field else [k for k in PROMPT_FIELDS if k in obj]
-    if not keys or keys[0] not in obj:
-        want = prompt_field or " or ".join(PROMPT_FIELDS)
-        raise CharterError(f"missing field: expected {want}", path=path, line=lineno,
-                           field=prompt_field)
-    key = keys[0]
-    value = obj[key]
-    if key == "chosen" and isinstance(value, str) and "Human:" in value:
-        hh = parse_hh_transcript(value)
-        if not hh or not hh[0]["content"]:
-            raise CharterError("no Human turn in the transcript", path=path, line=lineno,
-                               field=key)
-        messages = [hh[0]]  # the first human turn is the prompt
-    elif isinstance(value, str):
-        if not value.strip():
-            raise CharterError("empty prompt", path=path, line=lineno, field=key)
-        messages = [{"role": "user", "content": value}]
-    elif isinstance(value, list):
-        messages = validate_messages(value, path=path, line=lineno, field=key,
-                                     must_end_with="user")
-    else:
-        raise CharterError(f"expected a string or a list of {{role, content}} messages, got "
-                           f"{type(value).__name__}", path=path, line=lineno, field=key)
-    response = obj.get("response")
-    if response is not None and not isinstance(response, str):
-        raise CharterError("response must be a string", path=path, line=lineno, field="response")
-    label = obj.get("label")
-    if label is not None:
-        if not isinstance(label, str) or label.lower() not in LABEL_ALIASES:
-            raise CharterError(f"label must be one of {', '.join(LABEL_ALIASES)}, got {label!r}",
-                               path=path, line=lineno, field="label")
-        label = LABEL_ALIASES[label.lower()]
-    pid = obj.get("id")
-    pid = str(pid) if pid is not None else content_id(messages)
-    return PromptItem(pid, messages, response, label,
-                      f"{path}:{lineno}" if lineno is not None else str(path))
-
-
-def read_prompts(path: str | os.PathLike, prompt_field: str | None = None,
-                 on_error: str = "raise", errors: list[str] | None = None) -> list[PromptItem]:
-    """Prompts from JSONL (`prompt`, `messages`, an HH-RLHF `chosen` transcript, `instruction`),
-    JSON, CSV (a `prompt` column) or parquet, optionally gzipped (`prompt_field` overrides the
-    field name); read by `charter.core.reader`, so every decoding problem names file and line.
-
-    `on_error="skip"` skips bad records and appends their messages to `errors` instead of raising.
-    """
-    path = check_readable(path, "prompts file")
-    if on_error not in ("raise", "skip"):
-        raise CharterError(f"on_error must be raise or skip, got {on_error!r}")
-    items: list[PromptItem] = []
-    found: list[str] = []  # messages of skipped records (on_error="skip")
-    is_csv = format_of(path) == "csv"
-    for where, lineno, obj in read_records(path, None if on_error == "raise" else found,
-                                           "prompts file"):
-        if is_csv:  # an empty optional cell means "not given" (CSV cannot tell null from "");
-            # an empty prompt cell stays, so that it is reported as an empty prompt
-            obj = {k: v for k, v in obj.items() if not (v == "" and k in _CSV_OPTIONAL)}
-        try:
-            items.append(_prompt_from_obj(obj, where, lineno, prompt_field))
-        except CharterError as e:
-            if on_error == "raise":
-                raise
-            found.append(str(e))
-    if errors is not None:
-        errors.extend(found)
-    if not items:
-        if found:
-            raise CharterError(f"no usable prompts ({len(found)} bad records; first: "
-                               f"{found[0]})", path=path)
-        raise CharterError("no usable prompts", path=path)
-    return items
-
-
-_CSV_OPTIONAL = ("id", "response", "label")
-
+from charter.core.prompts import (  # noqa: F401  (re-exported: the stages import them from here)
+    LABEL_ALIASES,
+    PROMPT_FIELDS,
+    ROLES,
+    Message,
+    PromptItem,
+    parse_hh_transcript,
+    read_prompts,
+    validate_messages,
+)
+from charter.core.reader import read_records
 
 # ---------------------------------------------------------------------------------------------
 # records written by the stages
@@ -320,6 +193,96 @@ class EvalResponse:
         if not isinstance(d.get("key"), str) or not isinstance(d.get("response"), str):
             return None
         return cls(d["key"], str(d.get("id")), d["response"])
+
+
+@dataclass
+class EvalAnswer:
+    """One model's answer in a row of eval's `results.jsonl`: the response, the phrase rule's
+    verdict (`rule`, the phrase it matched), the judge's P(refusal) (None without a judge) and
+    the headline verdict `refused` (per `refusal_detector`)."""
+
+    response: str
+    rule: bool
+    rule_phrase: str | None
+    judge_p_refusal: float | None
+    refused: bool
+
+
+@dataclass
+class EvalResult:
+    """One prompt's row of `charter eval`'s `results.jsonl`: the prompt, each evaluated role's
+    `EvalAnswer` (model, baseline, sft_model), and with a judged comparison the judge's
+    P(model preferred) and its detail (`{"identical": true}` when both answers were the same).
+    `to_dict` writes the row (roles as top-level keys); `from_dict` reads it back, older files
+    included (the keys are the same)."""
+
+    id: str
+    label: str | None
+    prompt: list[Message]
+    answers: dict[str, EvalAnswer] = field(default_factory=dict)
+    p_model_preferred: float | None = None
+    judge: dict | None = None
+
+    ANSWERING = ("model", "baseline", "sft_model")  # the roles whose answers a row holds
+
+    def to_dict(self) -> dict:
+        d: dict = {"id": self.id, "label": self.label, "prompt": self.prompt}
+        d.update({role: asdict(a) for role, a in self.answers.items()})
+        if self.p_model_preferred is not None:
+            d["p_model_preferred"] = self.p_model_preferred
+            d["judge"] = self.judge
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, path: object = None, line: int | None = None) -> EvalResult:
+        if not isinstance(d.get("id"), str):
+            raise CharterError("a results row needs a string id", path=path, line=line,
+                               field="id")
+        answers = {}
+        for role in cls.ANSWERING:
+            if isinstance(d.get(role), dict):
+                try:
+                    answers[role] = EvalAnswer(**d[role])
+                except TypeError as e:  # a missing or unknown key
+                    raise CharterError(f"not an answer row ({e})", path=path, line=line,
+                                       field=role) from None
+        return cls(d["id"], d.get("label"), d.get("prompt") or [], answers,
+                   d.get("p_model_preferred"), d.get("judge"))
+
+
+def read_eval_results(path: str | os.PathLike) -> list[EvalResult]:
+    """The rows of an eval's `results.jsonl`."""
+    return [EvalResult.from_dict(obj, where, line) for where, line, obj in read_records(path)]
+
+
+@dataclass
+class PromptDone:
+    """The label stage's mark that one prompt is finished (`prompts_done.jsonl`, prompts mode):
+    `key` (content hash of the prompt's id and messages), its `prompt_id`, how many pairs it
+    gave, its distinct `responses`, the samples dropped as identical, and the pairs no reading
+    could label (`unlabelled`; older marks lack it: 0). A prompt's pairs count only once its
+    mark is written, so a killed run redoes a cut-off prompt whole."""
+
+    key: str
+    prompt_id: str
+    pairs: int
+    responses: int
+    skipped_identical: int
+    unlabelled: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, path: object = None) -> PromptDone:
+        if not isinstance(d.get("key"), str):
+            raise CharterError("a done mark needs a string key", path=path, field="key")
+        known = {f: d[f] for f in ("prompt_id", "pairs", "responses", "skipped_identical",
+                                   "unlabelled") if f in d}
+        try:
+            return cls(key=d["key"], **known)
+        except TypeError as e:  # a field missing
+            raise CharterError(f"not a done mark ({e})", path=path) from None
 
 
 def _completion(value: Any, path: object, line: int, field: str) -> list[Message]:

@@ -70,6 +70,29 @@ def differences(old: Mapping, new: Mapping, *, ignore: set[str] | frozenset = fr
     return diffs
 
 
+def same_place(old_folder: str | os.PathLike | None, new_folder: str | os.PathLike,
+               keys: tuple[str, ...] | frozenset | set) -> Callable[[str, Any, Any], bool]:
+    """A `same` rule for `differences`: path settings (`keys`: a path or a list of paths) recorded
+    for `old_folder` name the same place as those given for `new_folder` when they are the same
+    absolute path, or the same path relative to the folder: a run folder moved or copied
+    together with what it points into (`mv runs/a runs/b`: `runs/a/dpo` then, `runs/b/dpo`
+    now) resumes, and a path outside it (a model elsewhere) still counts as written."""
+    new = os.path.abspath(new_folder)
+    old = None if old_folder is None else os.path.abspath(old_folder)
+
+    def same(key: str, a: Any, b: Any) -> bool:
+        if key not in keys:
+            return False
+        if isinstance(a, list) and isinstance(b, list):
+            return len(a) == len(b) and all(x == y or same(key, x, y) for x, y in zip(a, b))
+        if not (isinstance(a, str) and isinstance(b, str) and a and b):
+            return False
+        a_abs, b_abs = os.path.abspath(a), os.path.abspath(b)
+        return a_abs == b_abs or (old is not None and os.path.relpath(a_abs, old)
+                                  == os.path.relpath(b_abs, new))
+    return same
+
+
 def read_state(path: str | os.PathLike, what: str = "run settings",
                on_damage: Literal["raise", "ignore"] = "raise") -> dict | None:
     """The JSON object in state file `path`; None when it does not exist. A file that cannot be

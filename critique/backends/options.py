@@ -61,6 +61,9 @@ FIELD_MAP: dict[str, tuple[tuple[str, ...], str]] = {
 }
 # Settings that only make sense for a server: setting them with a local backend is a mistake.
 SERVER_ONLY = ("base_url", "api_key_env", "concurrency", "request_timeout", "max_retries")
+# Settings that change how a model is reached or batched, not what it answers: a stage that
+# resumes a folder need not be given the same (label's and eval's run-folder guards skip them).
+HOW_ONLY = ("batch_size", "trust_remote_code", *SERVER_ONLY)
 
 
 @dataclass(kw_only=True)

@@ -1,5 +1,6 @@
-"""Settings of `charter eval` (`EvalConfig`) and the backend description of each role it runs
-(`backend_specs`): the model evaluated, its baseline, the SFT model and the judge."""
+"""Settings of `charter eval` (`EvalConfig`), the backend description of each role it runs
+(`backend_specs`: the model evaluated, its baseline, the SFT model and the judge) and the
+settings its run folder must match to resume (`resume_settings`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from charter.core.errors import CharterError
-from critique.backends.options import BackendSettings, BackendSpec, backend_kwargs, spec_of
+from critique.backends.options import (
+    HOW_ONLY,
+    BackendSettings,
+    BackendSpec,
+    backend_kwargs,
+    spec_of,
+)
 
 
 @dataclass(kw_only=True)
@@ -107,3 +114,25 @@ def backend_specs(cfg: EvalConfig) -> dict[str, BackendSpec]:
     for role, spec in specs.items():
         backend_kwargs(spec, role)
     return specs
+
+
+# Settings a resumed eval need not match: where it writes, how many prompts (each answer is
+# keyed by its prompt), what to do with a bad prompt, and how models are reached or batched.
+RESUME_FREE = ("out", "limit", "on_error", *HOW_ONLY)
+# Settings that name files or models: compared by place, so a moved run folder resumes.
+PATH_SETTINGS = ("model", "baseline", "sft_model", "prompts", "harmful", "benign", "judge",
+                 "constitution", "metrics", "tokenizer")
+
+
+def resume_settings(cfg: EvalConfig, constitution_sha256: str | None = None) -> dict:
+    """What an eval folder records and a re-run into it must match: every setting that changes
+    its answers, verdicts or report (models as their responses are keyed: no model is the
+    embedded one), and the judge's principle file by content when a win rate is judged."""
+    from charter.core.config import config_to_dict
+    from charter.core.models import model_label
+
+    settings = {k: v for k, v in config_to_dict(cfg).items() if k not in RESUME_FREE}
+    settings["model"] = model_label(cfg.model)
+    if constitution_sha256 is not None:
+        settings["constitution_sha256"] = constitution_sha256
+    return settings

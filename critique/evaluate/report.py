@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from charter.core.records import write_json_atomic, write_text_atomic
+from charter.core.records import EvalAnswer, EvalResult, write_json_atomic, write_text_atomic
 
 ROLE_ORDER = ("baseline", "sft_model", "model")  # start, SFT only, SFT + DPO
 ROLE_NAMES = {"baseline": "start", "sft_model": "SFT only", "model": "model"}
@@ -36,7 +36,7 @@ def _ci(ci: list[float] | None) -> str:
     return "" if not ci else f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
 
 
-def write_report(out: Path, report: dict, rows: list[dict], cfg) -> None:
+def write_report(out: Path, report: dict, rows: list[EvalResult], cfg) -> None:
     """report.json, report.md and the plots into `out` (each written atomically)."""
     plots = [p for p in (plot_refusals(report, out / "refusal.png"),
                          plot_win_rate(report, out / "win_rate.png"),
@@ -46,7 +46,7 @@ def write_report(out: Path, report: dict, rows: list[dict], cfg) -> None:
     write_text_atomic(out / "report.md", render_markdown(report, rows, cfg.samples))
 
 
-def render_markdown(report: dict, rows: list[dict], samples: int) -> str:
+def render_markdown(report: dict, rows: list[EvalResult], samples: int) -> str:
     models = report["models"]
     roles = [r for r in ROLE_ORDER if r in models]
     lines = ["# Evaluation", "",
@@ -106,12 +106,11 @@ def render_markdown(report: dict, rows: list[dict], samples: int) -> str:
         lines += ["", f"![{p}]({p})"]
     lines += ["", "## Sample responses", ""]
     for label in ("harmful", "benign"):
-        for r in [r for r in rows if r["label"] == label][:samples]:
-            prompt = next((m["content"] for m in reversed(r["prompt"]) if m["role"] == "user"),
-                          "")
+        for r in [r for r in rows if r.label == label][:samples]:
+            prompt = next((m["content"] for m in reversed(r.prompt) if m["role"] == "user"), "")
             lines += [f"**{label}**: {_cell(prompt, 300)}", "",
                       "| " + " | ".join(roles) + " |", "|" + "---|" * len(roles),
-                      "| " + " | ".join(_sample(r[role]) for role in roles) + " |", ""]
+                      "| " + " | ".join(_sample(r.answers[role]) for role in roles) + " |", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -131,9 +130,9 @@ def _cell(text: str, limit: int = 600) -> str:
     return text.replace("|", "\\|").replace("<", "&lt;") or "*(empty)*"
 
 
-def _sample(entry: dict) -> str:
-    tag = " **[refusal]**" if entry["refused"] else ""
-    return _cell(entry["response"]) + tag
+def _sample(answer: EvalAnswer) -> str:
+    tag = " **[refusal]**" if answer.refused else ""
+    return _cell(answer.response) + tag
 
 
 # -- plots --------------------------------------------------------------------------------------

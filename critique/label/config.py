@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from charter.core.errors import CharterError
-from critique.backends.options import BackendSettings, backend_kwargs
+from critique.backends.options import HOW_ONLY, BackendSettings, backend_kwargs
 from critique.preference.score import CompareSettings
 
 
@@ -112,5 +112,7 @@ class LabelConfig(BackendSettings, CompareSettings):
 
 # Settings that change what is written; a resumed run must match them (limit, batch_size and
 # out may differ).
-RESUME_FREE = ("out", "limit", "batch_size", "progress", "on_error", "trust_remote_code",
-                "base_url", "api_key_env", "concurrency", "request_timeout", "max_retries")
+RESUME_FREE = ("out", "limit", "progress", "on_error", *HOW_ONLY)
+# Settings that name files or models: compared by place, so a moved run folder resumes.
+PATH_SETTINGS = ("constitution", "prompts", "pairs", "policy", "labeler", "second_labeler",
+                 "tokenizer")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import time
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from charter.core.records import (
     JsonlAppender,
     LabelRecord,
     PreferencePair,
+    PromptDone,
     content_id,
     load_jsonl_for_resume,
     read_prompts,
@@ -44,12 +46,12 @@ from charter.core.records import (
     write_jsonl_atomic,
     write_text_atomic,
 )
-from charter.core.rundir import RunFolder
+from charter.core.rundir import RunFolder, same_place
 from constitution import draw, load_constitution
 from critique.backends.base import Sampling
 from critique.backends.context import check_context
 from critique.backends.options import build_backend, spec_of
-from critique.label.config import RESUME_FREE, LabelConfig
+from critique.label.config import PATH_SETTINGS, RESUME_FREE, LabelConfig
 from critique.label.inputs import LabelPair, read_label_pairs  # noqa: F401  (re-exported)
 from critique.label.report import build_report, write_diagnostics
 from critique.preference.labelmath import (
@@ -72,7 +74,7 @@ def _chunks(items: list, n: int):
 
 def _open_run(out: Path, cfg: LabelConfig, constitution_sha: str) -> None:
     """Claim `out` (writable, locked); refuse to resume into a folder made with different
-    settings; else record them."""
+    settings (paths compared by place: a moved run folder resumes); else record them."""
     settings = {k: v for k, v in config_to_dict(cfg).items() if k not in RESUME_FREE}
     settings["constitution_sha256"] = constitution_sha
     guard = RunFolder(out, state="config.json", key="settings", what="labels")
@@ -80,8 +82,10 @@ def _open_run(out: Path, cfg: LabelConfig, constitution_sha: str) -> None:
     has_records = any((out / name).exists() and (out / name).stat().st_size > 0
                       for name in ("labels.jsonl", "pairs.jsonl", "prompts_done.jsonl"))
     if has_records:  # a run that saved nothing (bad model path...) may change its settings
-        guard.check(settings)
-    guard.record({"settings": settings, "config": config_to_dict(cfg)})
+        guard.check(settings, same=same_place((guard.read() or {}).get("folder"), out,
+                                              PATH_SETTINGS))
+    guard.record({"settings": settings, "folder": os.path.abspath(out),
+                  "config": config_to_dict(cfg)})
 
 
 def run_label(cfg: LabelConfig, backend=None, policy_backend=None, second_backend=None) -> dict:
@@ -198,8 +202,8 @@ def _rated_pair(ra: dict, rb: dict) -> dict:
 def _run_prompts(cfg, prompts, out, constitution, pool, backend, policy, provenance,
                  second=None) -> tuple[list[dict], int, dict]:
     pairs_path, done_path = out / "pairs.jsonl", out / "prompts_done.jsonl"
-    finished = load_jsonl_for_resume(done_path)
-    done = {r["key"] for r in finished}
+    finished = [PromptDone.from_dict(r, done_path) for r in load_jsonl_for_resume(done_path)]
+    done = {m.key for m in finished}
     records = load_jsonl_for_resume(pairs_path)
     kept = [r for r in records if r.get("prompt_key") in done]
     if len(kept) != len(records):  # pairs of a prompt cut off before its done marker
@@ -233,16 +237,14 @@ def _run_prompts(cfg, prompts, out, constitution, pool, backend, policy, provena
                     rec["prompt_key"] = key
                     sink.append(rec)
                     records.append(rec)
-                mark = {"key": key, "prompt_id": p.id, "pairs": len(pairs),
-                        "responses": len(unique), "skipped_identical": skipped,
-                        "unlabelled": len(lost)}
-                marks.append(mark)
+                mark = PromptDone(key, p.id, len(pairs), len(unique), skipped, len(lost))
+                marks.append(mark.to_dict())
                 finished.append(mark)
             bar.update(len(chunk))
     extra = {"prompts": len(finished),
-             "skipped_identical": sum(m["skipped_identical"] for m in finished),
-             "prompts_without_pairs": sum(m["pairs"] == 0 for m in finished),
-             "pairs_without_label": sum(m.get("unlabelled", 0) for m in finished)}
+             "skipped_identical": sum(m.skipped_identical for m in finished),
+             "prompts_without_pairs": sum(m.pairs == 0 for m in finished),
+             "pairs_without_label": sum(m.unlabelled for m in finished)}
     return records, len(todo), extra
 
 

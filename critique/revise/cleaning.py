@@ -260,3 +260,17 @@ def says_nothing_to_fix(critique: str) -> bool:
     first = _SENTENCE_END.split(critique.strip(), maxsplit=1)[0]
     first = first.lstrip("*_#>-• \t\"'“")
     return bool(_NOTHING_TO_FIX.match(first)) and not _BUT.search(first)
+
+
+def checked(raw: str, rescue: bool = True, **context) -> tuple[str, str | None]:
+    """A generated output `clean`ed, and why it cannot be used (`problem` given `context`:
+    requests, critique, examples, quoted, common) or None. With `rescue`, a looping output keeps
+    its clean opening sentences (`salvage`) and a usable one drops a cut-off last sentence
+    (`trim_incomplete`), whenever what is left is usable."""
+    text = clean(raw)
+    why = problem(text, **context)
+    if rescue:
+        rescued = salvage(text) if why == "loop" else trim_incomplete(text)
+        if rescued and (why == "loop" or not why) and not problem(rescued, **context):
+            text, why = rescued, None
+    return text, why

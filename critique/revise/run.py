@@ -48,14 +48,7 @@ from critique.backends.base import Backend, Conversation, Sampling
 from critique.backends.context import check_context
 from critique.backends.options import build_backend, spec_of
 from critique.revise import outputs
-from critique.revise.cleaning import (
-    clean,
-    problem,
-    salvage,
-    says_nothing_to_fix,
-    shared_phrases,
-    trim_incomplete,
-)
+from critique.revise.cleaning import checked, says_nothing_to_fix, shared_phrases
 from critique.revise.config import CritiqueConfig, provenance
 from critique.revise.conversation import Dialogue
 
@@ -108,8 +101,7 @@ def _initial(dialogues: list[Dialogue], items: dict[str, PromptItem], steps: _St
             todo.append(d)
     texts = steps("initial", [d.prompt for d in todo], steps.response)
     for d, raw in zip(todo, texts):
-        text = clean(raw)
-        why = problem(text)
+        text, why = checked(raw, False)
         if why:
             d.fail("initial", why, raw)
         else:
@@ -130,9 +122,8 @@ def _round(dialogues: list[Dialogue], r: int, constitution: Constitution, cfg: C
     texts = steps("critique", convs, steps.critique)
     revise = []
     for d, raw in zip(active, texts):
-        text = clean(raw)
-        why = problem(text, requests=d.requests() + [d.request], quoted=d.quoted(),
-                      examples=_example_texts(d.examples), common=common)
+        text, why = checked(raw, False, requests=d.requests() + [d.request], quoted=d.quoted(),
+                            examples=_example_texts(d.examples), common=common)
         if why:
             d.fail("critique", why, raw)
             continue
@@ -144,14 +135,10 @@ def _round(dialogues: list[Dialogue], r: int, constitution: Constitution, cfg: C
     convs = [d.revision_conversation(constitution) for d in revise]
     texts = steps("revision", convs, steps.response, cfg.revision_prefix)
     for d, raw in zip(revise, texts):
-        text = clean(raw)
-        kw = dict(requests=d.requests() + [d.request], critique=d.critique, quoted=d.quoted(),
-                  examples=_example_texts(d.examples), common=common)
-        why = problem(text, **kw)
-        if cfg.salvage:
-            rescued = salvage(text) if why == "loop" else trim_incomplete(text)
-            if rescued and (why == "loop" or not why) and not problem(rescued, **kw):
-                text, why = rescued, None
+        # a looping revision keeps its clean opening sentences (cfg.salvage)
+        text, why = checked(raw, cfg.salvage, requests=d.requests() + [d.request],
+                            critique=d.critique, quoted=d.quoted(),
+                            examples=_example_texts(d.examples), common=common)
         if why:
             d.fail("revision", why, raw)
         else:
@@ -172,13 +159,9 @@ def _distill(dialogues: list[Dialogue], constitution: Constitution, steps: _Step
     texts = steps("distill", [d.distill_conversation(constitution) for d in active],
                   steps.response)
     for d, raw in zip(active, texts):
-        text = clean(raw)
-        kw = dict(requests=[d.request], examples=_example_texts(d.examples))
-        why = problem(text, **kw)
-        if salvage_ok:  # as for revisions: a looping answer keeps its clean opening sentences
-            rescued = salvage(text) if why == "loop" else trim_incomplete(text)
-            if rescued and (why == "loop" or not why) and not problem(rescued, **kw):
-                text, why = rescued, None
+        # as for revisions: a looping answer keeps its clean opening sentences
+        text, why = checked(raw, salvage_ok, requests=[d.request],
+                            examples=_example_texts(d.examples))
         if why:
             d.fail("distill", why, raw)
         else:
@@ -322,8 +305,7 @@ def _helpful_chunks(cfg: CritiqueConfig, todo: list[PromptItem], total: int, ste
             chunk = todo[start:start + cfg.batch_size]
             texts = steps("helpful", [it.messages for it in chunk], steps.response)
             for it, raw in zip(chunk, texts):
-                text = clean(raw)
-                why = problem(text)
+                text, why = checked(raw, False)
                 sink.append({"id": it.id, "prompt": it.messages,
                              "response": raw if why else text, "provenance": prov,
                              "flagged": f"helpful:{why}" if why else None})
