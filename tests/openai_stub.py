@@ -62,13 +62,16 @@ class Handler(BaseHTTPRequestHandler):
 
     def _send(self, code: int, payload: bytes, headers: dict | None = None,
               length: int | None = None) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload) if length is None else length))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(payload)
+        try:
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload) if length is None else length))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up on this request (its timeout): a real server moves on too
 
     def do_GET(self):
         self.server.log.append({"path": self.path, "headers": dict(self.headers)})
