@@ -3,6 +3,7 @@
     python benchmarks/dpo_vs_trl.py                  # 20 steps x 8 pairs x 512 tokens, bf16
     python benchmarks/dpo_vs_trl.py --quick          # 4 steps x 2 pairs x 128 tokens
     python benchmarks/dpo_vs_trl.py --steps 3 --quality-steps 0 --precision bf16-mixed
+    python benchmarks/dpo_vs_trl.py --quality-only --precision bf16-mixed --quality-also bf16
 
 Both sides train the embedded SmolLM2-135M-Instruct for the same steps on the same pairs (one
 epoch, so each side sees every pair once), each in its own subprocess so that peak RSS is its own.
@@ -201,18 +202,26 @@ def run_side(a, side: str, pairs: Path, batch_size: int, max_length: int, precis
 
 def quality_guard(a) -> dict:
     """`--quality-steps` DPO steps on the embedded model (2 pairs x 128 tokens a step, lr 5e-6)
-    in fp32 and in `--precision`: the largest per-step loss difference and both runs' mean
-    reward accuracy (tolerance stated in benchmarks/README.md: 0.02 and equal accuracy)."""
+    in fp32 and in `--precision` (and each of `--quality-also`): the largest per-step loss
+    difference and both runs' mean reward accuracy (tolerance stated in benchmarks/README.md:
+    0.02 and equal accuracy). The top-level keys are `--precision`'s; `quality_by_precision`
+    holds every mode's, fp32 included, with its training seconds."""
     pairs = Path(a.work) / "quality.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in
                              make_pairs(2 * a.quality_steps, 128, seed=1)))
-    runs = {p: run_side(a, "ours", pairs, 2, 128, p, 5e-6) for p in ("fp32", a.precision)}
-    base, test = runs["fp32"], runs[a.precision]
+    modes = ["fp32", a.precision] + [m for m in a.quality_also if m not in ("fp32", a.precision)]
+    runs = {p: run_side(a, "ours", pairs, 2, 128, p, 5e-6) for p in dict.fromkeys(modes)}
+    base = runs["fp32"]
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    return {"quality_max_loss_diff": max(abs(x - y) for x, y in zip(base["loss"], test["loss"])),
-            "quality_accuracy_fp32": mean(base["accuracy"]),
-            "quality_accuracy": mean(test["accuracy"]),
-            "quality_final_loss_fp32": base["loss"][-1], "quality_final_loss": test["loss"][-1]}
+    by = {p: {"max_loss_diff": max(abs(x - y) for x, y in zip(base["loss"], r["loss"])),
+              "accuracy": mean(r["accuracy"]), "final_loss": r["loss"][-1],
+              "seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"]}
+          for p, r in runs.items()}
+    test = by[a.precision]
+    return {"quality_max_loss_diff": test["max_loss_diff"],
+            "quality_accuracy_fp32": by["fp32"]["accuracy"], "quality_accuracy": test["accuracy"],
+            "quality_final_loss_fp32": by["fp32"]["final_loss"],
+            "quality_final_loss": test["final_loss"], "quality_by_precision": by}
 
 
 def main() -> None:
@@ -229,6 +238,8 @@ def main() -> None:
     p.add_argument("--parity-batches", type=int, default=2)
     p.add_argument("--quality-steps", type=int, default=50, help="0 = skip the quality guard")
     p.add_argument("--quality-only", action="store_true", help="run only the quality guard")
+    p.add_argument("--quality-also", default="", type=lambda v: [m for m in v.split(",") if m],
+                   help="more precision modes for the quality guard, e.g. bf16-mixed,bf16")
     p.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--pairs", help=argparse.SUPPRESS)
