@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PRECISIONS = ("fp32", "bf16-mixed", "bf16")  # CPU training modes (fp16 autocast needs a GPU)
 sys.path.insert(0, str(ROOT))
 
 WORDS = ("the a river mountain quietly build explain history garden engine careful light "
@@ -200,6 +201,16 @@ def run_side(a, side: str, pairs: Path, batch_size: int, max_length: int, precis
     return json.loads(line[-1][len("RESULT "):])
 
 
+def precision_list(value: str) -> list[str]:
+    """`--quality-also`'s comma-separated modes, each one `--precision` accepts."""
+    modes = [m.strip() for m in value.split(",") if m.strip()]
+    bad = [m for m in modes if m not in PRECISIONS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown precision {', '.join(bad)}; expected some of "
+                                         f"{', '.join(PRECISIONS)}")
+    return modes
+
+
 def quality_guard(a) -> dict:
     """`--quality-steps` DPO steps on the embedded model (2 pairs x 128 tokens a step, lr 5e-6)
     in fp32 and in `--precision` (and each of `--quality-also`): the largest per-step loss
@@ -209,8 +220,8 @@ def quality_guard(a) -> dict:
     pairs = Path(a.work) / "quality.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in
                              make_pairs(2 * a.quality_steps, 128, seed=1)))
-    modes = ["fp32", a.precision] + [m for m in a.quality_also if m not in ("fp32", a.precision)]
-    runs = {p: run_side(a, "ours", pairs, 2, 128, p, 5e-6) for p in dict.fromkeys(modes)}
+    modes = dict.fromkeys(["fp32", a.precision, *a.quality_also])  # in order, once each
+    runs = {p: run_side(a, "ours", pairs, 2, 128, p, 5e-6) for p in modes}
     base = runs["fp32"]
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     by = {p: {"max_loss_diff": max(abs(x - y) for x, y in zip(base["loss"], r["loss"])),
@@ -230,7 +241,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=8, help="pairs per step")
     p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--precision", choices=["fp32", "bf16-mixed", "bf16"], default="bf16",
+    p.add_argument("--precision", choices=PRECISIONS, default="bf16",
                    help="ours; TRL runs bf16 autocast unless fp32")
     p.add_argument("--ours-options", default="",
                    help='extra DPOConfig fields for our side, JSON, e.g. {"chunked_logps": false}')
@@ -238,7 +249,7 @@ def main() -> None:
     p.add_argument("--parity-batches", type=int, default=2)
     p.add_argument("--quality-steps", type=int, default=50, help="0 = skip the quality guard")
     p.add_argument("--quality-only", action="store_true", help="run only the quality guard")
-    p.add_argument("--quality-also", default="", type=lambda v: [m for m in v.split(",") if m],
+    p.add_argument("--quality-also", default="", type=precision_list,
                    help="more precision modes for the quality guard, e.g. bf16-mixed,bf16")
     p.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
