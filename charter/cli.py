@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-input-mb", type=float, default=None, metavar="MB",
                         help="largest input file read, in MB after decompression (default "
                         "1024, or CHARTER_MAX_INPUT_MB); a bigger one is refused, not read")
+    parser.add_argument("--lean-memory", action="store_true",
+                        help="return freed blocks of 64 KB or more to the system at once "
+                        "(or CHARTER_LEAN_MEMORY=1): a lower peak resident size, slower "
+                        "training (quickstart: benchmarks/README.md)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         try:
@@ -67,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     debug = getattr(args, "debug", False) or os.environ.get("CHARTER_DEBUG") == "1"
+    if args.lean_memory or os.environ.get("CHARTER_LEAN_MEMORY") == "1":
+        from charter.core import procmem
+
+        procmem.return_large_frees()  # process-wide, for the rest of the process
     old_cap = os.environ.get("CHARTER_MAX_INPUT_MB")
     if args.max_input_mb is not None:
         os.environ["CHARTER_MAX_INPUT_MB"] = str(args.max_input_mb)

@@ -391,20 +391,14 @@ def _needed_from(stages: list[Stage], i: int) -> set[tuple]:
 
 
 def free_memory() -> None:
-    """Before a stage: collect the earlier stages' models now (a training run's Accelerator and model sit in
-    reference cycles, freed only when the cyclic collector runs), and hand the freed heap back
-    to the system (glibc keeps freed activation memory mapped: the next stage's peak would add
-    to it)."""
-    import ctypes
-    import ctypes.util
+    """Before a stage: collect the earlier stages' models now (a training run's Accelerator and
+    model sit in reference cycles, freed only when the cyclic collector runs), and hand the
+    freed heap back to the system (glibc keeps freed small blocks mapped: the next stage's peak
+    would add to them)."""
     import gc
 
     gc.collect()
-    name = ctypes.util.find_library("c")
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass  # not glibc: its allocator returns memory its own way
+    procmem.trim()
 
 
 def _changed(path: Path, rows: list[dict]) -> bool:
