@@ -1,7 +1,8 @@
 # Two commands on a fresh machine (each sets up .venv first, once):
 #   make quickstart   # the main job: the pipeline on the embedded SmolLM2 (examples/quickstart.yaml)
 #   make test         # ruff + the test suite (what CI runs)
-# Also: make bench (benchmarks, --quick), make setup (only the venv).
+# Also: make bench (benchmarks, --quick), make bench-memory (a random-init 1B DPO run: ~15 GB,
+# ~10 min on 2 cores), make setup (only the venv).
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.charter-installed
 export VLLM_CPU_OMP_THREADS_BIND ?= 0-1
 export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
 
-.PHONY: setup test quickstart bench lint clean
+.PHONY: setup test quickstart bench bench-memory lint clean
 
 setup: $(STAMP)
 
@@ -46,6 +47,9 @@ bench: setup
 		--backend-options '{"vllm": {"dtype": "bfloat16"}}'
 	$(PY) benchmarks/label_throughput.py --quick
 	$(PY) benchmarks/dpo_vs_trl.py --quick
+
+bench-memory: setup
+	$(PY) benchmarks/memory_1b.py
 
 clean:
 	rm -rf $(VENV) runs
