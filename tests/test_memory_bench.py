@@ -18,5 +18,6 @@ def test_memory_benchmark_reports_peaks_by_phase():
     assert len(r["loss"]) == 2 and all(x == x for x in r["loss"])  # two steps, no NaN
     phases = r["phase_peaks_mb"]
     assert {"load", "reference log-probs", "steps", "final save"} <= set(phases)
-    assert r["peak_mb"] >= max(phases.values()) >= phases["steps"] > r["runtime_mb"] > 0
+    assert r["peak_mb"] >= max(phases.values())  # VmHWM, or a sample where VmHWM lagged it
+    assert phases["steps"] > r["runtime_mb"] > 0
     assert r["computed_mb"] > r["runtime_mb"]
