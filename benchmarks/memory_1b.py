@@ -39,11 +39,21 @@ SHAPES = {  # LlamaConfig fields
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
                  tie_word_embeddings=True, max_position_embeddings=1024),
 }
-MODES = {  # name -> (DPOConfig fields, bytes per parameter kept for the run: docs/scaling.md)
-    "fp32": ({"precision": "fp32"}, 16),
-    "bf16": ({"precision": "bf16"}, 10),
-    "bf16-inbw": ({"precision": "bf16", "optimizer_in_backward": True, "max_grad_norm": 0.0}, 8),
+MODES = {  # name -> DPOConfig fields
+    "fp32": {"precision": "fp32"},
+    "bf16": {"precision": "bf16"},
+    "bf16-inbw": {"precision": "bf16", "optimizer_in_backward": True, "max_grad_norm": 0.0},
 }
+
+
+def state_bytes(fields: dict) -> int:
+    """Bytes per parameter kept for the run (docs/scaling.md's table): training.optim's count,
+    less the gradient's bytes when no gradient is kept for the whole model."""
+    from training.optim import bytes_per_param
+
+    grad = 4 if fields["precision"] == "fp32" else 2
+    return bytes_per_param(fields["precision"]) - (grad if fields.get("optimizer_in_backward")
+                                                   else 0)
 ACT_BYTES = 34  # per token, per hidden unit, per layer (bf16, no checkpointing; docs/scaling.md)
 
 
@@ -124,7 +134,7 @@ def run_mode(a) -> dict:
                         ("update", "optimizer step"),
                         ("finish", "final save")):
         phases.wrap(dpo, name, phase)
-    fields, _ = MODES[a.mode]
+    fields = MODES[a.mode]
     out = Path(a.work) / f"run-{a.mode}"
     cfg = DPOConfig(data=a.pairs, out=str(out), model=a.model, batch_size=1, max_length=a.max_length,
                     lr=1e-5, max_steps=a.steps, save_every=None, warmup_ratio=0.0,
@@ -194,7 +204,7 @@ def main() -> None:
             if proc.returncode or not line:
                 sys.exit(f"{mode} failed:\n{proc.stderr[-4000:]}")
             r = json.loads(line[-1][len("RESULT "):])
-            state_mb = MODES[mode][1] * params / 2**20
+            state_mb = state_bytes(MODES[mode]) * params / 2**20
             r["computed_mb"] = round(r["runtime_mb"] + state_mb + act_mb)
             r["measured_vs_computed"] = round(r["peak_mb"] / r["computed_mb"], 3)
             results[mode] = r
