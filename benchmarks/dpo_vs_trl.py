@@ -4,6 +4,7 @@
     python benchmarks/dpo_vs_trl.py --quick          # 4 steps x 2 pairs x 128 tokens
     python benchmarks/dpo_vs_trl.py --steps 3 --quality-steps 0 --precision bf16-mixed
     python benchmarks/dpo_vs_trl.py --quality-only --precision bf16-mixed --quality-also bf16
+    python benchmarks/dpo_vs_trl.py --quality-only --precision fp32 --quality-also fp32+bf16-moments
 
 Both sides train the embedded SmolLM2-135M-Instruct for the same steps on the same pairs (one
 epoch, so each side sees every pair once), each in its own subprocess so that peak RSS is its own.
@@ -17,7 +18,8 @@ scaled by 0.9, so the loss is not trivially log 2), the per-batch DPO loss of bo
 implementations is compared on the same batches of pairs: largest relative difference.
 
 Quality guard (`--quality-steps`, default 50): the same small DPO run in fp32 and in
-`--precision`; largest per-step loss difference and the mean reward accuracy of each.
+`--precision`; largest per-step loss difference and the mean reward accuracy of each. A mode
+in `--quality-also` may add `+bf16-moments` (fp32 or bf16-mixed weights, bf16 AdamW moments).
 
 MFU: 6 · parameters · tokens/s over the machine's bf16 matmul peak measured here (2048²
 matmuls; fp32 peak printed too). Needs the `bench` extra (trl). Last line: one JSON object.
@@ -38,6 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("fp32", "bf16-mixed", "bf16")  # CPU training modes (fp16 autocast needs a GPU)
+MODES = PRECISIONS + ("fp32+bf16-moments", "bf16-mixed+bf16-moments")  # the quality guard's
 sys.path.insert(0, str(ROOT))
 
 WORDS = ("the a river mountain quietly build explain history garden engine careful light "
@@ -82,8 +85,9 @@ def run_ours(a) -> dict:
     from training.dpo import train_dpo
     from training.options import DPOConfig
 
-    out = Path(a.work) / f"ours-{a.precision}-{a.lr}"
     extra = json.loads(a.ours_options or "{}")
+    tag = "".join(f"-{k}" for k, v in sorted(extra.items()) if v)  # one folder per mode
+    out = Path(a.work) / f"ours-{a.precision}-{a.lr}{tag}"
     cfg = DPOConfig(data=str(a.pairs), out=str(out), model=a.model, batch_size=a.batch_size,
                     max_length=a.max_length, lr=a.lr, beta=0.1, precision=a.precision,
                     save_every=None, warmup_ratio=0.0, ref_batch_size=a.batch_size, **extra)
@@ -202,13 +206,19 @@ def run_side(a, side: str, pairs: Path, batch_size: int, max_length: int, precis
 
 
 def precision_list(value: str) -> list[str]:
-    """`--quality-also`'s comma-separated modes, each one `--precision` accepts."""
+    """`--quality-also`'s comma-separated modes (a precision, optionally `+bf16-moments`)."""
     modes = [m.strip() for m in value.split(",") if m.strip()]
-    bad = [m for m in modes if m not in PRECISIONS]
+    bad = [m for m in modes if m not in MODES]
     if bad:
         raise argparse.ArgumentTypeError(f"unknown precision {', '.join(bad)}; expected some of "
-                                         f"{', '.join(PRECISIONS)}")
+                                         f"{', '.join(MODES)}")
     return modes
+
+
+def mode_side(mode: str) -> tuple[str, str]:
+    """A quality mode's precision and our side's extra options (JSON)."""
+    precision, _, extra = mode.partition("+")
+    return precision, json.dumps({"bf16_moments": True} if extra == "bf16-moments" else {})
 
 
 def quality_guard(a) -> dict:
@@ -221,7 +231,10 @@ def quality_guard(a) -> dict:
     pairs.write_text("".join(json.dumps(r) + "\n" for r in
                              make_pairs(2 * a.quality_steps, 128, seed=1)))
     modes = dict.fromkeys(["fp32", a.precision, *a.quality_also])  # in order, once each
-    runs = {p: run_side(a, "ours", pairs, 2, 128, p, 5e-6) for p in modes}
+    runs = {}
+    for mode in modes:
+        precision, options = mode_side(mode)
+        runs[mode] = run_side(a, "ours", pairs, 2, 128, precision, 5e-6, options)
     base = runs["fp32"]
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     by = {p: {"max_loss_diff": max(abs(x - y) for x, y in zip(base["loss"], r["loss"])),

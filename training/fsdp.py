@@ -54,6 +54,9 @@ def plugin_for(cfg, num_processes: int):
     if cfg.precision == "bf16":  # BF16AdamW's Kahan buffers are not checked on DTensors
         raise CharterError("bf16 weights (BF16AdamW) are not supported under FSDP yet; use "
                            "bf16-mixed", field="precision")
+    if cfg.bf16_moments:  # the same optimizer's chunked views of each parameter
+        raise CharterError("bf16 moments are not supported under FSDP yet; leave bf16_moments "
+                           "off", field="bf16_moments")
     kw = {} if "FSDP_AUTO_WRAP_POLICY" in os.environ else {
         "auto_wrap_policy": "transformer_based_wrap"}
     return FullyShardedDataParallelPlugin(fsdp_version=2, **kw)

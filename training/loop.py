@@ -146,12 +146,14 @@ def make_optimizer(model, cfg: TrainConfig, total: int, num_processes: int = 1):
     """AdamW for the trainable parameters and the warm-up + decay schedule. fp32 weights:
     torch's fused AdamW (one kernel per parameter, no foreach temporaries: those are a copy of
     every parameter at the step, which sets small-model training's peak memory). bf16 weights:
-    `training.optim.BF16AdamW`. `optimizer_in_backward`: steps from gradient hooks."""
+    `training.optim.BF16AdamW`, also for fp32 weights with `bf16_moments`.
+    `optimizer_in_backward`: steps from gradient hooks."""
     from training.optim import BF16AdamW, attach_in_backward
 
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.precision == "bf16" or cfg.optimizer_in_backward:
-        opt = BF16AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed)
+    if cfg.precision == "bf16" or cfg.optimizer_in_backward or cfg.bf16_moments:
+        opt = BF16AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed,
+                        bf16_moments=cfg.bf16_moments)
     else:
         try:
             opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,

@@ -18,7 +18,12 @@ round-to-nearest writes back the old weight. This optimizer keeps, per parameter
   nearest.
 
 Bytes per trainable parameter: weight 2 + gradient 2 + compensation 2 + moments 2 + 2 = 10, against
-16 for fp32 weights, gradients and fp32 AdamW moments. The math runs in fp32 on chunks of
+16 for fp32 weights, gradients and fp32 AdamW moments.
+
+`bf16_moments=True` gives fp32 weights the same bf16 moments (`bf16_moments: true` in a
+training config): the weight and its update stay exact fp32 (torch's fused AdamW kernel runs on
+fp32 copies of the moments, a chunk at a time), only the two moments are stored in bf16, rounded
+as above: 4 + 4 + 2 + 2 = 12 bytes per parameter instead of 16 (135M parameters: -0.54 GB). The math runs in fp32 on chunks of
 `CHUNK` elements, so temporaries stay small and in cache. torchao's CPU-capable optimizers were
 measured instead and not used (see `benchmarks/README.md`): they compile every parameter shape
 with torch.compile (a C++ toolchain at run time; 38 s for the first 8-bit step of one shape).
@@ -47,11 +52,13 @@ def stochastic_round_(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 class BF16AdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, bias-corrected) for bf16 parameters; see the module doc.
-    fp32 parameters (e.g. kept in fp32 on purpose) get plain fp32 moments and no compensation."""
+    fp32 parameters (e.g. kept in fp32 on purpose) get no compensation, and fp32 moments unless
+    `bf16_moments`."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, seed: int = 0):
+                 weight_decay: float = 0.0, seed: int = 0, bf16_moments: bool = False):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.bf16_moments = bf16_moments
         self.grad_scale: torch.Tensor | None = None
         self.seed = seed
         self._index = {p: i for i, p in enumerate(p for g in self.param_groups
@@ -66,11 +73,30 @@ class BF16AdamW(torch.optim.Optimizer):
         st = self.state[p]
         if not st:
             st["step"] = torch.zeros((), dtype=torch.float32)
-            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            dtype = self._moment_dtype(p)
+            st["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype,
+                                                memory_format=torch.preserve_format)
             if p.dtype == torch.bfloat16:
                 st["comp"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return st
+
+    def _moment_dtype(self, p: torch.Tensor) -> torch.dtype:
+        if p.dtype == torch.bfloat16 or (self.bf16_moments and p.dtype == torch.float32):
+            return torch.bfloat16
+        return p.dtype
+
+    def load_state_dict(self, state_dict) -> None:
+        """torch's loader casts every floating-point state tensor to its parameter's dtype,
+        which would turn bf16 moments of fp32 weights back into fp32 on resume (4 more bytes a
+        parameter from then on); they are cast back (exactly: they were bf16 when saved)."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if st and key in st and st[key].dtype != self._moment_dtype(p):
+                        st[key] = st[key].to(self._moment_dtype(p))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -94,9 +120,13 @@ class BF16AdamW(torch.optim.Optimizer):
         if p.dtype != torch.bfloat16:  # fp32 (or other) parameters: torch's fused kernel
             scale = None if inv_scale is None else torch.tensor(1.0 / inv_scale)
             st["step"] += 1  # the kernel reads the step count, as torch.optim's AdamW does
-            torch._fused_adamw_([p], [p.grad], [st["exp_avg"]], [st["exp_avg_sq"]], [],
-                                [st["step"]], lr=lr, beta1=b1, beta2=b2, weight_decay=wd,
-                                eps=eps, amsgrad=False, maximize=False, grad_scale=scale)
+            kw = dict(lr=lr, beta1=b1, beta2=b2, weight_decay=wd, eps=eps, amsgrad=False,
+                      maximize=False, grad_scale=scale)
+            if st["exp_avg"].dtype == p.dtype:
+                torch._fused_adamw_([p], [p.grad], [st["exp_avg"]], [st["exp_avg_sq"]], [],
+                                    [st["step"]], **kw)
+            else:
+                self._fp32_step_bf16_moments(p, st, kw)
             return
         st["step"] += 1
         t = float(st["step"])
@@ -130,6 +160,27 @@ class BF16AdamW(torch.optim.Optimizer):
             w.copy_(torch.add(old, u, out=m))  # round to nearest bf16
             c16.copy_(u.sub_(v.copy_(w).sub_(old)))  # intended - applied change
 
+    def _fp32_step_bf16_moments(self, p: torch.Tensor, st: dict, kw: dict) -> None:
+        """fp32 weight, bf16 moments: the fused kernel on fp32 copies of the moments, one chunk
+        at a time; the moments are written back rounded (exp_avg to nearest, exp_avg_sq
+        stochastically, as for bf16 weights)."""
+        w_flat, g_flat = p.view(-1), p.grad.reshape(-1)
+        m_flat, v_flat = st["exp_avg"].view(-1), st["exp_avg_sq"].view(-1)
+        n = w_flat.numel()
+        ws = self._workspace(p.device)
+        gen = torch.Generator().manual_seed(
+            hash((self.seed, int(st["step"]), self._index.get(p, 0))) & (2**63 - 1))
+        offsets = torch.randint(0, CHUNK, ((n + CHUNK - 1) // CHUNK,), generator=gen)
+        for k, s in enumerate(range(0, n, CHUNK)):
+            w, g = w_flat[s:s + CHUNK], g_flat[s:s + CHUNK]
+            m16, v16 = m_flat[s:s + CHUNK], v_flat[s:s + CHUNK]
+            L = w.numel()
+            m, v = ws[0][:L].copy_(m16), ws[1][:L].copy_(v16)
+            torch._fused_adamw_([w], [g], [m], [v], [], [st["step"]], **kw)
+            m16.copy_(m)
+            o = int(offsets[k])
+            v16.copy_(stochastic_round_(v, self._noise[o:o + L]))
+
     def _workspace(self, device) -> list[torch.Tensor]:
         """Four fp32 buffers of CHUNK elements, allocated once: a fresh temporary per chunk
         costs more than the math (large allocations are new pages, each faulted in)."""
@@ -154,6 +205,8 @@ def attach_in_backward(opt: BF16AdamW) -> list:
     return [p.register_post_accumulate_grad_hook(hook) for p in group_of]
 
 
-def bytes_per_param(precision: str) -> int:
-    """Weights + gradients + optimizer state per trainable parameter, by precision mode."""
-    return {"fp32": 16, "bf16-mixed": 16, "fp16-mixed": 16, "bf16": 10}[precision]
+def bytes_per_param(precision: str, bf16_moments: bool = False) -> int:
+    """Weights + gradients + optimizer state per trainable parameter, by precision mode (bf16
+    weights always keep bf16 moments; `bf16_moments` halves fp32 weights' moments)."""
+    full = {"fp32": 16, "bf16-mixed": 16, "fp16-mixed": 16, "bf16": 10}[precision]
+    return full - 4 if bf16_moments and precision != "bf16" else full

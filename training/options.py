@@ -65,6 +65,10 @@ class TrainConfig:
     10 instead of 16 bytes per parameter"""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """older name: bf16 / fp16 here means precision bf16-mixed / fp16-mixed"""
+    bf16_moments: bool = False
+    """keep AdamW's two moments in bf16 for fp32 weights (exp_avg rounded to nearest, exp_avg_sq
+    stochastically): 12 instead of 16 bytes per parameter, the weight and its update still fp32
+    (bf16 weights always keep bf16 moments)"""
     optimizer_in_backward: bool = False
     """update each parameter as soon as its gradient is complete and free that gradient (no
     gradient kept for the whole model); needs max_grad_norm 0 (no global-norm clipping),
