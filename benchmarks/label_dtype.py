@@ -10,7 +10,9 @@ stage labels them: the quickstart's principle file (principles/harmless.yaml, or
 scoring code (`critique.preference.score.compare_pairs`). The embedded SmolLM2 labels on the
 transformers backend, each dtype in a fresh backend: fp32 (the reference), bf16 with the final
 norm and LM head in fp32 (`fp32_head`, critique/backends/head_precision.py) and, when asked,
-plain bf16. For each bf16 variant: the fraction of pairs whose winner (p_A > 0.5) is the fp32
+plain bf16, and vLLM's own prompt log-prob scoring (`vllm_fp32`, `vllm_bf16`: the peer a user
+would pick instead; needs the `vllm` extra; on CPU the script binds vLLM to all cores unless
+VLLM_CPU_OMP_THREADS_BIND is set). For each non-fp32 variant: the fraction of pairs whose winner (p_A > 0.5) is the fp32
 winner, and the distribution of |p_bf16 - p_fp32| (median, 90th percentile, max); for all:
 pairs/s, scored tokens/s (every row's tokens) and an effective MFU (2 x parameters x scored
 tokens/s over the measured bf16 matmul peak; prefixes that rows share run once, so this counts
@@ -33,7 +35,10 @@ sys.path.insert(0, str(ROOT))
 
 VARIANTS = {"fp32": {"dtype": "float32"},
             "bf16_fp32_head": {"dtype": "bfloat16", "fp32_head": True},
-            "bf16": {"dtype": "bfloat16", "fp32_head": False}}
+            "bf16": {"dtype": "bfloat16", "fp32_head": False},
+            # the peer a user would pick instead: vLLM's own prompt log-probs (`vllm` extra)
+            "vllm_fp32": {"backend": "vllm", "dtype": "float32"},
+            "vllm_bf16": {"backend": "vllm", "dtype": "bfloat16"}}
 # as examples/quickstart.yaml's label section labels
 PER_PAIR = 1
 FEW_SHOT = 1
@@ -43,14 +48,17 @@ def run_variant(model, options: dict, constitution, pairs, cfg, drawn) -> dict:
     from benchmarks.label_throughput import by_score
     from critique.backends import load_backend
 
-    backend = load_backend("transformers", model, progress=False, **options)
+    options = dict(options)
+    backend = load_backend(options.pop("backend", "transformers"), model, progress=False,
+                           **options)
     by_score(backend, constitution, pairs[:1], cfg, drawn[:1])  # warm-up
     run0 = backend.usage.scored_tokens
     t0 = time.perf_counter()
     labels = by_score(backend, constitution, pairs, cfg, drawn)
     dt = time.perf_counter() - t0
     ran = backend.usage.scored_tokens - run0
-    params = sum(p.numel() for p in backend.model.parameters())
+    inner = getattr(backend, "model", None)  # vLLM's engine holds its own copy
+    params = sum(p.numel() for p in inner.parameters()) if inner is not None else None
     backend.close()
     return {"p_a": [r["p_a"] for r in labels], "seconds": dt, "pairs_per_s": len(pairs) / dt,
             "scored_tokens_per_s": ran / dt, "params": params}
@@ -83,6 +91,7 @@ def compare(model, constitution, pairs, cfg, drawn, variants=tuple(VARIANTS)) ->
         out[f"{name}_p90_abs_dp"] = round(dp[int(0.9 * (len(dp) - 1))], 5)
         out[f"{name}_max_abs_dp"] = round(dp[-1], 5)
         out[f"{name}_speedup_vs_fp32"] = round(res["fp32"]["seconds"] / r["seconds"], 3)
+        out[f"{name}_p_a"] = [round(x, 7) for x in r["p_a"]]
     out["fp32_p_a"] = [round(x, 5) for x in base]  # for a histogram of where the pairs sit
     out["bf16_winner_agreement"] = out["bf16_fp32_head_winner_agreement"]
     out["bf16_default_allowed"] = (out["bf16_fp32_head_winner_agreement"] >= 0.98
@@ -120,7 +129,19 @@ def main() -> None:
                     help="principle file (default: principles/harmless.yaml)")
     ap.add_argument("--variants", default="fp32,bf16_fp32_head,bf16")
     a = ap.parse_args()
-    print(json.dumps(agreement(a, a.pairs, a.variants.split(","))))
+    variants = a.variants.split(",")
+    if any(v.startswith("vllm") for v in variants):
+        vllm_cpu_env()
+    print(json.dumps(agreement(a, a.pairs, variants)))
+
+
+def vllm_cpu_env() -> None:
+    """vLLM on CPU uses one core unless told otherwise: bind it to all of this machine's."""
+    import os
+
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 
 if __name__ == "__main__":

@@ -159,7 +159,8 @@ def main() -> None:
                          "stage does (benchmarks/label_dtype.py): winner agreement and |dp| "
                          "(default 200, 32 with --quick; 0: skip)")
     ap.add_argument("--agreement-variants", default="fp32,bf16_fp32_head",
-                    help="dtypes the agreement run labels with (fp32 first; also: bf16)")
+                    help="dtypes the agreement run labels with (fp32 first; also: bf16, "
+                         "vllm_fp32, vllm_bf16: vLLM's prompt log-probs)")
     args = ap.parse_args()
     n = 16 if args.quick else args.pairs
     n_agree = args.agreement if args.agreement is not None else (32 if args.quick else 200)
@@ -200,9 +201,12 @@ def main() -> None:
     sharing = {"shared_vs_unshared": round(unshared / t_score, 3) if unshared else None,
                "bf16_winner_agreement": None}
     if n_agree:
-        from benchmarks.label_dtype import agreement
+        from benchmarks.label_dtype import agreement, vllm_cpu_env
 
-        dtypes = agreement(args, n_agree, args.agreement_variants.split(","))
+        variants = args.agreement_variants.split(",")
+        if any(v.startswith("vllm") for v in variants):
+            vllm_cpu_env()
+        dtypes = agreement(args, n_agree, variants)
         print(f"bf16 agreement: {json.dumps(dtypes)}")
         sharing.update(bf16_winner_agreement=dtypes["bf16_winner_agreement"],
                        bf16_median_abs_dp=dtypes.get("bf16_fp32_head_median_abs_dp"),
