@@ -197,6 +197,8 @@ def test_fsdp_settings_that_cannot_shard_are_refused(tmp_path, monkeypatch):
     assert fsdp.plugin_for(DPOConfig(**{**base, "fsdp": False}), 2) is None
     with pytest.raises(CharterError, match="precision: bf16 weights"):
         fsdp.plugin_for(DPOConfig(**base, precision="bf16"), 2)
+    with pytest.raises(CharterError, match="bf16_moments: bf16 moments are not supported"):
+        fsdp.plugin_for(DPOConfig(**base, bf16_moments=True), 2)
     with pytest.raises(CharterError, match="merge: merging a LoRA adapter"):
         fsdp.plugin_for(DPOConfig(**base, lora=True, merge=True), 2)
 
