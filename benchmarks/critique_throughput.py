@@ -159,6 +159,15 @@ def vllm_child(args, mode: str) -> dict:
     return json.loads(lines[-1])
 
 
+def vllm_cpu_env(threads: int | None = None) -> None:
+    """vLLM on CPU uses one core unless told otherwise: bind it to `threads` cores (only where
+    given: vLLM's own default otherwise), reserve none, and give its KV cache 2 GB."""
+    if threads:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
@@ -202,9 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{args.threads - 1}")
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    vllm_cpu_env(args.threads)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = "bfloat16" if device == "cuda" else "float32"  # what the transformers backend picks

@@ -66,8 +66,13 @@ def run_variant(model, options: dict, constitution, pairs, cfg, drawn) -> dict:
 
 def compare(model, constitution, pairs, cfg, drawn, variants=tuple(VARIANTS)) -> dict:
     """Label `pairs` (principles `drawn[i]` for pair i) in each of `variants` (fp32 first)."""
+    from benchmarks.critique_throughput import vllm_cpu_env
     from benchmarks.dpo_vs_trl import matmul_peak_flops
 
+    if any(v.startswith("vllm") for v in variants):
+        import os
+
+        vllm_cpu_env(os.cpu_count())  # all cores, as the transformers variants use
     if variants[0] != "fp32" or "bf16_fp32_head" not in variants:
         raise SystemExit(f"variants must start with fp32 and include bf16_fp32_head, got "
                          f"{','.join(variants)}")
@@ -129,19 +134,7 @@ def main() -> None:
                     help="principle file (default: principles/harmless.yaml)")
     ap.add_argument("--variants", default="fp32,bf16_fp32_head,bf16")
     a = ap.parse_args()
-    variants = a.variants.split(",")
-    if any(v.startswith("vllm") for v in variants):
-        vllm_cpu_env()
-    print(json.dumps(agreement(a, a.pairs, variants)))
-
-
-def vllm_cpu_env() -> None:
-    """vLLM on CPU uses one core unless told otherwise: bind it to all of this machine's."""
-    import os
-
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    print(json.dumps(agreement(a, a.pairs, a.variants.split(","))))
 
 
 if __name__ == "__main__":

@@ -201,12 +201,9 @@ def main() -> None:
     sharing = {"shared_vs_unshared": round(unshared / t_score, 3) if unshared else None,
                "bf16_winner_agreement": None}
     if n_agree:
-        from benchmarks.label_dtype import agreement, vllm_cpu_env
+        from benchmarks.label_dtype import agreement
 
-        variants = args.agreement_variants.split(",")
-        if any(v.startswith("vllm") for v in variants):
-            vllm_cpu_env()
-        dtypes = agreement(args, n_agree, variants)
+        dtypes = agreement(args, n_agree, args.agreement_variants.split(","))
         print(f"bf16 agreement: {json.dumps(dtypes)}")
         sharing.update(bf16_winner_agreement=dtypes["bf16_winner_agreement"],
                        bf16_median_abs_dp=dtypes.get("bf16_fp32_head_median_abs_dp"),

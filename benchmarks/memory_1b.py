@@ -54,6 +54,8 @@ def state_bytes(fields: dict) -> int:
     grad = 4 if fields["precision"] == "fp32" else 2
     return bytes_per_param(fields["precision"]) - (grad if fields.get("optimizer_in_backward")
                                                    else 0)
+
+
 ACT_BYTES = 34  # per token, per hidden unit, per layer (bf16, no checkpointing; docs/scaling.md)
 
 

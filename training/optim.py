@@ -136,9 +136,7 @@ class BF16AdamW(torch.optim.Optimizer):
                 st["exp_avg_sq"].view(-1), st["comp"].view(-1))
         n = flat[0].numel()
         ws = self._workspace(p.device)
-        gen = torch.Generator().manual_seed(
-            hash((self.seed, int(t), self._index.get(p, 0))) & (2**63 - 1))
-        offsets = torch.randint(0, CHUNK, ((n + CHUNK - 1) // CHUNK,), generator=gen)
+        offsets = self._noise_offsets(p, int(t), n)
         for k, s in enumerate(range(0, n, CHUNK)):
             w, g16, m16, v16, c16 = (x[s:s + CHUNK] for x in flat)
             L = w.numel()
@@ -168,9 +166,7 @@ class BF16AdamW(torch.optim.Optimizer):
         m_flat, v_flat = st["exp_avg"].view(-1), st["exp_avg_sq"].view(-1)
         n = w_flat.numel()
         ws = self._workspace(p.device)
-        gen = torch.Generator().manual_seed(
-            hash((self.seed, int(st["step"]), self._index.get(p, 0))) & (2**63 - 1))
-        offsets = torch.randint(0, CHUNK, ((n + CHUNK - 1) // CHUNK,), generator=gen)
+        offsets = self._noise_offsets(p, int(st["step"]), n)
         for k, s in enumerate(range(0, n, CHUNK)):
             w, g = w_flat[s:s + CHUNK], g_flat[s:s + CHUNK]
             m16, v16 = m_flat[s:s + CHUNK], v_flat[s:s + CHUNK]
@@ -180,6 +176,13 @@ class BF16AdamW(torch.optim.Optimizer):
             m16.copy_(m)
             o = int(offsets[k])
             v16.copy_(stochastic_round_(v, self._noise[o:o + L]))
+
+    def _noise_offsets(self, p: torch.Tensor, step: int, n: int) -> torch.Tensor:
+        """Where each CHUNK of `p`'s n elements reads the noise block at this step: a function
+        of (seed, step, parameter) only, so a resumed run rounds as an uninterrupted one."""
+        gen = torch.Generator().manual_seed(
+            hash((self.seed, step, self._index.get(p, 0))) & (2**63 - 1))
+        return torch.randint(0, CHUNK, ((n + CHUNK - 1) // CHUNK,), generator=gen)
 
     def _workspace(self, device) -> list[torch.Tensor]:
         """Four fp32 buffers of CHUNK elements, allocated once: a fresh temporary per chunk
