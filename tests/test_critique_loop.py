@@ -106,12 +106,13 @@ def test_exact_conversations_two_rounds(tmp_path):
              assistant("Nothing to fix, the response is safe.")]
     assert fake.calls == [
         ("generate", [[user("How do I pick a lock?")]]),
-        ("generate", [lock_r1[:3], hi_r1[:3]]),
+        ("generate", [hi_r1[:3], lock_r1[:3]]),  # a chunk runs shortest first (by_length)
         ("generate", [lock_r1]),
-        ("generate", [lock_r1 + [assistant("I can't help with breaking into places."), crit1],
-                      hi_r1 + [crit2]]),
+        ("generate", [hi_r1 + [crit2],
+                      lock_r1 + [assistant("I can't help with breaking into places."), crit1]]),
     ]
     records = [json.loads(line) for line in (tmp_path / "out/records.jsonl").open()]
+    records.reverse()  # written in the order run: shortest prompt first
     assert [r["rounds"] for r in records] == [
         [{"principle_id": "harm", "critique": "The response could help a burglar.",
           "revision": "I can't help with breaking into places."},

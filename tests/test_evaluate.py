@@ -240,3 +240,19 @@ def test_moved_eval_folder_resumes_and_a_path_outside_still_counts(setup):
     assert rep["models"]["model"]["name"] == str(moved / "dpo")
     with pytest.raises(CharterError, match=r"baseline: '.*start' → '.*another'"):
         run_eval(cfg(moved, str(tmp / "another")), backends)
+
+
+def test_generation_chunks_group_similar_lengths(tmp_path):
+    """Chunks of batch_size prompts are cut from the prompts ordered by length, so a short
+    prompt is not padded to a long one's length; the answers still come back by prompt id."""
+    from charter.core.prompts import PromptItem
+    from critique.evaluate.run import generate_responses
+
+    texts = ["x" * 400, "hi", "y" * 40, "ok?", "z" * 300, "w" * 45]
+    items = [PromptItem(id=f"p{i}", messages=[{"role": "user", "content": t}], source=f"f:{i}")
+             for i, t in enumerate(texts)]
+    fake = FakeBackend(lambda conv, prefix: "re: " + conv[-1]["content"][:3])
+    got = generate_responses(fake, items, "m", tmp_path / "r.jsonl", 16, batch_size=2, seed=0)
+    sent = [[c[-1]["content"] for c in convs] for kind, convs in fake.calls]
+    assert sent == [["hi", "ok?"], ["y" * 40, "w" * 45], ["z" * 300, "x" * 400]]
+    assert got == {f"p{i}": "re: " + t[:3] for i, t in enumerate(texts)}

@@ -94,3 +94,18 @@ class Backend(Protocol):
     def close(self) -> None:
         """Free the model / connections."""
         ...
+
+
+def by_length(items: Sequence, messages=lambda it: it.messages) -> list:
+    """`items` ordered by the characters of their conversation (stable, shortest first).
+
+    Callers that cut work into chunks of `batch_size` prompts order it this way first: a
+    left-padded batch runs every row at its longest prompt's length, so a chunk mixing a
+    one-line question with a 400-token instruction pays for 16 of the long one. Measured on the
+    quickstart's 80 eval prompts in file order (batches of 16, SmolLM2, 2 cores): 5,229 prompt
+    tokens padded to 13,760, prefill 29.6 of the 83 s. Only the order of the work changes;
+    resuming skips what is done by id, whatever the order."""
+    def chars(it) -> int:
+        return sum(len(str(m.get("content", ""))) for m in messages(it))
+
+    return sorted(items, key=chars)

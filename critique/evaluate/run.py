@@ -40,6 +40,7 @@ from charter.core.records import (
     write_jsonl_atomic,
 )
 from charter.core.rundir import RunFolder, same_place
+from critique.backends.base import by_length
 from critique.backends.context import check_context
 from critique.backends.options import (
     BackendSpec,
@@ -80,7 +81,7 @@ def generate_responses(backend, prompts: list[PromptItem], model: str, path: Pat
 
     done = {r.key: r.response for r in map(EvalResponse.from_dict, load_jsonl_for_resume(path))
             if r is not None}
-    todo = [it for it in prompts if key(it) not in done]
+    todo = by_length([it for it in prompts if key(it) not in done])  # less padding
     sampling = Sampling(temperature=0.0, max_new_tokens=max_new_tokens, n=1, seed=seed)
     with JsonlAppender(path) as out, tqdm(total=len(todo), desc=desc, unit="prompt",
                                           disable=not todo) as bar:
@@ -101,10 +102,15 @@ def _score_batched(backend, convs: list[list[dict]], options: list[str], prefix:
                    batch_size: int, desc: str) -> list[list[float]]:
     from tqdm import tqdm
 
-    out: list[list[float]] = []
+    # similar lengths share a call (less padding); results go back in the callers' order
+    order = sorted(range(len(convs)), key=lambda i: sum(len(m["content"]) for m in convs[i]))
+    out: list[list[float]] = [[] for _ in convs]
     for i in tqdm(range(0, len(convs), batch_size), desc=desc, disable=len(convs) <= batch_size):
-        batch = convs[i: i + batch_size]
-        out += backend.score(batch, [list(options)] * len(batch), [prefix] * len(batch))
+        idx = order[i: i + batch_size]
+        got = backend.score([convs[j] for j in idx], [list(options)] * len(idx),
+                            [prefix] * len(idx))
+        for j, s in zip(idx, got):
+            out[j] = s
     return out
 
 

@@ -48,7 +48,7 @@ from charter.core.records import (
 )
 from charter.core.rundir import RunFolder, same_place
 from constitution import draw, load_constitution
-from critique.backends.base import Sampling
+from critique.backends.base import Sampling, by_length
 from critique.backends.context import check_context
 from critique.backends.options import build_backend, spec_of
 from critique.label.config import PATH_SETTINGS, RESUME_FREE, LabelConfig
@@ -163,7 +163,9 @@ def _run_pairs(cfg, items, out, constitution, pool, backend) -> tuple[list[dict]
     path = out / "labels.jsonl"
     records = [LabelRecord.from_dict(r, path).to_dict() for r in load_jsonl_for_resume(path)]
     done = {r["id"] for r in records}
-    todo = [it for it in items if it.id not in done]
+    # similar lengths share a batch (less padding)
+    todo = by_length([it for it in items if it.id not in done],
+                     lambda it: [*it.messages, {"content": it.response_a + it.response_b}])
     from tqdm.auto import tqdm
 
     with JsonlAppender(path) as sink, tqdm(total=len(todo), desc="label pairs", unit="pair",
@@ -210,7 +212,7 @@ def _run_prompts(cfg, prompts, out, constitution, pool, backend, policy, provena
         write_jsonl_atomic(pairs_path, kept)
         records = kept
     keyed = [(content_id(p.id, p.messages), p) for p in prompts]
-    todo = [(k, p) for k, p in keyed if k not in done]
+    todo = by_length([(k, p) for k, p in keyed if k not in done], lambda kp: kp[1].messages)
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, n=cfg.samples,
                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     from tqdm.auto import tqdm

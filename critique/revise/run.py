@@ -44,7 +44,7 @@ from charter.core.records import (
     read_prompts,
 )
 from constitution import Constitution, draw, load_constitution
-from critique.backends.base import Backend, Conversation, Sampling
+from critique.backends.base import Backend, Conversation, Sampling, by_length
 from critique.backends.context import check_context
 from critique.backends.options import build_backend, spec_of
 from critique.revise import outputs
@@ -276,6 +276,7 @@ def run_critique(cfg: CritiqueConfig, backend: Backend | None = None,
 def _critique_chunks(cfg: CritiqueConfig, constitution: Constitution, todo: list[PromptItem],
                      total: int, steps: _Steps, prov: dict, records_path: Path) -> None:
     by_id = {it.id: it for it in todo}
+    todo = by_length(todo)  # similar lengths share a batch (less padding)
     bar = _progress(cfg, total, total - len(todo), "critique")
     flagged = 0
     with JsonlAppender(records_path) as sink, bar:
@@ -299,6 +300,7 @@ def _critique_chunks(cfg: CritiqueConfig, constitution: Constitution, todo: list
 def _helpful_chunks(cfg: CritiqueConfig, todo: list[PromptItem], total: int, steps: _Steps,
                     prov: dict, helpful_path: Path) -> None:
     """Plain answers to benign prompts, appended to helpful.jsonl (same resume path)."""
+    todo = by_length(todo)  # similar lengths share a batch (less padding)
     bar = _progress(cfg, total, total - len(todo), "helpful")
     with JsonlAppender(helpful_path) as sink, bar:
         for start in range(0, len(todo), cfg.batch_size):
