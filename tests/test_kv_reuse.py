@@ -179,3 +179,43 @@ def test_negative_budget_is_an_error(tiny_model_dir):
 
     with pytest.raises(CharterError, match="kv_store_mb"):
         TransformersBackend(str(tiny_model_dir), kv_store_mb=-1, progress=False, device="cpu")
+
+
+def test_prefill_groups_by_hand():
+    from critique.backends import kv_reuse
+
+    # one group: splitting [10, 12, 14] saves (3 x 14) - (10 + 12 + 14) = 6 tokens of padding,
+    # less than one group's cost
+    assert kv_reuse.prefill_groups([10, 12, 14], group_cost=8) == [[0, 1, 2]]
+    # four rows of 10 and one of 400 (given out of order): as one batch 5 x 400 + 8 = 2008;
+    # apart 4 x 10 + 8 + 400 + 8 = 456
+    assert kv_reuse.prefill_groups([10, 400, 10, 10, 10], group_cost=8) == [[0, 2, 3, 4], [1]]
+    # rows with nothing to prefill are left out; no rows, no groups
+    assert kv_reuse.prefill_groups([0, 5, 0], group_cost=8) == [[1]]
+    assert kv_reuse.prefill_groups([0, 0]) == []
+    # the exact optimum, not a greedy cut: lengths 1, 2, 50, 60, 61 at cost 20:
+    # {1,2} {50,60,61} = 2*2+20 + 3*61+20 = 227 (one group 325; {1,2} {50} {60,61} 236)
+    assert kv_reuse.prefill_groups([1, 2, 50, 60, 61], group_cost=20) == [[0, 1], [2, 3, 4]]
+
+
+def test_split_prefill_matches_decoding_without_any_cache(tiny_model_dir, monkeypatch):
+    """Prompts of very different lengths in one batch: the groups are prefilled apart (on top of
+    the batch's shared prefix), and greedy answers still equal decoding each prompt alone
+    without a cache; sampled answers equal the unsplit backend's."""
+    from critique.backends import kv_reuse
+    from critique.backends.transformers_backend import TransformersBackend
+    from tests.test_backend_transformers import manual_greedy
+
+    monkeypatch.setattr(kv_reuse, "GROUP_COST", 4)
+    b = TransformersBackend(str(tiny_model_dir), batch_size=4, progress=False, device="cpu")
+    convs = [[{"role": "user", "content": t}] for t in
+             ("hi", "word " * 60, "ok", "a longer question about " * 3)]
+    got = b.generate(convs, Sampling(max_new_tokens=6))
+    assert b.usage.split_prefills >= 2
+    assert [g[0] for g in got] == [manual_greedy(b, c, "", 6) for c in convs]
+    sampled = Sampling(max_new_tokens=6, temperature=1.0, seed=5)
+    split = b.generate(convs, sampled)
+    monkeypatch.setattr(kv_reuse, "GROUP_COST", 10**9)  # never split
+    before = b.usage.split_prefills
+    assert b.generate(convs, sampled) == split
+    assert b.usage.split_prefills == before

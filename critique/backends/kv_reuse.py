@@ -301,3 +301,66 @@ def tail(cache, row: int, start: int, mask_row) -> Segment:
     kv = tuple((la.keys[row].index_select(1, idx), la.values[row].index_select(1, idx))
                for la in cache.layers)
     return Segment(kv, int(idx.numel()))
+
+
+# A forward pass of its own costs about this many tokens of prefill (per-layer launch and
+# Python overhead, a smaller matmul, the cache copies): a group is split off only where it
+# saves more padding than that.
+GROUP_COST = 128
+
+
+def prefill_groups(lengths: Sequence[int], group_cost: int | None = None) -> list[list[int]]:
+    """Rows (indices into `lengths`, the tokens each row has to prefill; rows with none are left
+    out) grouped so that prefilling each group as its own left-padded batch costs least:
+    sum over groups of (rows x longest row) + `group_cost` each, solved exactly over the rows
+    sorted by length (a group is then always a run of neighbours). One group means no split."""
+    group_cost = GROUP_COST if group_cost is None else group_cost
+    rows = sorted((n, b) for b, n in enumerate(lengths) if n > 0)
+    best = [0.0] + [float("inf")] * len(rows)  # best[j]: cost of the first j rows
+    cut = [0] * (len(rows) + 1)
+    for j in range(1, len(rows) + 1):
+        longest = rows[j - 1][0]
+        for i in range(j):  # rows i..j-1 as one group
+            c = best[i] + (j - i) * longest + group_cost
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    groups, j = [], len(rows)
+    while j:
+        groups.append([b for _, b in rows[cut[j]:j]])
+        j = cut[j]
+    return groups[::-1]
+
+
+def extend(model, prompts: Sequence[Sequence[int]], upto: Sequence[int], rows: Sequence[int],
+           lengths: list[int], segs: list[list[Segment]], pad_id: int, device: str) -> bool:
+    """Run prompt tokens [lengths[b], upto[b]) of each row b in `rows` as one left-padded batch
+    on top of the row's cached segments, and append their cache to `segs[b]` (`lengths[b]`
+    becomes `upto[b]`). False when the model's cache cannot be reused (nothing changed)."""
+    import torch
+
+    new = [list(prompts[b][lengths[b]:upto[b]]) for b in rows]
+    T, R = max(len(x) for x in new), max(lengths[b] for b in rows)
+    if R:
+        cache, past_mask = build_past([segs[b] for b in rows], [lengths[b] for b in rows],
+                                      device, reserve=T)
+    else:
+        cache = new_cache(T)
+        past_mask = torch.zeros((len(rows), 0), dtype=torch.long, device=device)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    new_mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, x in enumerate(new):
+        ids[i, T - len(x):] = torch.tensor(x)
+        new_mask[i, T - len(x):] = 1
+    ids, new_mask = ids.to(device), new_mask.to(device)
+    mask = torch.cat([past_mask, new_mask], dim=1)
+    start = torch.tensor([lengths[b] for b in rows], device=device)[:, None]
+    pos = start + (new_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        cache = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                      past_key_values=cache, logits_to_keep=1).past_key_values
+    if not _shareable(cache):
+        return False
+    for i, b in enumerate(rows):
+        segs[b] = [*segs[b], tail(cache, i, R, mask[i])]
+        lengths[b] = upto[b]
+    return True

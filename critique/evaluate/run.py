@@ -228,21 +228,31 @@ def run_eval(cfg: EvalConfig, backends: dict | None = None, release=None) -> dic
     specs = backend_specs(cfg)
     names = {"model": cfg.model, "baseline": cfg.baseline, "sft_model": cfg.sft_model}
     roles = ["model"] + [r for r in ("baseline", "sft_model") if names[r] is not None]
+    timing: dict[str, float] = {}  # seconds per phase, for the report (and profiles)
+
+    def timed(name: str, since: float) -> None:
+        timing[name] = round(timing.get(name, 0.0) + time.perf_counter() - since, 2)
+
     try:
         responses: dict[str, dict[str, str]] = {}
         for role in roles:
+            t = time.perf_counter()
             be = _get_backend(backends, loaded, role, specs[role])
             responses[role] = generate_responses(
                 be, prompts, model_label(names[role]), out / f"responses-{role}.jsonl",
                 cfg.max_new_tokens, cfg.batch_size, cfg.seed, desc=f"eval {role}")
             if release is not None:
                 release(role)
+            timed(f"generate {role}", t)
         judged: dict[str, dict[str, float]] = {}
         prefs, detail, others = {}, {}, {}
         if cfg.judge:
+            t = time.perf_counter()
             judge = _get_backend(backends, loaded, "judge", specs["judge"])
             for role in roles:
                 judged[role] = judge_refusals(judge, prompts, responses[role], cfg.batch_size)
+            timed("judge refusals", t)
+            t = time.perf_counter()
             if cons is not None:
                 detail = judge_pairs(judge, cons, prompts, responses["model"],
                                      responses["baseline"], cfg)
@@ -252,6 +262,7 @@ def run_eval(cfg: EvalConfig, backends: dict | None = None, release=None) -> dic
                     if a in responses and b in responses:
                         others[f"{a}_vs_{b}"] = _preferences(prompts, judge_pairs(
                             judge, cons, prompts, responses[a], responses[b], cfg))
+            timed("judge pairs", t)
     finally:
         for b in loaded.values():
             b.close()
@@ -277,6 +288,7 @@ def run_eval(cfg: EvalConfig, backends: dict | None = None, release=None) -> dic
     report["judge_position_bias"] = position_bias(read) if read else None
     report["judge_unread"] = sum(1 for d in detail.values() if d.get("p_a") is None)
     report["seconds"] = round(time.time() - t0, 2)
+    report["timing"] = timing
     report["input_errors"] = {"count": len(input_errors), "first": input_errors[:20]}
     write_report(out, report, rows, cfg)
     return report
