@@ -106,6 +106,8 @@ def test_run_eval_rates_win_rate_and_resume(setup):
     assert rep["judge_position_bias"] == 0.0  # it reads content, not position
     assert set(rep["timing"]) == {"generate model", "generate baseline", "judge refusals",
                                   "judge pairs"}
+    assert rep["work"]["generate model"]["generate_calls"] == 3  # 5 prompts, 2 a batch
+    assert rep["work"]["judge pairs"]["score_calls"] >= 1
     pair_calls = [c for c in judge.calls if c[0] == "score"
                   and "Options:" in c[1][0][-1]["content"]]
     assert sum(len(c[1]) for c in pair_calls) == 2 * 1 * 2  # 2 prompts × 1 principle × 2 orders

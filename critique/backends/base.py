@@ -46,6 +46,7 @@ class Usage:
     prompt_tokens: int = 0
     reused_prompt_tokens: int = 0  # of prompt_tokens, read from a cache instead of run
     split_prefills: int = 0  # prefill groups run apart to pad less (transformers backend)
+    shared_score_tokens: int = 0  # of scored_tokens, a shared prefix's run once for many rows
     generated_tokens: int = 0
     scored_tokens: int = 0
     generate_calls: int = 0

@@ -382,6 +382,7 @@ class TransformersBackend:
             if p.saved() >= prefix_cache.MIN_SHARED and (p.g or all(p.ext)):
                 res = prefix_cache.score_shared(self.model, rows, p, self.pad_id, self.device)
                 if res is not None:
+                    self.usage.shared_score_tokens += p.saved()
                     return res
                 self.share_prefix = False  # this model's cache cannot be expanded
         return self._score_batch(rows)

@@ -229,30 +229,36 @@ def run_eval(cfg: EvalConfig, backends: dict | None = None, release=None) -> dic
     names = {"model": cfg.model, "baseline": cfg.baseline, "sft_model": cfg.sft_model}
     roles = ["model"] + [r for r in ("baseline", "sft_model") if names[r] is not None]
     timing: dict[str, float] = {}  # seconds per phase, for the report (and profiles)
+    work: dict[str, dict] = {}  # the backend's usage counters per phase (where it keeps them)
 
-    def timed(name: str, since: float) -> None:
+    def timed(name: str, since: float, be=None, before: dict | None = None) -> None:
         timing[name] = round(timing.get(name, 0.0) + time.perf_counter() - since, 2)
+        if before is not None:
+            after = _usage(be)
+            work[name] = {k: round(after[k] - before.get(k, 0), 2) for k in after}
 
     try:
         responses: dict[str, dict[str, str]] = {}
         for role in roles:
             t = time.perf_counter()
             be = _get_backend(backends, loaded, role, specs[role])
+            before = _usage(be)
             responses[role] = generate_responses(
                 be, prompts, model_label(names[role]), out / f"responses-{role}.jsonl",
                 cfg.max_new_tokens, cfg.batch_size, cfg.seed, desc=f"eval {role}")
             if release is not None:
                 release(role)
-            timed(f"generate {role}", t)
+            timed(f"generate {role}", t, be, before)
         judged: dict[str, dict[str, float]] = {}
         prefs, detail, others = {}, {}, {}
         if cfg.judge:
             t = time.perf_counter()
             judge = _get_backend(backends, loaded, "judge", specs["judge"])
+            before = _usage(judge)
             for role in roles:
                 judged[role] = judge_refusals(judge, prompts, responses[role], cfg.batch_size)
-            timed("judge refusals", t)
-            t = time.perf_counter()
+            timed("judge refusals", t, judge, before)
+            t, before = time.perf_counter(), _usage(judge)
             if cons is not None:
                 detail = judge_pairs(judge, cons, prompts, responses["model"],
                                      responses["baseline"], cfg)
@@ -262,7 +268,7 @@ def run_eval(cfg: EvalConfig, backends: dict | None = None, release=None) -> dic
                     if a in responses and b in responses:
                         others[f"{a}_vs_{b}"] = _preferences(prompts, judge_pairs(
                             judge, cons, prompts, responses[a], responses[b], cfg))
-            timed("judge pairs", t)
+            timed("judge pairs", t, judge, before)
     finally:
         for b in loaded.values():
             b.close()
@@ -289,9 +295,18 @@ def run_eval(cfg: EvalConfig, backends: dict | None = None, release=None) -> dic
     report["judge_unread"] = sum(1 for d in detail.values() if d.get("p_a") is None)
     report["seconds"] = round(time.time() - t0, 2)
     report["timing"] = timing
+    report["work"] = work
     report["input_errors"] = {"count": len(input_errors), "first": input_errors[:20]}
     write_report(out, report, rows, cfg)
     return report
+
+
+def _usage(backend) -> dict:
+    """A backend's usage counters as numbers (empty for one that keeps none)."""
+    import dataclasses
+
+    u = getattr(backend, "usage", None)
+    return dataclasses.asdict(u) if dataclasses.is_dataclass(u) else {}
 
 
 def _preferences(prompts: list[PromptItem], detail: dict[str, dict]) -> dict[str, float]:
