@@ -2,7 +2,8 @@
 #   make quickstart   # the main job: the pipeline on the embedded SmolLM2 (examples/quickstart.yaml)
 #   make test         # ruff + the test suite (what CI runs)
 # Also: make bench (benchmarks, --quick), make bench-memory (a random-init 1B DPO run: ~15 GB,
-# ~10 min on 2 cores), make setup (only the venv).
+# ~10 min on 2 cores), make profile (where `make quickstart`'s time went, stage by stage,
+# against this machine's matmul peak), make setup (only the venv).
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,7 @@ STAMP := $(VENV)/.charter-installed
 export VLLM_CPU_OMP_THREADS_BIND ?= 0-1
 export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
 
-.PHONY: setup test quickstart bench bench-memory lint clean
+.PHONY: setup test quickstart profile bench bench-memory lint clean
 
 setup: $(STAMP)
 
@@ -38,6 +39,9 @@ test: setup
 
 quickstart: setup
 	$(VENV)/bin/charter run examples/quickstart.yaml --out runs/quickstart
+
+profile: setup
+	$(PY) benchmarks/quickstart_profile.py runs/quickstart
 
 bench: setup
 	$(PY) benchmarks/critique_throughput.py --quick --backends transformers,vllm
