@@ -73,3 +73,36 @@ def test_clip_and_step_equals_clip_then_step(max_norm):
         assert float((pa - pb).abs().max()) <= 1e-6
     if max_norm == 0.5:  # clipping was active: without it the weights would differ
         assert float(want) > 0.5
+
+
+def test_group_by_length_keeps_each_epochs_examples_and_pads_less():
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.choice([40, 60, 100, 200, 380]) + rng.randrange(10) for _ in range(152)]
+    n, g = len(lengths), 8
+    steps = n // g  # 19 steps an epoch
+
+    def batches(lens):
+        return [step_indices(s, n, g, 1, 1, 0, seed=0, lengths=lens)[0] for s in range(2 * steps)]
+
+    plain, grouped = batches(None), batches(lengths)
+    for e in range(2):  # every epoch uses exactly the examples the plain order uses
+        epoch = slice(e * steps, (e + 1) * steps)
+        assert sorted(i for b in grouped[epoch] for i in b) == \
+            sorted(i for b in plain[epoch] for i in b)
+        assert all(len(set(b)) == g for b in grouped[epoch])
+
+    def padded(bs):
+        return sum(len(b) * max(lengths[i] for i in b) for b in bs)
+
+    real = sum(lengths[i] for b in plain for i in b)
+    assert padded(plain) > 1.4 * real  # random batches of these lengths pad a lot
+    assert padded(grouped) < 1.15 * real
+    # the steps are not in length order (the batches are shuffled again), and seeded
+    longest = [max(lengths[i] for i in b) for b in grouped[:steps]]
+    assert longest != sorted(longest) and longest != sorted(longest, reverse=True)
+    assert batches(lengths) == grouped
+    # processes and accumulation split one grouped global batch as before
+    parts = [mb for r in range(2) for mb in step_indices(3, n, 2, 2, 2, r, 0, lengths)]
+    assert sorted(i for mb in parts for i in mb) == sorted(grouped[3])

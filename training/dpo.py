@@ -89,6 +89,9 @@ def compute_ref_logps(acc, model, examples, pad_id: int, batch_size: int,
     from tqdm.auto import tqdm
 
     mine = list(range(acc.process_index, len(examples), acc.num_processes))
+    # batches of similar length (less padding); the rows are put back by index below
+    mine.sort(key=lambda i: len(examples[i].prompt_ids) + max(len(examples[i].chosen_ids),
+                                                              len(examples[i].rejected_ids)))
     share = share and shared_prompt.usable(model)  # a --ref-model may have another cache
     was_training = model.training
     model.eval()
@@ -212,9 +215,11 @@ def run_steps(acc, cfg: DPOConfig, model, opt, sched, examples, ref, pad_id, sta
     t0, tokens = time.perf_counter(), 0
     history: list[tuple[float, float]] = []  # logged (rewards/chosen, rewards/rejected)
     warned = False
+    lengths = ([len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids))
+                for e in examples] if cfg.group_by_length else None)
     for step in range(start, total):
         micro = step_indices(step, len(examples), cfg.batch_size, cfg.grad_accum,
-                             acc.num_processes, acc.process_index, cfg.seed)
+                             acc.num_processes, acc.process_index, cfg.seed, lengths)
         sums = torch.zeros(len(METRICS) + 1, dtype=torch.float64)  # metric sums, pair count
         bad = None
         for a, idx in enumerate(micro):

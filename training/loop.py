@@ -113,18 +113,32 @@ def total_steps(cfg: TrainConfig, n_examples: int, world: int) -> int:
     return cfg.max_steps if cfg.max_steps is not None else per_epoch * cfg.epochs
 
 
+GROUP_WINDOW = 8  # global batches per window that group_by_length sorts by length
+
+
 def step_indices(step: int, n_examples: int, micro: int, accum: int, world: int, rank: int,
-                 seed: int) -> list[list[int]]:
+                 seed: int, lengths: list[int] | None = None) -> list[list[int]]:
     """This process's micro-batches (lists of example indices) for optimizer step `step`.
 
     Global batch g = micro·accum·world; epoch e = step // (steps per epoch) is a permutation
     seeded by (seed, e). Micro-batch a of process r is slice [(a·world + r)·micro, +micro).
+    With `lengths` (group_by_length), the epoch's used examples are taken in windows of
+    GROUP_WINDOW global batches, each window sorted by length (longest first) and cut into
+    global batches, and the epoch's batches shuffled again (seeded): a step then pads its
+    examples to a similar length, and every epoch still holds the same examples.
     """
     g = micro * accum * world
     per_epoch = steps_per_epoch(n_examples, g)
     epoch, k = divmod(step, per_epoch)
     order = list(range(n_examples))
     random.Random(f"{seed}:{epoch}").shuffle(order)
+    if lengths is not None:
+        used, w = order[:per_epoch * g], GROUP_WINDOW * g
+        windows = [sorted(used[i:i + w], key=lambda j: -lengths[j])
+                   for i in range(0, len(used), w)]
+        batches = [win[i:i + g] for win in windows for i in range(0, len(win), g)]
+        random.Random(f"{seed}:{epoch}:batches").shuffle(batches)
+        order = [j for b in batches for j in b]
     chunk = order[k * g:(k + 1) * g]
     return [chunk[(a * world + rank) * micro:(a * world + rank + 1) * micro]
             for a in range(accum)]

@@ -65,6 +65,10 @@ class TrainConfig:
     10 instead of 16 bytes per parameter"""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """older name: bf16 / fp16 here means precision bf16-mixed / fp16-mixed"""
+    group_by_length: bool = False
+    """cut each step's batch from examples of similar length (within a shuffled window of 8
+    global batches; the steps' order shuffled again): less padding, the same examples per
+    epoch (HF Trainer's group_by_length)"""
     bf16_moments: bool = False
     """keep AdamW's two moments in bf16 for fp32 weights (exp_avg rounded to nearest, exp_avg_sq
     stochastically): 12 instead of 16 bytes per parameter, the weight and its update still fp32

@@ -65,10 +65,11 @@ def run_steps(acc, cfg: SFTConfig, model, opt, sched, examples, pad_id, start, t
     bar = tqdm(total=total, initial=start, desc="sft", disable=not acc.is_main_process)
     t0, tokens = time.perf_counter(), 0
     world = acc.num_processes
+    lengths = [len(e.input_ids) for e in examples] if cfg.group_by_length else None
     for step in range(start, total):
         # Every process knows the whole global batch, so each can divide by its token count.
         everyone = [step_indices(step, len(examples), cfg.batch_size, cfg.grad_accum, world, r,
-                                 cfg.seed) for r in range(world)]
+                                 cfg.seed, lengths) for r in range(world)]
         n_tokens = sum(_label_tokens(examples, idx) for mb in everyone for idx in mb)
         micro = everyone[acc.process_index]
         nll_sum, bad = 0.0, None
