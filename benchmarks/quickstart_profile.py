@@ -25,26 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-
-def matmul_peak(dtype, seconds: float) -> float:
-    """GFLOP/s of a 2048 x 2048 matmul in `dtype`, best of a few timed rounds."""
-    import torch
-
-    a = torch.randn(2048, 2048).to(dtype)
-    a @ a
-    best, end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t, n = time.perf_counter(), 0
-        while time.perf_counter() - t < 0.5:
-            a @ a
-            n += 1
-        best = max(best, 2 * 2048 ** 3 * n / (time.perf_counter() - t) / 1e9)
-    return best
 
 
 def n_params(model: str) -> int:
@@ -120,11 +103,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
+    from benchmarks.dpo_vs_trl import matmul_peak_flops
+
     torch.set_num_threads(args.threads)
     summary = json.loads((args.run / "summary.json").read_text())
     N = n_params(summary["roles"]["policy"]["model"])
-    peaks = {"fp32": matmul_peak(torch.float32, args.peak_seconds),
-             "bf16": matmul_peak(torch.bfloat16, args.peak_seconds)}
+    peaks = {"fp32": matmul_peak_flops("float32", args.peak_seconds) / 1e9,
+             "bf16": matmul_peak_flops("bfloat16", args.peak_seconds) / 1e9}
     print(f"model parameters: {N / 1e6:.1f}M; matmul peak ({args.threads} threads): "
           f"fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s")
     print(f"{'stage':<10} {'seconds':>8} {'GFLOP':>9} {'prec':>5} {'floor s':>8} "

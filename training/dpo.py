@@ -64,6 +64,11 @@ def _model_identity(path: str) -> str:
     return h.hexdigest()
 
 
+def pair_length(e) -> int:
+    """Tokens of a pair's longer row (prompt + response): what a padded batch runs it at."""
+    return len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids))
+
+
 def pair_batch(examples, pad_id: int, share: bool, device) -> dict:
     """The concatenated batch, plus the shared-prompt tensors when `share` (the run's decision,
     `shared_prompt.decide`: the reference and the policy pass take the same path)."""
@@ -90,8 +95,7 @@ def compute_ref_logps(acc, model, examples, pad_id: int, batch_size: int,
 
     mine = list(range(acc.process_index, len(examples), acc.num_processes))
     # batches of similar length (less padding); the rows are put back by index below
-    mine.sort(key=lambda i: len(examples[i].prompt_ids) + max(len(examples[i].chosen_ids),
-                                                              len(examples[i].rejected_ids)))
+    mine.sort(key=lambda i: pair_length(examples[i]))
     share = share and shared_prompt.usable(model)  # a --ref-model may have another cache
     was_training = model.training
     model.eval()
@@ -215,8 +219,7 @@ def run_steps(acc, cfg: DPOConfig, model, opt, sched, examples, ref, pad_id, sta
     t0, tokens = time.perf_counter(), 0
     history: list[tuple[float, float]] = []  # logged (rewards/chosen, rewards/rejected)
     warned = False
-    lengths = ([len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids))
-                for e in examples] if cfg.group_by_length else None)
+    lengths = [pair_length(e) for e in examples] if cfg.group_by_length else None
     for step in range(start, total):
         micro = step_indices(step, len(examples), cfg.batch_size, cfg.grad_accum,
                              acc.num_processes, acc.process_index, cfg.seed, lengths)

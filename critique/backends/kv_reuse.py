@@ -346,15 +346,7 @@ def extend(model, prompts: Sequence[Sequence[int]], upto: Sequence[int], rows: S
     else:
         cache = new_cache(T)
         past_mask = torch.zeros((len(rows), 0), dtype=torch.long, device=device)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    new_mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, x in enumerate(new):
-        ids[i, T - len(x):] = torch.tensor(x)
-        new_mask[i, T - len(x):] = 1
-    ids, new_mask = ids.to(device), new_mask.to(device)
-    mask = torch.cat([past_mask, new_mask], dim=1)
-    start = torch.tensor([lengths[b] for b in rows], device=device)[:, None]
-    pos = start + (new_mask.cumsum(-1) - 1).clamp(min=0)
+    ids, mask, pos = left_padded(new, [lengths[b] for b in rows], past_mask, pad_id, device)
     with torch.inference_mode():
         cache = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                       past_key_values=cache, logits_to_keep=1).past_key_values
@@ -364,3 +356,22 @@ def extend(model, prompts: Sequence[Sequence[int]], upto: Sequence[int], rows: S
         segs[b] = [*segs[b], tail(cache, i, R, mask[i])]
         lengths[b] = upto[b]
     return True
+
+
+def left_padded(rows: Sequence[Sequence[int]], starts: Sequence[int], past_mask, pad_id: int,
+                device: str):
+    """New token rows left-padded to the longest behind a past of `past_mask`'s columns: the
+    (B, T) ids, the (B, past + T) attention mask, and the (B, T) real positions, counting on
+    from each row's `starts` (padding gets the row's first position; it is masked)."""
+    import torch
+
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    new_mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):] = torch.tensor(list(r))
+        new_mask[i, T - len(r):] = 1
+    ids, new_mask = ids.to(device), new_mask.to(device)
+    mask = torch.cat([past_mask, new_mask], dim=1)
+    start = torch.tensor(list(starts), device=device)[:, None]
+    return ids, mask, start + (new_mask.cumsum(-1) - 1).clamp(min=0)

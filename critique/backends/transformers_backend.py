@@ -226,14 +226,8 @@ class TransformersBackend:
             self.usage.reused_prompt_tokens += from_cache
         elif self._plain_cache:
             cache = kv_reuse.new_cache(sampling.max_new_tokens)
-        ids = torch.full((B, T), self.pad_id, dtype=torch.long)
-        new_mask = torch.zeros((B, T), dtype=torch.long)
-        for b, p in enumerate(suffixes):  # left padding: the last column is every row's last token
-            ids[b, T - len(p):] = torch.tensor(p)
-            new_mask[b, T - len(p):] = 1
-        ids, new_mask = ids.to(dev), new_mask.to(dev)
-        mask = torch.cat([past_mask, new_mask], dim=1)
-        start = torch.tensor(reused, device=dev)[:, None]
+        # left padding: the last column is every row's last token
+        ids, mask, pos = kv_reuse.left_padded(suffixes, reused, past_mask, self.pad_id, dev)
         limit = [sampling.max_new_tokens] * B
         if self.max_length:
             limit = [min(sampling.max_new_tokens, self.max_length - len(p)) for p in prompts]
@@ -244,7 +238,6 @@ class TransformersBackend:
         stop = [s for s in sampling.stop if s]
         tail = max((len(s) for s in stop), default=0) + 2  # tokens that can hold a stop string
         step_ids = ids
-        pos = start + (new_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) real positions
         rows = list(range(B))  # the original row of each row still in the tensors
         with torch.inference_mode():
             while not all(done):

@@ -103,7 +103,7 @@ def _score_batched(backend, convs: list[list[dict]], options: list[str], prefix:
     from tqdm import tqdm
 
     # similar lengths share a call (less padding); results go back in the callers' order
-    order = sorted(range(len(convs)), key=lambda i: sum(len(m["content"]) for m in convs[i]))
+    order = by_length(range(len(convs)), lambda i: convs[i])
     out: list[list[float]] = [[] for _ in convs]
     for i in tqdm(range(0, len(convs), batch_size), desc=desc, disable=len(convs) <= batch_size):
         idx = order[i: i + batch_size]
