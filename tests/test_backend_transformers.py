@@ -337,3 +337,48 @@ def test_rows_that_finish_early_leave_the_batch_without_changing_the_others(tiny
     for sampling in (Sampling(max_new_tokens=8), Sampling(max_new_tokens=8, temperature=1.0,
                                                           seed=4)):
         assert batched.generate(CONVS, sampling) == single.generate(CONVS, sampling)
+
+
+def test_gathered_cache_equals_copied_rows_and_keeps_nothing(backend):
+    """The last forward of shared scoring reads each row's past through `gathered` (per layer,
+    inside the forward) instead of copying the past to every row and storing the new keys:
+    same logits as the copying path, and the cache it read is left as it was."""
+    import copy
+
+    import torch
+
+    from critique.backends.prefix_cache import gathered
+
+    m = backend.model
+    past = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])  # two cache rows, 4 positions
+    new = torch.tensor([[20, 21], [22, 23], [24, 25]])  # three rows: continue rows 1, 0, 1
+    idx = torch.tensor([1, 0, 1])
+    with torch.inference_mode():
+        cache = m(input_ids=past, use_cache=True).past_key_values
+        shapes = [tuple(la.keys.shape) for la in cache.layers]
+        copied = copy.deepcopy(cache)
+        copied.batch_select_indices(idx)
+        pos = torch.tensor([[4, 5]] * 3)
+        want = m(input_ids=new, past_key_values=copied, position_ids=pos, use_cache=True).logits
+        g = gathered(cache, idx)
+        got = m(input_ids=new, past_key_values=g, position_ids=pos, use_cache=True).logits
+        alone = m(input_ids=torch.cat([past[idx], new], 1)).logits[:, -2:]
+    assert torch.allclose(got, want, atol=1e-5) and torch.allclose(got, alone, atol=1e-4)
+    assert [tuple(la.keys.shape) for la in g.layers] == shapes  # nothing appended
+    assert [tuple(la.keys.shape) for la in cache.layers] == shapes
+
+
+def test_unshared_scoring_builds_no_kv_cache(unshared, monkeypatch):
+    """A scoring forward reads only logits: the model must not keep every layer's keys."""
+    kept = []
+    forward = unshared.model.forward
+
+    def watch(*a, **k):
+        out = forward(*a, **k)
+        kept.append(out.past_key_values)
+        return out
+
+    monkeypatch.setattr(unshared.model, "forward", watch)
+    convs, options, prefixes = label_rows()
+    unshared.score(convs, options, prefixes)
+    assert kept and all(c is None for c in kept)

@@ -157,10 +157,11 @@ def score_shared(model, rows: list[tuple[list[int], int]], p: Plan, pad_id: int,
                 if not _shareable(cache):
                     return None
                 pos_end = pos_end + torch.tensor(ext, device=device)
-            # stage 3: each row's suffix after its group's cache row
+            # stage 3: each row's suffix after its group's cache row (gathered per layer inside
+            # the forward, and nothing kept: see `gathered`)
             members = [(j, r) for j, k in enumerate(chunk) for r in p.groups[k]]
             idx = torch.tensor([j for j, _ in members], device=device)
-            cache.batch_select_indices(idx)
+            cache = gathered(cache, idx)
             sub = [rows[r] for _, r in members]
             suffixes = [rows[r][0][p.g + ext[j]:] for j, r in members]
             ids, new = _left_padded(suffixes, pad_id)
@@ -171,6 +172,49 @@ def score_shared(model, rows: list[tuple[list[int], int]], p: Plan, pad_id: int,
             for b, (_, r) in enumerate(members):
                 sums[r], last[r] = total[b], nxt[b]
     return sums, torch.stack(last)
+
+
+def _gather_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class GatherLayer(DynamicLayer):
+        """A read-only cache layer for a batch's last forward: the past keys and values of m
+        cache rows, and for each of the batch's N rows the cache row it continues (`index`).
+        `update` returns that past (gathered) followed by the new keys and keeps neither: no
+        later forward reads them. So the N rows' copies of the past and their new keys exist for
+        one layer at a time, where `batch_select_indices` + a storing update would hold all of
+        them for every layer at once (N x (past + new) positions x layers)."""
+
+        def __init__(self, keys, values, index):
+            super().__init__()
+            self.dtype, self.device = keys.dtype, keys.device
+            self.keys, self.values, self.index = keys, values, index
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            import torch
+
+            return (torch.cat([self.keys.index_select(0, self.index), key_states], dim=-2),
+                    torch.cat([self.values.index_select(0, self.index), value_states], dim=-2))
+
+    return GatherLayer
+
+
+_GATHER = None
+
+
+def gathered(cache, index):
+    """A cache for one last forward over len(index) rows, row n continuing `cache`'s row
+    index[n]; its layers keep nothing (GatherLayer). `cache` itself is left as it was."""
+    global _GATHER
+    from transformers.cache_utils import DynamicCache
+
+    if _GATHER is None:
+        _GATHER = _gather_layer_class()
+    out = DynamicCache()
+    out.layers = [_GATHER(la.keys, la.values, index) for la in cache.layers]
+    out.layer_class_to_replicate = None  # every layer is given: none to add lazily
+    return out
 
 
 def _run(model, cache, ids, new_mask, past_mask, past_pos, keep):

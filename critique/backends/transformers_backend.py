@@ -400,8 +400,10 @@ class TransformersBackend:
         ids, mask, scored = ids.to(self.device), mask.to(self.device), scored.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) positions that skip the padding
         with torch.inference_mode():
+            # use_cache=False: a model's default cache would keep every layer's keys and
+            # values (B x T positions x layers; 0.57 GB at 16 x 800 tokens here) until the end
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                                logits_to_keep=K + 1).logits.float()  # (B, K+1, V)
+                                logits_to_keep=K + 1, use_cache=False).logits.float()
             logp = torch.log_softmax(logits, dim=-1)  # (B, K+1, V): [:, :K] predict ids[:, T-K:]
             tok_logp = logp[:, :K].gather(-1, ids[:, T - K:, None]).squeeze(-1)  # (B, K)
             total = torch.where(scored, tok_logp, 0.0).sum(-1)  # (B,)
