@@ -79,6 +79,13 @@ def setup(cfg: TrainConfig):
             path, dtype=dtype, use_safetensors=True,
             trust_remote_code=cfg.trust_remote_code)
     model.config.use_cache = False
+    if getattr(cfg, "padding_free", False):
+        from training import packing
+
+        if not packing.enable(model):
+            log(acc, f"padding_free: this model's attention is "
+                     f"{getattr(model.config, '_attn_implementation', None)!r}, not SDPA; "
+                     "its batches stay padded")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         if cfg.lora:
@@ -230,6 +237,10 @@ def forward_logps(model, batch: dict, chunked: bool = True
     model whose logits are not its head applied to the last hidden state, the model computes
     logits from the position before the first label token on (`logits_to_keep`).
     """
+    from training import packing
+
+    if packing.active(model):  # padding_free: one packed row, the same per-row results
+        return packing.packed_logps(model, batch, chunked)
     ids, labels = batch["input_ids"], batch["labels"]  # (N, T)
     T = ids.shape[1]
     has = labels != -100

@@ -69,6 +69,11 @@ class TrainConfig:
     """cut each step's batch from examples of similar length (within a shuffled window of 8
     global batches; the steps' order shuffled again): less padding, the same examples per
     epoch (HF Trainer's group_by_length)"""
+    padding_free: bool = False
+    """run each micro-batch as one packed row of its real tokens (position ids restarting per
+    sequence, attention within each sequence: training/packing.py) instead of padding every row
+    to the longest: same losses up to float rounding, less work where lengths differ (TRL's
+    padding_free). Models on transformers' SDPA attention; others stay padded (logged)"""
     bf16_moments: bool = False
     """keep AdamW's two moments in bf16 for fp32 weights (exp_avg rounded to nearest, exp_avg_sq
     stochastically): 12 instead of 16 bytes per parameter, the weight and its update still fp32
