@@ -161,3 +161,25 @@ def test_training_padding_free_matches_padded(tmp_path, tiny_model_dir, stage):
     (l0, w0), (l1, w1) = runs[False], runs[True]
     assert l1 == pytest.approx(l0, abs=1e-4)
     assert all(torch.allclose(w1[k], w0[k], atol=1e-5) for k in w0)
+
+
+def test_a_model_that_would_let_sequences_mix_stays_padded(tiny_model_dir, monkeypatch):
+    """The probe in `enable`: if a packed forward lets the second sequence see the first (here
+    the attention is made to ignore the sequence bounds), packing is refused."""
+    from training import packing
+
+    model = _model(tiny_model_dir)
+
+    def leaky(module, q, k, v, mask, dropout=0.0, scaling=None, is_causal=None, **kw):
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                               scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    packing.register()
+    from transformers import AttentionInterface
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, packing.ATTN, leaky)
+    assert not packing.enable(model)
+    assert model.config._attn_implementation == "sdpa"

@@ -65,19 +65,50 @@ def register() -> None:
 
 def supported(model) -> bool:
     """Whether the model runs SDPA attention through transformers' attention interface (what
-    `ATTN` stands in for). Others (eager, flash, a custom kernel) keep padded batches."""
+    `ATTN` stands in for). Others (eager, flash, a custom kernel) keep padded batches; `enable`
+    also probes that packing keeps sequences apart."""
     cfg = getattr(model, "config", None)
     return getattr(cfg, "_attn_implementation", None) in ("sdpa", ATTN)
 
 
 def enable(model) -> bool:
     """Switch `model` (its config, shared by every layer) to packed attention; returns whether
-    it could (see `supported`)."""
+    it could: the model is on SDPA (`supported`) and a probe passes: two 3-token sequences
+    packed give the second the logits it gets alone (a model whose code builds its own mask
+    from nothing but the padding would let it see the first; it stays padded)."""
     if not supported(model):
         return False
     register()
-    model.config._attn_implementation = ATTN
+    cfg = model.config
+    before = cfg._attn_implementation
+    cfg._attn_implementation = ATTN
+    if not _probe(model):
+        cfg._attn_implementation = before
+        return False
     return True
+
+
+def _probe(model) -> bool:
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    if vocab < 8:
+        return False
+    dev = next(model.parameters()).device
+    ids = torch.tensor([[vocab - 1, 3, 5, 7, 2, 4]], device=dev)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed = model(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]],
+                                                                     device=dev),
+                           cu_seq_lens_q=torch.tensor([0, 3, 6], dtype=torch.int32, device=dev),
+                           use_cache=False).logits[0, 3:].float()
+            alone = model(input_ids=ids[:, 3:], use_cache=False).logits[0].float()
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    finally:
+        model.train(was)
+    tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    return bool(torch.allclose(packed, alone, atol=tol, rtol=tol))
 
 
 def disable(model) -> None:
