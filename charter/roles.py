@@ -31,7 +31,10 @@ from charter.core.errors import CharterError
 ROLES = ("teacher", "labeler", "second_labeler", "judge")
 SYMBOLIC = ("start", "policy")
 # Settings a backend reads per call, not at load time: backends differing only in these are one.
-CALL_TIME = ("batch_size", "progress")
+CALL_TIME = ("batch_size", "score_batch_size", "progress")
+# Of those, the ones whose default is None ("as batch_size"): a stage that does not set one
+# puts it back to None rather than inheriting the last stage's value on a shared backend.
+UNSET_IS_NONE = ("score_batch_size",)
 
 
 @dataclass(frozen=True)
@@ -129,8 +132,8 @@ class BackendPool:
             self.loads.append(key)
         be = self._loaded[key]
         for name in CALL_TIME:  # per-call settings of this stage
-            if name in spec.kwargs and hasattr(be, name):
-                setattr(be, name, spec.kwargs[name])
+            if hasattr(be, name) and (name in spec.kwargs or name in UNSET_IS_NONE):
+                setattr(be, name, spec.kwargs.get(name))
         return be
 
     def keys(self) -> list[tuple]:

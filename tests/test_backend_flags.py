@@ -117,6 +117,20 @@ def test_eval_judge_on_another_backend_kind(asked, tmp_path):
     assert specs["judge"].base_url == []
 
 
+def test_batch_sizes_reach_the_transformers_backend_and_must_be_positive():
+    from critique.backends.options import backend_kwargs
+
+    kw = backend_kwargs(BackendSpec(batch_size=48, score_batch_size=16))
+    assert (kw["batch_size"], kw["score_batch_size"]) == (48, 16)
+    assert "score_batch_size" not in backend_kwargs(BackendSpec(batch_size=48))
+    assert "score_batch_size" not in backend_kwargs(BackendSpec(backend="vllm",
+                                                                score_batch_size=16))
+    for name in ("batch_size", "score_batch_size"):
+        with pytest.raises(CharterError, match="at least 1") as e:
+            backend_kwargs(BackendSpec(**{name: 0}), where="judge")
+        assert e.value.field == f"judge.{name}"
+
+
 def test_backend_spec_from_a_role_value():
     """A pipeline role: a string is a model on the top-level backend; a mapping is a full
     description whose missing keys take the defaults, not the top-level backend's."""

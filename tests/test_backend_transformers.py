@@ -146,6 +146,35 @@ def test_score_token_boundary(backend):
     assert a[0] < b[0]  # the merged version also pays for " ("
 
 
+def test_score_batch_size_sets_the_rows_per_scoring_forward(tiny_model_dir, monkeypatch):
+    """Generation batches by batch_size, scoring by score_batch_size (None: batch_size); the
+    scores do not depend on how the rows were batched."""
+    from critique.backends.transformers_backend import TransformersBackend
+
+    b = TransformersBackend(str(tiny_model_dir), batch_size=4, score_batch_size=1,
+                            progress=False, device="cpu", share_prefix=False)
+    rows_seen: list[int] = []
+    real = b._score_batch
+    monkeypatch.setattr(b, "_score_batch", lambda rows: rows_seen.append(len(rows)) or real(rows))
+    options = [["Yes", "No, never."], ["(A)", "a longer option"], ["x", "y z"]]
+    one = b.score(CONVS[:3], options)
+    assert rows_seen == [1] * 6
+    rows_seen.clear()
+    b.score_batch_size = None  # as the pool sets it for a stage that leaves it unset
+    four = b.score(CONVS[:3], options)
+    assert rows_seen == [4, 2]
+    assert max(abs(x - y) for g, h in zip(one, four) for x, y in zip(g, h)) < 1e-4
+    steps: list[int] = []
+    real_model = b.model.forward
+    monkeypatch.setattr(b.model, "forward", lambda *a, **k: steps.append(
+        k["input_ids"].shape[0]) or real_model(*a, **k))
+    b.score_batch_size = 1
+    b.generate(CONVS, Sampling(max_new_tokens=2))
+    assert steps[0] == 4  # the prefill of all four prompts: generation keeps batch_size
+    with pytest.raises(CharterError, match="score_batch_size"):
+        TransformersBackend(str(tiny_model_dir), score_batch_size=0, progress=False)
+
+
 def test_usage_counts(tiny_model_dir):
     from critique.backends.transformers_backend import TransformersBackend
 

@@ -70,6 +70,21 @@ def test_pool_loads_each_distinct_backend_once_and_releases():
     assert pool.keys() == [make_spec("transformers", "m", {"dtype": "bfloat16"}).load_key()]
 
 
+def test_pool_sets_per_call_settings_and_resets_an_unset_score_batch_size():
+    """batch_size and score_batch_size are read per call: one load serves stages with other
+    values, and a stage that leaves score_batch_size unset does not inherit the last stage's
+    value on the shared backend (None: as batch_size)."""
+    from types import SimpleNamespace
+
+    made = []
+    pool = BackendPool(loader=lambda spec: made.append(spec) or SimpleNamespace(
+        batch_size=32, score_batch_size=None))
+    a = pool.get(make_spec("transformers", "m", {"batch_size": 48, "score_batch_size": 16}))
+    assert (a.batch_size, a.score_batch_size) == (48, 16)
+    b = pool.get(make_spec("transformers", "m", {"batch_size": 8}))
+    assert b is a and len(made) == 1 and (a.batch_size, a.score_batch_size) == (8, None)
+
+
 def _write_pipeline(tmp_path: Path, extra: str) -> Path:
     (tmp_path / "cons.yaml").write_text(CONS)
     (tmp_path / "h.jsonl").write_text("".join(json.dumps({"prompt": f"bad {i}"}) + "\n"

@@ -17,6 +17,7 @@ a `CharterError`, the user evidently meant a server):
     field                  transformers  vllm  openai   backend kwarg
     dtype                  x             x              dtype
     batch_size             x                            batch_size
+    score_batch_size       x                            score_batch_size
     tensor_parallel_size                 x              tensor_parallel_size
     max_model_len                        x              max_model_len
     seed                                 x              seed (engine seed)
@@ -48,6 +49,7 @@ from charter.core.errors import CharterError
 FIELD_MAP: dict[str, tuple[tuple[str, ...], str]] = {
     "dtype": (("transformers", "vllm"), "dtype"),
     "batch_size": (("transformers",), "batch_size"),
+    "score_batch_size": (("transformers",), "score_batch_size"),
     "tensor_parallel_size": (("vllm",), "tensor_parallel_size"),
     "max_model_len": (("vllm",), "max_model_len"),
     "seed": (("vllm",), "seed"),
@@ -63,7 +65,7 @@ FIELD_MAP: dict[str, tuple[tuple[str, ...], str]] = {
 SERVER_ONLY = ("base_url", "api_key_env", "concurrency", "request_timeout", "max_retries")
 # Settings that change how a model is reached or batched, not what it answers: a stage that
 # resumes a folder need not be given the same (label's and eval's run-folder guards skip them).
-HOW_ONLY = ("batch_size", "trust_remote_code", *SERVER_ONLY)
+HOW_ONLY = ("batch_size", "score_batch_size", "trust_remote_code", *SERVER_ONLY)
 
 
 @dataclass(kw_only=True)
@@ -78,6 +80,11 @@ class BackendSettings:
     """Weights dtype for local backends (auto, float32, bfloat16, float16)."""
     batch_size: int = 32
     """Sequences per forward pass (transformers backend)."""
+    score_batch_size: int | None = None
+    """Sequences per scoring forward (transformers backend; None: batch_size). Decoding reads
+    every weight once per step for the whole batch, so it gains from a large batch_size, while a
+    scoring forward's memory grows with rows x tokens: a long labelling or judge prompt may need
+    fewer rows."""
     tensor_parallel_size: int = 1
     """GPUs one vLLM engine shards the model over."""
     max_model_len: int | None = None
@@ -172,6 +179,8 @@ def backend_kwargs(cfg: Any, where: str = "") -> dict[str, Any]:
         if not hasattr(cfg, name):
             continue
         value = getattr(cfg, name)
+        if name in ("batch_size", "score_batch_size") and value is not None and value < 1:
+            raise CharterError(f"must be at least 1, got {value}", field=prefix + name)
         if backend in takers:
             if name == "trust_remote_code" and not value:
                 continue  # passed only when asked for; every loader's default is off

@@ -49,7 +49,8 @@ class TransformersBackend:
     name = "transformers"
 
     def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "auto",
-                 batch_size: int = 32, trust_remote_code: bool = False, progress: bool = True,
+                 batch_size: int = 32, score_batch_size: int | None = None,
+                 trust_remote_code: bool = False, progress: bool = True,
                  max_length: int | None = None, share_prefix: bool = True,
                  kv_store_mb: float = 1024, fp32_head: bool | None = None):
         import torch
@@ -58,15 +59,17 @@ class TransformersBackend:
         if dtype not in DTYPES:
             raise CharterError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}",
                                field="dtype")
-        if batch_size < 1:
-            raise CharterError(f"batch_size must be >= 1, got {batch_size}", field="batch_size")
+        for name, value in (("batch_size", batch_size), ("score_batch_size", score_batch_size)):
+            if value is not None and value < 1:
+                raise CharterError(f"{name} must be >= 1, got {value}", field=name)
         self.model_name = model_label(model)
         self.device = autodetect_device() if device == "auto" else device
         if dtype == "auto":
             dtype = {"cuda": "bfloat16", "cpu": CPU_AUTO_DTYPE}.get(self.device.split(":")[0],
                                                                     "float32")
         self.dtype = dtype
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # rows per generate forward (and per score forward,
+        self.score_batch_size = score_batch_size  # unless this is set); both read per call
         self.progress = progress
         # Run shared token prefixes once: score() within a batch (prefix_cache.py); generate()
         # within a batch and across calls, from the last call's caches (kv_reuse.py), which
@@ -147,8 +150,9 @@ class TransformersBackend:
     def _encode(self, text: str) -> list[int]:
         return encode(self.tokenizer, text)
 
-    def _batches(self, order: list[int]) -> list[list[int]]:
-        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+    def _batches(self, order: list[int], size: int | None = None) -> list[list[int]]:
+        size = size or self.batch_size
+        return [order[i:i + size] for i in range(0, len(order), size)]
 
     def _bar(self, batches: list, desc: str):
         if self.progress and len(batches) > 1:
@@ -350,7 +354,7 @@ class TransformersBackend:
         # side by side (prefix_cache.plan groups neighbours); else by length, to pad least.
         order = sorted(range(len(rows)), key=(lambda r: rows[r][0]) if self.share_prefix
                        else (lambda r: len(rows[r][0])))
-        for batch in self._bar(self._batches(order), "score"):
+        for batch in self._bar(self._batches(order, self.score_batch_size), "score"):
             sums, last = self._score_rows([rows[r] for r in batch])  # last: (B, V)
             for k, r in enumerate(batch):
                 totals[r] = sums[k]
