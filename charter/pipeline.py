@@ -38,7 +38,7 @@ from charter.core.records import write_jsonl_atomic
 from charter.core.writable import check_output
 from charter.pipeline_file import PipelineFile, load_pipeline_file, split_data
 from charter.pipeline_stages import STAGE_KINDS, Context, StageKind
-from charter.roles import RoleSpec, make_spec
+from charter.roles import CALL_TIME, RoleSpec, make_spec
 
 
 @dataclass
@@ -160,20 +160,22 @@ def _stage_roles(cfg: Any, roles: dict) -> dict[str, RoleSpec]:
     from critique.backends.options import backend_kwargs
 
     out = {}
+    section = backend_kwargs(cfg)
     for name, value in roles.items():
         if value is None:
             continue
-        if isinstance(value, RoleSpec):
-            out[name] = value
+        if isinstance(value, RoleSpec):  # a top-level role: it keeps its own backend and load
+            out[name] = value.with_call_settings(section)  # options, takes the batch sizes
         else:
-            out[name] = make_spec(getattr(cfg, "backend", "transformers"), value,
-                                  backend_kwargs(cfg))
+            out[name] = make_spec(getattr(cfg, "backend", "transformers"), value, section)
     return out
 
 
 def fingerprint(stage: Stage, data_sha: str) -> str:
     """What a finished stage must match to be skipped: its settings, roles and the data split."""
-    roles = {k: v.describe() for k, v in sorted(stage.roles.items())}
+    # per-call settings (batch sizes) change how a stage runs, not what it writes
+    roles = {k: {o: x for o, x in v.describe().items() if o not in CALL_TIME}
+             for k, v in sorted(stage.roles.items())}
     return rundir.fingerprint({"config": dataclasses.asdict(stage.cfg), "data": data_sha,
                                **({"roles": roles} if roles else {})})
 

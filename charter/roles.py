@@ -55,6 +55,17 @@ class RoleSpec:
     def with_model(self, model: str | None) -> RoleSpec:
         return dataclasses.replace(self, model=model)
 
+    def with_call_settings(self, settings: dict[str, Any]) -> RoleSpec:
+        """This role with a stage's per-call settings (`CALL_TIME`: its batch sizes) that the
+        role does not set itself: `labeler: start` decodes and scores in the label section's
+        batches, while a role mapping's own `batch_size` wins."""
+        own = dict(self.options)
+        extra = {k: json.dumps(v, sort_keys=True) for k, v in settings.items()
+                 if k in CALL_TIME and k not in own}
+        if not extra:
+            return self
+        return dataclasses.replace(self, options=tuple(sorted({**own, **extra}.items())))
+
     def load_key(self) -> tuple:
         """What makes two roles one loaded backend: kind, model, load-time options."""
         from charter.core.models import model_label

@@ -4,6 +4,7 @@ that loads each distinct (backend, model, options) once, and the teacher in the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -119,6 +120,37 @@ label: {relabel_below: 0.1}
     assert {r: s.model for r, s in ev.roles.items()} == {
         "model": str(tmp_path / "run" / "dpo"), "baseline": "smollm2",
         "sft_model": str(tmp_path / "run" / "sft"), "judge": "smollm2"}
+
+
+def test_top_level_roles_take_the_stage_sections_batch_sizes(tmp_path):
+    """`labeler: start` and `judge: start` decode and score in their stage's batches (they ran at
+    the backend's default 32 rows whatever the section said); a role mapping's own batch_size
+    wins; batch sizes do not change a stage's fingerprint (they change how it runs)."""
+    from charter.pipeline import fingerprint
+
+    path = _write_pipeline(tmp_path, """\
+teacher: {model: start, batch_size: 4}
+labeler: start
+judge: start
+critique: {mode: distill, batch_size: 48}
+label: {batch_size: 48, score_batch_size: 16}
+eval: {batch_size: 40}
+""")
+    path.write_text(path.read_text().replace("backend: fake", "backend: transformers"))
+    stages = {st.name: st for st in plan(load_pipeline_file(path), tmp_path / "run",
+                                         STAGE_KINDS)}
+    kw = lambda st, role: {k: v for k, v in stages[st].roles[role].kwargs.items()  # noqa: E731
+                           if k != "dtype"}  # the policy's (a plain name) also has dtype auto
+    assert kw("label", "labeler") == {"batch_size": 48, "score_batch_size": 16}
+    assert kw("label", "policy") == {"batch_size": 48, "score_batch_size": 16}
+    assert kw("eval", "judge") == {"batch_size": 40} == kw("eval", "baseline")
+    assert kw("critique", "teacher") == {"batch_size": 4}
+    assert kw("critique", "policy") == {"batch_size": 48}
+    lab = stages["label"]
+    other = dataclasses.replace(lab, roles={r: s.with_call_settings({}) for r, s in
+                                            lab.roles.items()})
+    other.roles["labeler"] = dataclasses.replace(lab.roles["labeler"], options=())
+    assert fingerprint(lab, "d") == fingerprint(other, "d")
 
 
 def test_bad_role_in_pipeline_file_names_file_and_line(tmp_path):
