@@ -76,14 +76,17 @@ def test_batch_prefix():
     assert batch_prefix([[1], [2]]) == 0
 
 
-def turns(backend, sampling, n_turns=3):
-    """A critique-loop-shaped run: each turn appends the answer and a new request."""
+def turns(backend, sampling, n_turns=3, after=None):
+    """A critique-loop-shaped run: each turn appends the answer and a new request (`after`
+    runs on the backend after each generate call)."""
     convs = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
              for q in ("Why is the sky blue?", "Hi", "Tell me about dragons and villages.",
                        "How do I bake bread?", "What is two plus two?")]
     outs = []
     for t in range(n_turns):
         got = backend.generate(convs, sampling)
+        if after is not None:
+            after(backend)
         outs.append(got)
         convs = [c + [{"role": "assistant", "content": g[0]},
                       {"role": "user", "content": f"Critique that answer (turn {t})."}]
@@ -118,6 +121,28 @@ def test_multi_turn_generation_with_reuse_equals_without(tiny_model_dir, plain, 
     assert b.usage.reused_prompt_tokens > first // 2
     assert b.usage.reused_prompt_tokens < b.usage.prompt_tokens
     assert b._store is not None and b._store.keys
+
+
+def test_forget_drops_the_kept_caches_and_changes_no_text(tiny_model_dir):
+    """After `forget_caches` a later turn runs its whole prompt again: the same texts, fewer
+    prompt tokens read from caches, no store left between calls."""
+    from critique.backends.base import forget_caches
+    from critique.backends.transformers_backend import TransformersBackend
+
+    def make():
+        return TransformersBackend(str(tiny_model_dir), batch_size=2, progress=False,
+                                   device="cpu")
+
+    s = Sampling(max_new_tokens=6)
+    keeps, forgets = make(), make()
+    kept, _ = turns(keeps, s, n_turns=2)
+    stores = []
+    dropped, _ = turns(forgets, s, n_turns=2,
+                       after=lambda b: (forget_caches(b), stores.append(b._store)))
+    assert dropped == kept and stores == [None, None]
+    assert forgets.usage.reused_prompt_tokens < keeps.usage.reused_prompt_tokens
+    assert keeps._store is not None and keeps._store.keys
+    forget_caches(object())  # a backend that keeps no caches: nothing to do
 
 
 def test_reused_caches_give_the_same_logits(tiny_model_dir, plain, monkeypatch):

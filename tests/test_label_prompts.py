@@ -76,6 +76,35 @@ def test_prompts_mode_pairs_skip_identical_and_mark_margin(tmp_path, constitutio
         pytest.approx([sigmoid(0.2)] * 2)
 
 
+def test_the_policy_forgets_its_sample_caches_before_the_labeller_runs(tmp_path,
+                                                                        constitution_path):
+    """No later call continues a sampled answer, so the sampler's kept KV caches are dropped
+    after every generate call, before the pairs are scored."""
+    calls = []
+
+    class Forgetful(StubPolicy):
+        def generate(self, conversations, sampling, prefixes=None):
+            calls.append("generate")
+            return super().generate(conversations, sampling, prefixes)
+
+        def forget(self):
+            calls.append("forget")
+
+    class Scorer(FakeBackend):
+        def score(self, *a, **k):
+            calls.append("score")
+            return super().score(*a, **k)
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 3)
+    cfg = LabelConfig(constitution=str(constitution_path), prompts=str(prompts),
+                      out=str(tmp_path / "out"), samples=2, principles_per_pair=1, seed=7,
+                      batch_size=2)
+    run_label(cfg, backend=Scorer(scorer=biased_scorer(0.0, 0.2)),
+              policy_backend=Forgetful(["good a", "bad c"]))
+    assert [c for c in calls if c != "score"] == ["generate", "forget"] * 2
+    assert calls.index("forget") < calls.index("score")
+
+
 def test_prompts_mode_all_pairs_for_k3(tmp_path, constitution_path):
     """K = 3 distinct samples (the fake appends " (sample i)" to i ≥ 1) → all 3 pairs; the
     fake prefers the plain "good" sample 0 by 2 nats, so it is chosen in its two pairs."""

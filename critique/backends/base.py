@@ -98,6 +98,17 @@ class Backend(Protocol):
         ...
 
 
+def forget_caches(backend) -> None:
+    """Tell `backend` that no later call continues the conversations it generated so far: a
+    backend that keeps their KV caches for the next call (the transformers backend's store,
+    up to `kv_store_mb`) drops them now. Stages that never extend their own conversations
+    (labelling samples, eval answers) call this after each generate, so the caches do not sit
+    beside the labeller's or judge's forwards; critique revision rounds keep them."""
+    forget = getattr(backend, "forget", None)
+    if callable(forget):
+        forget()
+
+
 def by_length(items: Sequence, messages=lambda it: it.messages) -> list:
     """`items` ordered by the characters of their conversation (stable, shortest first).
 

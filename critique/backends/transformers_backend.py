@@ -413,6 +413,10 @@ class TransformersBackend:
             total = torch.where(scored, tok_logp, 0.0).sum(-1)  # (B,)
         return total.tolist(), logp[:, K].cpu()  # (B,), (B, V): the next token's log-probs
 
+    def forget(self) -> None:
+        """Drop the KV caches kept from the last generate call (`base.forget_caches`)."""
+        self._store = None
+
     def close(self) -> None:
         self.model = None
         self._store = None  # the last call's KV caches
