@@ -123,10 +123,10 @@ def test_multi_turn_generation_with_reuse_equals_without(tiny_model_dir, plain, 
     assert b._store is not None and b._store.keys
 
 
-def test_forget_drops_the_kept_caches_and_changes_no_text(tiny_model_dir):
-    """After `forget_caches` a later turn runs its whole prompt again: the same texts, fewer
-    prompt tokens read from caches, no store left between calls."""
-    from critique.backends.base import forget_caches
+def test_not_continued_keeps_no_caches_and_changes_no_text(tiny_model_dir):
+    """Generating inside `not_continued` keeps no store for a later call and drops the last
+    call's: the same texts, fewer prompt tokens read from caches; keeping resumes after it."""
+    from critique.backends.base import not_continued
     from critique.backends.transformers_backend import TransformersBackend
 
     def make():
@@ -134,15 +134,25 @@ def test_forget_drops_the_kept_caches_and_changes_no_text(tiny_model_dir):
                                    device="cpu")
 
     s = Sampling(max_new_tokens=6)
-    keeps, forgets = make(), make()
-    kept, _ = turns(keeps, s, n_turns=2)
+    keeps, drops = make(), make()
+    kept, convs = turns(keeps, s, n_turns=2)
     stores = []
-    dropped, _ = turns(forgets, s, n_turns=2,
-                       after=lambda b: (forget_caches(b), stores.append(b._store)))
-    assert dropped == kept and stores == [None, None]
-    assert forgets.usage.reused_prompt_tokens < keeps.usage.reused_prompt_tokens
+
+    def one_call(b, convs, sampling):
+        with not_continued(b):
+            out = TransformersBackend.generate(b, convs, sampling)
+        stores.append(b._store)
+        return out
+
+    drops.generate = lambda convs, sampling: one_call(drops, convs, sampling)
+    dropped, _ = turns(drops, s, n_turns=2)
+    assert dropped == kept and stores == [None, None] and drops.keep_caches is True
+    assert drops.usage.reused_prompt_tokens < keeps.usage.reused_prompt_tokens
     assert keeps._store is not None and keeps._store.keys
-    forget_caches(object())  # a backend that keeps no caches: nothing to do
+    TransformersBackend.generate(drops, convs, s)  # outside the block it keeps them again
+    assert drops._store is not None and drops._store.keys
+    with not_continued(object()) as plain:  # a backend that keeps no caches: nothing to do
+        assert plain is not None
 
 
 def test_reused_caches_give_the_same_logits(tiny_model_dir, plain, monkeypatch):

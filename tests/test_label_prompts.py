@@ -76,33 +76,25 @@ def test_prompts_mode_pairs_skip_identical_and_mark_margin(tmp_path, constitutio
         pytest.approx([sigmoid(0.2)] * 2)
 
 
-def test_the_policy_forgets_its_sample_caches_before_the_labeller_runs(tmp_path,
-                                                                        constitution_path):
-    """No later call continues a sampled answer, so the sampler's kept KV caches are dropped
-    after every generate call, before the pairs are scored."""
-    calls = []
+def test_the_policy_samples_without_keeping_caches(tmp_path, constitution_path):
+    """No later call continues a sampled answer, so the sampler generates with keep_caches
+    off (`not_continued`), and keeps caches again afterwards."""
+    seen = []
 
-    class Forgetful(StubPolicy):
+    class Keeper(StubPolicy):
+        keep_caches = True
+
         def generate(self, conversations, sampling, prefixes=None):
-            calls.append("generate")
+            seen.append(self.keep_caches)
             return super().generate(conversations, sampling, prefixes)
-
-        def forget(self):
-            calls.append("forget")
-
-    class Scorer(FakeBackend):
-        def score(self, *a, **k):
-            calls.append("score")
-            return super().score(*a, **k)
 
     prompts = write_prompts(tmp_path / "prompts.jsonl", 3)
     cfg = LabelConfig(constitution=str(constitution_path), prompts=str(prompts),
                       out=str(tmp_path / "out"), samples=2, principles_per_pair=1, seed=7,
                       batch_size=2)
-    run_label(cfg, backend=Scorer(scorer=biased_scorer(0.0, 0.2)),
-              policy_backend=Forgetful(["good a", "bad c"]))
-    assert [c for c in calls if c != "score"] == ["generate", "forget"] * 2
-    assert calls.index("forget") < calls.index("score")
+    policy = Keeper(["good a", "bad c"])
+    run_label(cfg, backend=FakeBackend(scorer=biased_scorer(0.0, 0.2)), policy_backend=policy)
+    assert seen == [False, False] and policy.keep_caches is True
 
 
 def test_prompts_mode_all_pairs_for_k3(tmp_path, constitution_path):

@@ -13,6 +13,7 @@ its reply: generation continues after it, and `score` reads the options' log-pro
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -98,15 +99,22 @@ class Backend(Protocol):
         ...
 
 
-def forget_caches(backend) -> None:
-    """Tell `backend` that no later call continues the conversations it generated so far: a
-    backend that keeps their KV caches for the next call (the transformers backend's store,
-    up to `kv_store_mb`) drops them now. Stages that never extend their own conversations
-    (labelling samples, eval answers) call this after each generate, so the caches do not sit
-    beside the labeller's or judge's forwards; critique revision rounds keep them."""
-    forget = getattr(backend, "forget", None)
-    if callable(forget):
-        forget()
+@contextlib.contextmanager
+def not_continued(backend):
+    """Within this block no later call continues the conversations `backend` generates: a
+    backend that keeps a call's KV caches for the next one (the transformers backend's store,
+    up to `kv_store_mb`) neither keeps them nor holds the last call's. Stages that never extend
+    their own conversations (labelling samples, eval answers) generate inside it, so no cache
+    copies sit beside the batch's own or the labeller's forwards; critique revision rounds,
+    which continue theirs, do not."""
+    if not hasattr(backend, "keep_caches"):
+        yield backend
+        return
+    before, backend.keep_caches = backend.keep_caches, False
+    try:
+        yield backend
+    finally:
+        backend.keep_caches = before
 
 
 def by_length(items: Sequence, messages=lambda it: it.messages) -> list:

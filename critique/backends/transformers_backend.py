@@ -79,6 +79,8 @@ class TransformersBackend:
             raise CharterError(f"kv_store_mb must be >= 0, got {kv_store_mb}", field="kv_store_mb")
         self.kv_store_mb = kv_store_mb
         self._store = None  # kv_reuse.KVStore of the last generate call
+        # False: generate keeps no caches for a later call (`base.not_continued`)
+        self.keep_caches = True
         self.usage = Usage()
         path = resolve_model(model)
         require_safetensors(path)
@@ -186,14 +188,16 @@ class TransformersBackend:
         from critique.backends.kv_reuse import KVStore
 
         old, self._store = self._store, None  # the old store is freed when this call ends
-        new = (KVStore(int(self.kv_store_mb * 2**20)) if self.share_prefix and self._plain_cache
-               else None)
+        if not self.keep_caches:  # nothing continues these conversations: keep no caches
+            old = None
+        new = (KVStore(int(self.kv_store_mb * 2**20))
+               if self.share_prefix and self._plain_cache and self.keep_caches else None)
         for batch in self._bar(self._batches(order), "generate"):
             ids = [prompts[rows[r][0]] for r in batch]
             seeds = [row_seed(sampling.seed, prompts[rows[r][0]], rows[r][1]) for r in batch]
             for r, text in zip(batch, self._generate_batch(ids, seeds, sampling, old, new)):
                 texts[r] = text
-        self._store = new if self.share_prefix else None
+        self._store = new if self.share_prefix and self.keep_caches else None
         self.usage.generate_calls += 1
         self.usage.prompt_tokens += sum(len(p) for p in prompts) * k
         self.usage.generate_seconds += time.perf_counter() - t0
@@ -227,6 +231,8 @@ class TransformersBackend:
         if R:  # room for the suffixes and the new tokens: no copy of the cache per step
             cache, past_mask = kv_reuse.build_past(segs, reused, dev,
                                                    reserve=T + sampling.max_new_tokens)
+            if new is None:  # the batch's cache holds them now; only keep() reads them again
+                segs = None
             self.usage.reused_prompt_tokens += from_cache
         elif self._plain_cache:
             cache = kv_reuse.new_cache(sampling.max_new_tokens)
@@ -412,10 +418,6 @@ class TransformersBackend:
             tok_logp = logp[:, :K].gather(-1, ids[:, T - K:, None]).squeeze(-1)  # (B, K)
             total = torch.where(scored, tok_logp, 0.0).sum(-1)  # (B,)
         return total.tolist(), logp[:, K].cpu()  # (B,), (B, V): the next token's log-probs
-
-    def forget(self) -> None:
-        """Drop the KV caches kept from the last generate call (`base.forget_caches`)."""
-        self._store = None
 
     def close(self) -> None:
         self.model = None

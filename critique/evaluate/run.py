@@ -74,7 +74,7 @@ def generate_responses(backend, prompts: list[PromptItem], model: str, path: Pat
     generated in batches and appended there (a killed run loses at most one batch)."""
     from tqdm import tqdm
 
-    from critique.backends.base import Sampling, forget_caches
+    from critique.backends.base import Sampling, not_continued
 
     def key(it: PromptItem) -> str:
         return EvalResponse.key_of(model, it.messages, max_new_tokens)
@@ -87,8 +87,8 @@ def generate_responses(backend, prompts: list[PromptItem], model: str, path: Pat
                                           disable=not todo) as bar:
         for i in range(0, len(todo), batch_size):
             batch = todo[i: i + batch_size]
-            texts = backend.generate([it.messages for it in batch], sampling)
-            forget_caches(backend)  # nothing continues an eval answer: free its caches
+            with not_continued(backend):  # nothing continues an eval answer: keep no caches
+                texts = backend.generate([it.messages for it in batch], sampling)
             for it, t in zip(batch, texts):
                 done[key(it)] = t[0]
                 out.append(EvalResponse(key(it), it.id, t[0]).to_dict())

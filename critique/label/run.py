@@ -48,7 +48,7 @@ from charter.core.records import (
 )
 from charter.core.rundir import RunFolder, same_place
 from constitution import draw, load_constitution
-from critique.backends.base import Sampling, by_length, forget_caches
+from critique.backends.base import Sampling, by_length, not_continued
 from critique.backends.context import check_context
 from critique.backends.options import build_backend, spec_of
 from critique.label.config import PATH_SETTINGS, RESUME_FREE, LabelConfig
@@ -221,8 +221,8 @@ def _run_prompts(cfg, prompts, out, constitution, pool, backend, policy, provena
             tqdm(total=len(todo), desc="sample and label", unit="prompt",
                  disable=not cfg.progress) as bar:
         for chunk in _chunks(todo, cfg.batch_size):
-            samples = policy.generate([p.messages for _, p in chunk], sampling)
-            forget_caches(policy)  # no later call continues these samples: free their caches
+            with not_continued(policy):  # no later call continues a sample: keep no caches
+                samples = policy.generate([p.messages for _, p in chunk], sampling)
             per_prompt = []
             for (key, p), texts in zip(chunk, samples):
                 unique = list(dict.fromkeys(t for t in texts if t.strip()))
