@@ -152,8 +152,16 @@ class BackendPool:
 
     def release(self, keep) -> None:
         """Close every loaded backend whose key is not in `keep`."""
-        for key in [k for k in self._loaded if k not in keep]:
+        gone = [k for k in self._loaded if k not in keep]
+        for key in gone:
             self._loaded.pop(key).close()
+        if gone:  # collect the models now (reference cycles) and hand their pages back
+            import gc
+
+            from charter.core import procmem
+
+            gc.collect()
+            procmem.trim()
 
     def drop_model(self, model: str) -> None:
         """Close the backends of `model` (a model about to be retrained)."""

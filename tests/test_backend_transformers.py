@@ -175,6 +175,18 @@ def test_score_batch_size_sets_the_rows_per_scoring_forward(tiny_model_dir, monk
         TransformersBackend(str(tiny_model_dir), score_batch_size=0, progress=False)
 
 
+def test_each_call_hands_the_freed_heap_back(backend, monkeypatch):
+    """One malloc_trim at the end of every generate and score call (not per step)."""
+    from charter.core import procmem
+
+    calls = []
+    monkeypatch.setattr(procmem, "trim", lambda: calls.append(1))
+    backend.generate(CONVS, Sampling(max_new_tokens=3))
+    assert len(calls) == 1
+    backend.score(CONVS, [["A", "B"]] * len(CONVS))
+    assert len(calls) == 2
+
+
 def test_usage_counts(tiny_model_dir):
     from critique.backends.transformers_backend import TransformersBackend
 

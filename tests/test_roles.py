@@ -71,6 +71,19 @@ def test_pool_loads_each_distinct_backend_once_and_releases():
     assert pool.keys() == [make_spec("transformers", "m", {"dtype": "bfloat16"}).load_key()]
 
 
+def test_releasing_a_backend_hands_its_memory_back(monkeypatch):
+    from charter.core import procmem
+
+    trims = []
+    monkeypatch.setattr(procmem, "trim", lambda: trims.append(1))
+    pool = BackendPool(loader=lambda spec: FakeBackend(model_name=spec.model))
+    pool.get(make_spec("transformers", "m"))
+    pool.release({make_spec("transformers", "m").load_key()})  # kept: nothing closed
+    assert trims == []
+    pool.release(set())
+    assert trims == [1] and pool.keys() == []
+
+
 def test_pool_sets_per_call_settings_and_resets_an_unset_score_batch_size():
     """batch_size and score_batch_size are read per call: one load serves stages with other
     values, and a stage that leaves score_batch_size unset does not inherit the last stage's

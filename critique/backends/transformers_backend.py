@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from charter.core import procmem
 from charter.core.errors import CharterError
 from charter.core.models import model_label, require_safetensors, resolve_model
 from critique.backends.base import Conversation, Sampling, Usage, generate_args
@@ -204,6 +205,7 @@ class TransformersBackend:
         out: list[list[str]] = [[] for _ in prompts]
         for (i, _), text in zip(rows, texts):
             out[i].append(text)
+        procmem.trim()  # the batches' caches are freed: hand their pages back (see score)
         return [o * sampling.n if greedy else o for o in out]
 
     def _generate_batch(self, prompts: list[list[int]], seeds: list[int],
@@ -367,6 +369,9 @@ class TransformersBackend:
                 for tok in want.get(r, ()):
                     next_logp[(r, tok)] = float(last[k, tok])
         scores = [next_logp[(r, tok)] if tok is not None else totals[r] for r, tok in reads]
+        # glibc keeps what a call's forwards freed, and the next call (or the other model's, in
+        # a stage with two) builds its peak on the fragments: give them back once per call
+        procmem.trim()
         return finish_score(self.usage, rows, scores, options, time.perf_counter() - t0)
 
     def option_tokens(self, conversation: Conversation, option: str, prefix: str = ""
