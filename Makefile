@@ -50,6 +50,7 @@ bench: setup
 		--batch-size 128 --backends vllm --caching-rounds 0 \
 		--backend-options '{"vllm": {"dtype": "bfloat16"}}'
 	$(PY) benchmarks/label_throughput.py --quick
+	$(PY) benchmarks/decode_batch.py --quick
 	$(PY) benchmarks/dpo_vs_trl.py --quick
 
 bench-memory: setup
