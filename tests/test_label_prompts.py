@@ -97,6 +97,21 @@ def test_the_policy_samples_without_keeping_caches(tmp_path, constitution_path):
     assert seen == [False, False] and policy.keep_caches is True
 
 
+def test_samples_are_stored_without_surrounding_whitespace(tmp_path, constitution_path):
+    """A sample that starts with whitespace would tokenise differently after the template's
+    own newline (DPO refuses such an example): samples are stripped, and two that differ only
+    in whitespace are one."""
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 1)
+    cfg = LabelConfig(constitution=str(constitution_path), prompts=str(prompts),
+                      out=str(tmp_path / "out"), samples=3, principles_per_pair=1, seed=7)
+    report = run_label(cfg, backend=FakeBackend(scorer=biased_scorer(0.0, 0.2)),
+                       policy_backend=StubPolicy(["\n \n good a", "good a ", "bad c"]))
+    rows = read_out(tmp_path / "out" / "pairs.jsonl")
+    assert len(rows) == 1 and report["skipped_identical"] == 1
+    assert {rows[0]["chosen"][0]["content"], rows[0]["rejected"][0]["content"]} == {
+        "good a", "bad c"}
+
+
 def test_prompts_mode_all_pairs_for_k3(tmp_path, constitution_path):
     """K = 3 distinct samples (the fake appends " (sample i)" to i ≥ 1) → all 3 pairs; the
     fake prefers the plain "good" sample 0 by 2 nats, so it is chosen in its two pairs."""

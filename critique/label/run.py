@@ -225,7 +225,9 @@ def _run_prompts(cfg, prompts, out, constitution, pool, backend, policy, provena
                 samples = policy.generate([p.messages for _, p in chunk], sampling)
             per_prompt = []
             for (key, p), texts in zip(chunk, samples):
-                unique = list(dict.fromkeys(t for t in texts if t.strip()))
+                # the template puts its own newline before an answer: a sample that starts with
+                # whitespace would tokenise differently inside the conversation (DPO refuses it)
+                unique = list(dict.fromkeys(t.strip() for t in texts if t.strip()))
                 per_prompt.append((key, p, unique, len(texts) - len(unique)))
             if cfg.mode == "compare":
                 made = _compare_prompts(cfg, constitution, pool, backend, per_prompt, second)
