@@ -397,10 +397,7 @@ def free_memory() -> None:
     model sit in reference cycles, freed only when the cyclic collector runs), and hand the
     freed heap back to the system (glibc keeps freed small blocks mapped: the next stage's peak
     would add to them)."""
-    import gc
-
-    gc.collect()
-    procmem.trim()
+    procmem.collect()
 
 
 def _changed(path: Path, rows: list[dict]) -> bool:

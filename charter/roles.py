@@ -156,12 +156,9 @@ class BackendPool:
         for key in gone:
             self._loaded.pop(key).close()
         if gone:  # collect the models now (reference cycles) and hand their pages back
-            import gc
-
             from charter.core import procmem
 
-            gc.collect()
-            procmem.trim()
+            procmem.collect()
 
     def drop_model(self, model: str) -> None:
         """Close the backends of `model` (a model about to be retrained)."""

@@ -78,3 +78,12 @@ def trim() -> None:
         _libc().malloc_trim(0)
     except (OSError, AttributeError, TypeError):
         pass
+
+
+def collect() -> None:
+    """Collect unreachable objects now (models and Accelerators sit in reference cycles) and
+    hand the freed heap back (`trim`): after a stage, or after a model is released."""
+    import gc
+
+    gc.collect()
+    trim()
