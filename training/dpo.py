@@ -37,6 +37,7 @@ from training.data import (
     tokenise_pairs,
 )
 from training.loop import (
+    checkpoint_by_size,
     forward_logps,
     log,
     step_indices,
@@ -227,6 +228,7 @@ def run_steps(acc, cfg: DPOConfig, model, opt, sched, examples, ref, pad_id, sta
         bad = None
         for a, idx in enumerate(micro):
             batch = pair_batch([examples[i] for i in idx], pad_id, share, acc.device)
+            checkpoint_by_size(model, batch, cfg.checkpoint_min_tokens)
             sync = a == len(micro) - 1
             with (contextlib.nullcontext() if sync else acc.no_sync(model)), acc.autocast():
                 total_lp, _, count = pair_forward(model, batch, cfg.chunked_logps)  # (2B,)

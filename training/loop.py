@@ -228,6 +228,26 @@ def clip_and_step(acc, model, opt, max_norm: float):
     return norm
 
 
+def checkpoint_by_size(model, batch: dict, min_tokens: int) -> bool:
+    """`checkpoint_min_tokens`: gradient checkpointing on for this micro-batch only when it holds
+    at least `min_tokens` token positions (rows x padded length; packed: its real tokens), so
+    short micro-batches keep their activations and skip the recompute while long ones, which
+    set the peak, are still checkpointed. The layers' own switch (transformers'
+    `GradientCheckpointingLayer.gradient_checkpointing`, on after `gradient_checkpointing_enable`)
+    is set per micro-batch; the math is the same either way. Returns whether it is on."""
+    if not min_tokens:
+        return True
+    from training import packing
+
+    n = (int(batch["attention_mask"].sum()) if packing.active(model)
+         else batch["input_ids"].numel())
+    on = n >= min_tokens
+    for m in model.modules():
+        if hasattr(m, "_gradient_checkpointing_func"):  # a layer that checkpointing wraps
+            m.gradient_checkpointing = on
+    return on
+
+
 def forward_logps(model, batch: dict, chunked: bool = True
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed and mean label log-probs and label counts per row, each (N,).

@@ -93,6 +93,11 @@ class TrainConfig:
     --use_fsdp`); checkpoints are then one shard per process"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass (less memory, ~30% slower)"""
+    checkpoint_min_tokens: int = 0
+    """with gradient_checkpointing: a micro-batch of fewer token positions than this (rows x
+    padded length; padding_free: its real tokens) runs without it, since its activations fit
+    and the recompute is saved; only longer ones are checkpointed, which bounds the peak.
+    0 = every micro-batch checkpointed"""
     seed: int = 0
     """seed for data order and initialisation of LoRA weights"""
     log_every: int = 1
@@ -139,6 +144,13 @@ class TrainConfig:
             raise CharterError(f"must be >= 8, got {self.max_length}", field="max_length")
         if self.max_grad_norm < 0:
             raise CharterError(f"must be >= 0, got {self.max_grad_norm}", field="max_grad_norm")
+        if self.checkpoint_min_tokens < 0:
+            raise CharterError(f"must be >= 0, got {self.checkpoint_min_tokens}",
+                               field="checkpoint_min_tokens")
+        if self.checkpoint_min_tokens and not self.gradient_checkpointing:
+            raise CharterError("applies only with gradient_checkpointing: true (it says which "
+                               "micro-batches skip the checkpointing)",
+                               field="checkpoint_min_tokens")
         if self.mixed_precision != "no":
             legacy = f"{self.mixed_precision}-mixed"
             if self.precision not in ("fp32", legacy):

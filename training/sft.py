@@ -23,6 +23,7 @@ from training import checkpoint as ckpt
 from training.collate import collate_sft
 from training.data import load_sft_rows, tokenise_sft
 from training.loop import (
+    checkpoint_by_size,
     forward_logps,
     log,
     step_indices,
@@ -76,6 +77,7 @@ def run_steps(acc, cfg: SFTConfig, model, opt, sched, examples, pad_id, start, t
         for a, idx in enumerate(micro):
             batch = {k: v.to(acc.device) for k, v in
                      collate_sft([examples[i] for i in idx], pad_id).items()}
+            checkpoint_by_size(model, batch, cfg.checkpoint_min_tokens)
             sync = a == len(micro) - 1
             with (contextlib.nullcontext() if sync else acc.no_sync(model)), acc.autocast():
                 total_lp, _, _ = forward_logps(model, batch, cfg.chunked_logps)  # (B,)
