@@ -30,6 +30,39 @@ def log(acc, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def _on_cpu(cfg: TrainConfig) -> bool:
+    return cfg.cpu or not (torch.cuda.is_available() or torch.backends.mps.is_available())
+
+
+def resolve_precision(cfg: TrainConfig) -> str | None:
+    """`precision: auto` made concrete for this machine (bf16-mixed where bf16 matmuls are
+    native, else fp32), in place; returns the choice to log, or None when it was not auto."""
+    from charter.core.hardware import cpu_bf16_native
+
+    on_cpu = _on_cpu(cfg)
+    if cfg.precision == "auto":
+        if on_cpu:
+            fast, where = cpu_bf16_native(), "this CPU"
+        elif torch.cuda.is_available():
+            fast, where = torch.cuda.is_bf16_supported(), "this GPU"
+        else:  # Apple's MPS: bf16 autocast support varies with the OS; fp32 is safe
+            fast, where = False, "MPS"
+        cfg.precision = "bf16-mixed" if fast else "fp32"
+        return (f"precision auto: {cfg.precision} ({where} "
+                f"{'multiplies bf16 natively' if fast else 'has no native bf16 matmul'})")
+    return None
+
+
+def precision_warning(cfg: TrainConfig) -> str | None:
+    """A warning for a bf16 setting on a CPU that emulates bf16, or None."""
+    from charter.core.hardware import cpu_bf16_native, slow_bf16_note
+
+    if _on_cpu(cfg) and cfg.precision in ("bf16-mixed", "bf16") and not cpu_bf16_native():
+        return "warning: " + slow_bf16_note(f"precision {cfg.precision}",
+                                            "use precision fp32 or auto (fp32 here)")
+    return None
+
+
 def setup(cfg: TrainConfig):
     """(accelerator, model, tokenizer, resolved model path)."""
     from accelerate import Accelerator, PartialState
@@ -40,6 +73,7 @@ def setup(cfg: TrainConfig):
     from training.trackers import log_with
 
     trackers = log_with(cfg.report_to, cfg.out)  # a missing package fails before any work
+    notes = [resolve_precision(cfg), precision_warning(cfg)]  # (open_run may have resolved it)
     if cfg.precision == "fp16-mixed" and (cfg.cpu or not torch.cuda.is_available()):
         raise CharterError("fp16 autocast needs a GPU; use bf16 on CPUs", field="precision")
     # Accelerator state is a process-wide singleton; the pipeline runs SFT then DPO in one
@@ -57,6 +91,8 @@ def setup(cfg: TrainConfig):
     sharding = fsdp.plugin_for(cfg, PartialState(cpu=cpu).num_processes)  # None: no FSDP
     acc = Accelerator(mixed_precision=autocast, cpu=cpu, log_with=trackers or None,
                       project_dir=cfg.out, fsdp_plugin=sharding)
+    for note in filter(None, notes):
+        log(acc, note)
     if sharding is not None:
         fsdp.enable(acc, sharding)
     set_seed(cfg.seed)

@@ -59,10 +59,13 @@ class TrainConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])
     """module names LoRA adapts (peft target_modules), e.g. q_proj v_proj; all-linear = every
     linear layer but the output head"""
-    precision: Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16", "auto"] = "fp32"
     """fp32; bf16-mixed / fp16-mixed = fp32 weights, autocast (fp16: GPUs only); bf16 = bf16
     weights and gradients (no casts) with BF16AdamW (Kahan-compensated weights, bf16 moments):
-    10 instead of 16 bytes per parameter"""
+    10 instead of 16 bytes per parameter; auto = bf16-mixed where the hardware multiplies bf16
+    natively (a GPU with bf16; a CPU with AVX512-BF16/AMX or Arm BF16), else fp32 (on other
+    CPUs bf16 is emulated, ~100x slower: charter/core/hardware.py). The choice is logged and
+    written to the run's train_config.json"""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """older name: bf16 / fp16 here means precision bf16-mixed / fp16-mixed"""
     group_by_length: bool = False

@@ -20,7 +20,14 @@ from typing import Any
 from charter.core.writable import check_output
 from training import checkpoint as ckpt
 from training.data import data_provenance
-from training.loop import MetricsLog, log, make_optimizer, plot_metrics, setup
+from training.loop import (
+    MetricsLog,
+    log,
+    make_optimizer,
+    plot_metrics,
+    resolve_precision,
+    setup,
+)
 from training.trackers import start_trackers
 
 
@@ -45,10 +52,13 @@ def open_run(cfg, stage: str, loaded) -> Run:
     then load the model, write the run's settings and clear a partly written checkpoint.
     `loaded`: the data, already read (bad data fails before anything else)."""
     out = Path(cfg.out)
+    note = resolve_precision(cfg)  # `auto` made concrete first: train_config.json records it
     cfg_dict = dataclasses.asdict(cfg)
     check_output(out)  # an output that cannot be written fails before any model loads
     ckpt.check_run_dir(out, cfg_dict, stage)  # and so does a folder holding another run
     acc, model, tok, model_path = setup(cfg)
+    if note:
+        log(acc, note)
     log(acc, f"data: {loaded.path}: {len(loaded.rows)} rows, {loaded.shape}")
     ckpt.prepare_run_dir(acc, out, cfg_dict, stage)
     if acc.is_main_process:

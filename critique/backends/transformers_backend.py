@@ -16,6 +16,7 @@ Only safetensors weights are loaded, and no code from the model folder runs unle
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -69,6 +70,13 @@ class TransformersBackend:
             dtype = {"cuda": "bfloat16", "cpu": CPU_AUTO_DTYPE}.get(self.device.split(":")[0],
                                                                     "float32")
         self.dtype = dtype
+        if self.device == "cpu" and dtype in ("bfloat16", "float16"):
+            from charter.core.hardware import cpu_bf16_native, slow_bf16_note
+
+            if not cpu_bf16_native():
+                print("warning: " + slow_bf16_note(f"dtype {dtype}", "use dtype auto (fp32 on "
+                                                   "CPUs) or float32"), file=sys.stderr,
+                      flush=True)
         self.batch_size = batch_size  # rows per generate forward (and per score forward,
         self.score_batch_size = score_batch_size  # unless this is set); both read per call
         self.progress = progress
