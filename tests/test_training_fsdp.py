@@ -164,7 +164,9 @@ def test_sft_fsdp_sharded_checkpoint_resumes_on_one_process(tmp_path, tiny_model
     assert worst < 1e-4
     assert [r["step"] for r in rows(moved)] == [3, 4]
     _close(sharded / "final", moved / "final", 1e-5)
-    _close(one / "final", sharded / "final", 1e-5)
+    # one process vs two: another summation order, which AdamW (lr 0.03) amplifies where second
+    # moments are tiny; measured 1.8e-5 max |diff| on an AVX2-only CPU, less with AVX-512
+    _close(one / "final", sharded / "final", 1e-4)
 
 
 def test_a_sharded_checkpoint_missing_a_shard_is_passed_over(tmp_path):
