@@ -12,6 +12,10 @@ STAMP := $(VENV)/.charter-installed
 export VLLM_CPU_OMP_THREADS_BIND ?= 0-1
 export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
 
+# bfloat16 where this CPU multiplies bf16 natively, else float32 (read only by `make bench`)
+CPU_FAST_DTYPE = $(shell $(PY) -c "from charter.core.hardware import cpu_bf16_native as n; \
+	print('bfloat16' if n() else 'float32')")
+
 .PHONY: setup test quickstart profile bench bench-memory lint clean
 
 setup: $(STAMP)
@@ -45,10 +49,11 @@ profile: setup
 
 bench: setup
 	$(PY) benchmarks/critique_throughput.py --quick --backends transformers,vllm
-	# vLLM as `--backend vllm` runs it on a CPU (bf16), on a batch big enough to pay (README)
+	# vLLM as `--backend vllm` runs it on a CPU (bf16 where the CPU has bf16 instructions,
+	# else fp32: charter/core/hardware.py), on a batch big enough to pay (README)
 	$(PY) benchmarks/critique_throughput.py --prompts 128 --max-new-tokens 64 --naive-prompts 8 \
 		--batch-size 128 --backends vllm --caching-rounds 0 \
-		--backend-options '{"vllm": {"dtype": "bfloat16"}}'
+		--backend-options '{"vllm": {"dtype": "$(CPU_FAST_DTYPE)"}}'
 	$(PY) benchmarks/label_throughput.py --quick
 	$(PY) benchmarks/decode_batch.py --quick
 	$(PY) benchmarks/dpo_vs_trl.py --quick

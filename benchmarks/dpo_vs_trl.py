@@ -1,6 +1,7 @@
 """Our DPO loop against TRL's DPOTrainer: same model, data, batch, length and steps.
 
     python benchmarks/dpo_vs_trl.py                  # 20 steps x 8 pairs x 512 tokens, bf16
+                                                     # (fp32 on a CPU without bf16 instructions)
     python benchmarks/dpo_vs_trl.py --quick          # 4 steps x 2 pairs x 128 tokens
     python benchmarks/dpo_vs_trl.py --steps 3 --quality-steps 0 --precision bf16-mixed
     python benchmarks/dpo_vs_trl.py --quality-only --precision bf16-mixed --quality-also bf16
@@ -10,7 +11,8 @@ Both sides train the embedded SmolLM2-135M-Instruct for the same steps on the sa
 epoch, so each side sees every pair once), each in its own subprocess so that peak RSS is its own.
 TRL gets its best CPU configuration: reference log-probs precomputed before training and bf16
 autocast (`precompute_ref_log_probs=True`, `bf16=True`); ours runs `--precision` (default bf16:
-bf16 weights, BF16AdamW, chunked log-probs). Timing covers the training steps only (not model
+bf16 weights, BF16AdamW, chunked log-probs; on a CPU without bf16 instructions both sides run
+fp32, since there bf16 is emulated: charter/core/hardware.py). Timing covers the training steps only (not model
 loading or the reference pass).
 
 Same math: in fp32, with a reference that differs from the policy (SmolLM2 with its final norm
@@ -22,7 +24,8 @@ Quality guard (`--quality-steps`, default 50): the same small DPO run in fp32 an
 in `--quality-also` may add `+bf16-moments` (fp32 or bf16-mixed weights, bf16 AdamW moments).
 
 MFU: 6 · parameters · tokens/s over the machine's bf16 matmul peak measured here (2048²
-matmuls; fp32 peak printed too). Needs the `bench` extra (trl). Last line: one JSON object.
+matmuls; fp32 peak printed too), or its fp32 peak where that is higher (a CPU without bf16
+instructions, where `--precision` defaults to fp32 and TRL runs fp32 too). Needs the `bench` extra (trl). Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -254,8 +257,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=8, help="pairs per step")
     p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--precision", choices=PRECISIONS, default="bf16",
-                   help="ours; TRL runs bf16 autocast unless fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="ours; TRL runs bf16 autocast unless fp32 (default: bf16 where the CPU "
+                        "has bf16 instructions, else fp32: bf16 is emulated there, ~100x slower)")
     p.add_argument("--ours-options", default="",
                    help='extra DPOConfig fields for our side, JSON, e.g. {"chunked_logps": false}')
     p.add_argument("--lr", type=float, default=1e-6)
@@ -275,6 +279,13 @@ def main() -> None:
         return
     if a.quick:
         a.steps, a.batch_size, a.max_length = 4, 2, 128
+    if a.precision is None:
+        from charter.core.hardware import cpu_bf16_native
+
+        a.precision = "bf16" if cpu_bf16_native() else "fp32"
+        print(f"precision {a.precision} (this CPU "
+              f"{'has' if a.precision == 'bf16' else 'has no'} bf16 instructions)",
+              file=sys.stderr)
     from charter.core.models import resolve_model
 
     a.model = resolve_model(None)
@@ -304,7 +315,8 @@ def main() -> None:
     out = {"tokens_per_s_ratio": res["ours"]["tokens_per_s"] / res["trl"]["tokens_per_s"],
            "peak_rss_ratio": res["ours"]["peak_rss_mb"] / res["trl"]["peak_rss_mb"],
            "loss_max_rel_diff": diff,
-           "mfu": 6 * n_params * res["ours"]["tokens_per_s"] / peak,
+           # against the machine's fastest matmul: bf16's, unless this CPU emulates bf16
+           "mfu": 6 * n_params * res["ours"]["tokens_per_s"] / max(peak, peak32),
            "ours_tokens_per_s": res["ours"]["tokens_per_s"],
            "trl_tokens_per_s": res["trl"]["tokens_per_s"],
            "ours_peak_rss_mb": res["ours"]["peak_rss_mb"],

@@ -18,7 +18,8 @@ Prints pairs/s of each, accuracy against `chosen` (given order only, both orders
 position bias; the last line is one JSON object with "score_vs_generate" and
 "bf16_winner_agreement".
 
-bf16 agreement (`--agreement N`, default 200, 32 with --quick, 0: off): the first N HH-RLHF pairs
+bf16 agreement (`--agreement N`, default 200, 32 with --quick, 0: off; off by default on a CPU
+without bf16 instructions, where bf16 is emulated, ~100x slower): the first N HH-RLHF pairs
 labelled as the label stage labels them (benchmarks/label_dtype.py): the quickstart's principle
 file (principles/harmless.yaml, or --constitution), one preference principle drawn per pair,
 its first labelling example as few-shot, both orders; each in a fresh transformers backend, fp32
@@ -164,6 +165,15 @@ def main() -> None:
     args = ap.parse_args()
     n = 16 if args.quick else args.pairs
     n_agree = args.agreement if args.agreement is not None else (32 if args.quick else 200)
+    if args.agreement is None:
+        import torch
+
+        from charter.core.hardware import cpu_bf16_native
+
+        if not torch.cuda.is_available() and not cpu_bf16_native():  # bf16 emulated: 32 pairs would take hours; ask for it
+            print("bf16 agreement skipped: this CPU has no bf16 instructions (bf16 is emulated "
+                  "here, ~100x slower than fp32); --agreement N runs it anyway", file=sys.stderr)
+            n_agree = 0
 
     from constitution import load_constitution, parse_constitution
     from critique.backends import load_backend
