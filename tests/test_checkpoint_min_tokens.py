@@ -98,19 +98,11 @@ def test_training_runs_the_same_with_and_without(tmp_path, tiny_model_dir, stage
     stage really skips it for the short micro-batches (layer-0 calls counted)."""
     from safetensors.torch import load_file
 
+    from tests.conftest import write_sft_or_pairs
     from training import loop
     from training.options import DPOConfig, SFTConfig
 
-    rows, pairs = [], []
-    for i in range(8):
-        q = f"Say {i}" + " please" * (20 * (i % 4))
-        rows.append({"messages": [{"role": "user", "content": q},
-                                  {"role": "assistant", "content": f"{i}." * (1 + i % 3)}]})
-        pairs.append({"prompt": [{"role": "user", "content": q}],
-                      "chosen": [{"role": "assistant", "content": f"{i}." * (1 + i % 3)}],
-                      "rejected": [{"role": "assistant", "content": "No."}]})
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in (rows if stage == "sft" else pairs)))
+    data = write_sft_or_pairs(tmp_path / "data.jsonl", stage, please=20)
     decided = []
     real = loop.checkpoint_by_size
 

@@ -129,18 +129,10 @@ def test_training_padding_free_matches_padded(tmp_path, tiny_model_dir, stage):
 
     from safetensors.torch import load_file
 
+    from tests.conftest import write_sft_or_pairs
     from training.options import DPOConfig, SFTConfig
 
-    rows, pairs = [], []
-    for i in range(8):
-        q = f"Say {i}" + " please" * (i % 4)
-        rows.append({"messages": [{"role": "user", "content": q},
-                                  {"role": "assistant", "content": f"{i}." * (1 + i % 3)}]})
-        pairs.append({"prompt": [{"role": "user", "content": q}],
-                      "chosen": [{"role": "assistant", "content": f"{i}." * (1 + i % 3)}],
-                      "rejected": [{"role": "assistant", "content": "No."}]})
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in (rows if stage == "sft" else pairs)))
+    data = write_sft_or_pairs(tmp_path / "data.jsonl", stage, please=1)
     runs = {}
     for packed in (False, True):
         out = tmp_path / f"{stage}-{packed}"
