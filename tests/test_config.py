@@ -104,6 +104,42 @@ def test_field_docs_become_help():
     assert "Where results go. (required)" in help_text.format_help()
 
 
+@dataclass
+class PercentConfig:
+    slow: bool = False
+    """recompute activations (less memory, ~30% slower)"""
+    fmt: str = "%(prog)s-%d"
+    """a format string"""
+
+
+def test_percent_in_docs_and_defaults_shows_literally():
+    # argparse %-formats help: an unescaped "30% s" read as a conversion and printed the
+    # action's dict into --help
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, PercentConfig)
+    text = " ".join(parser.format_help().split())
+    assert "(less memory, ~30% slower) (default: False)" in text
+    assert "(default: %(prog)s-%d)" in text
+
+
+def test_every_command_help_renders():
+    """Each subcommand's --help formats (a bad "%" anywhere raises or garbles it)."""
+    from charter.cli import build_parser
+
+    parser = build_parser()
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    seen = 0
+    stack = [p for s in subs for p in s.choices.values()]
+    while stack:
+        p = stack.pop()
+        text = p.format_help()
+        assert "option_strings" not in text, p.prog
+        seen += 1
+        stack += [q for a in p._actions if isinstance(a, argparse._SubParsersAction)
+                  for q in a.choices.values()]
+    assert seen >= 8
+
+
 def test_generate_config_fields_all_documented():
     import dataclasses
 

@@ -163,7 +163,10 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
             help_text += f" (default: {default})"
         else:
             help_text += " (required)"
-        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        # argparse %-formats help text ("%(default)s"): a literal "%" in a docstring or a
+        # default ("~30% slower") would garble or break --help, so every "%" is escaped
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
+                              "help": help_text.replace("%", "%%")}
         if base is bool:
             target.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(base) in (list, tuple):
