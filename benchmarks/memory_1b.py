@@ -2,13 +2,15 @@
 
     python benchmarks/memory_1b.py                    # Llama-3.2-1B's shape: bf16, bf16 + in-backward
     python benchmarks/memory_1b.py --shape tiny --modes fp32,bf16,bf16-inbw   # a smoke run
+    python benchmarks/memory_1b.py --shape vocab-1b --modes fp32-bf16m,fp32-bf16m-inbw  # no bf16 CPU
 
 The model is random-init (no weights needed): Llama-3.2-1B's shape (1.24 B parameters, tied
 embeddings) with the embedded SmolLM2 tokenizer, saved in bf16 to a temporary folder. Each mode
 then runs `train_dpo` in its own subprocess (so the peak is its own): `--steps` steps of one pair
 per step whose prompt and two responses fill `--max-length`, shared prompt, chunked log-probs,
 reference log-probs computed before training. Modes: `fp32` (fp32 weights, fused AdamW), `bf16`
-(bf16 weights, BF16AdamW), `bf16-inbw` (`bf16` with `optimizer_in_backward`: no clipping).
+(bf16 weights, BF16AdamW), `bf16-inbw` (`bf16` with `optimizer_in_backward`: no clipping),
+`fp32-bf16m` (fp32 weights, bf16 AdamW moments), `fp32-bf16m-inbw` (that, in backward).
 
 Reported per mode: the subprocess's peak resident size (VmHWM) and what docs/scaling.md computes
 for it: the runtime (the same subprocess's resident size after its imports, measured) + bytes per
@@ -35,6 +37,12 @@ SHAPES = {  # LlamaConfig fields
                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                          tie_word_embeddings=True, rope_theta=500000.0,
                          max_position_embeddings=4096),
+    # Llama-3.2-1B's vocabulary and width with 2 layers: the vocabulary-sized tensors of the 1B
+    # shape at a size fp32 runs in on a CPU without bf16 instructions (383 M parameters)
+    "vocab-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=2,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                     tie_word_embeddings=True, rope_theta=500000.0,
+                     max_position_embeddings=4096),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
                  tie_word_embeddings=True, max_position_embeddings=1024),
@@ -43,6 +51,9 @@ MODES = {  # name -> DPOConfig fields
     "fp32": {"precision": "fp32"},
     "bf16": {"precision": "bf16"},
     "bf16-inbw": {"precision": "bf16", "optimizer_in_backward": True, "max_grad_norm": 0.0},
+    "fp32-bf16m": {"precision": "fp32", "bf16_moments": True},
+    "fp32-bf16m-inbw": {"precision": "fp32", "bf16_moments": True, "optimizer_in_backward": True,
+                        "max_grad_norm": 0.0},
 }
 
 
@@ -52,8 +63,8 @@ def state_bytes(fields: dict) -> int:
     from training.optim import bytes_per_param
 
     grad = 4 if fields["precision"] == "fp32" else 2
-    return bytes_per_param(fields["precision"]) - (grad if fields.get("optimizer_in_backward")
-                                                   else 0)
+    return bytes_per_param(fields["precision"], fields.get("bf16_moments", False)) - (
+        grad if fields.get("optimizer_in_backward") else 0)
 
 
 ACT_BYTES = 34  # per token, per hidden unit, per layer (bf16, no checkpointing; docs/scaling.md)

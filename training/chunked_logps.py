@@ -25,6 +25,8 @@ import weakref
 import torch
 
 CHUNK = 1024  # positions per head chunk: 1024 x 49k vocab x 4 bytes = 200 MB of fp32 logits
+VOCAB_SLICE = 8192  # most weight rows per slice in the bf16 backward (a matmul's temporaries
+                    # scale with its operands: 1 GB for a whole 128k x 2048 bf16 matrix here)
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -59,21 +61,49 @@ class HeadLogps(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(ctx.dt), weight.to(ctx.dt)
-            gh = torch.empty_like(hidden) if need_h else None
-            gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-                if need_w else None
+            if need_w:
+                gh, gw = _backward_by_vocab(h, w, targets, lse, grad_out.float(), ctx.chunk,
+                                            need_h, weight.dtype)
+                return (gh.to(hidden.dtype) if need_h else None), gw, None, None
+            if not need_h:
+                return None, None, None, None
+            gh = torch.empty_like(hidden)  # a frozen head (LoRA): positions in chunks
             for s in range(0, h.shape[0], ctx.chunk):
-                hs, go = h[s:s + ctx.chunk], grad_out[s:s + ctx.chunk].float()
+                go = grad_out[s:s + ctx.chunk].float()
                 # d/dlogits of (logit[t] - lse) = onehot(t) - softmax
-                g = torch.exp((hs @ w.T).float() - lse[s:s + ctx.chunk, None])
+                g = torch.exp((h[s:s + ctx.chunk] @ w.T).float() - lse[s:s + ctx.chunk, None])
                 g.mul_(-go[:, None])
                 g.scatter_add_(1, targets[s:s + ctx.chunk, None], go[:, None])
-                g = g.to(ctx.dt)
-                if need_h:
-                    gh[s:s + ctx.chunk] = (g @ w).to(hidden.dtype)
-                if need_w:
-                    gw.add_((g.T @ hs).float())
-        return gh, (gw.to(weight.dtype) if need_w else None), None, None
+                gh[s:s + ctx.chunk] = (g.to(ctx.dt) @ w).to(hidden.dtype)
+        return gh, None, None, None
+
+
+def _backward_by_vocab(h, w, targets, lse, go, chunk: int, need_h: bool, w_dtype):
+    """HeadLogps' gradients with the weight's, a slice of the vocabulary at a time: each row of
+    the weight's gradient is one matmul over all positions (d/dlogits of logit[t] - lse is
+    onehot(t) - softmax), written once in the weight's dtype. Chunking by positions instead
+    needs an fp32 accumulator of the weight's whole shape plus each chunk's product of that shape
+    (and for bf16 its fp32 copy and the final cast: 2.6 GB at once for Llama-3.2-1B's tied
+    128k x 2048 matrix, for a 0.5 GB gradient).
+    A slice's logits are (positions x slice), at most `chunk` x vocab values as in forward, and
+    at most VOCAB_SLICE rows of the weight; the hidden-state gradient adds up over slices in fp32
+    (positions x hidden)."""
+    n, vocab = h.shape[0], w.shape[0]
+    step = max(1, min(VOCAB_SLICE, chunk * vocab // n))
+    gw = torch.empty(w.shape, dtype=w_dtype, device=w.device)
+    gh = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need_h else None
+    rows = torch.arange(n, device=h.device)
+    for v in range(0, vocab, step):
+        ws = w[v:v + step]
+        g = torch.exp((h @ ws.T).float() - lse[:, None])
+        g.mul_(-go[:, None])
+        inside = (targets >= v) & (targets < v + ws.shape[0])
+        g.index_put_((rows[inside], targets[inside] - v), go[inside], accumulate=True)
+        g = g.to(h.dtype)
+        gw[v:v + step] = g.T @ h
+        if need_h:
+            gh.add_((g @ ws).float())
+    return gh, gw
 
 
 def head_of(model) -> torch.nn.Module | None:
