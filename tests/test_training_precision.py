@@ -313,3 +313,16 @@ def test_head_logps_with_a_frozen_head_gives_the_hidden_gradient_only(dtype):
     assert w.grad is None and h.grad.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 0.02
     assert float((h.grad.float() - hr.grad).norm() / hr.grad.norm()) < tol
+
+
+def test_head_logps_with_no_label_positions_gives_zero_gradients():
+    """A batch whose rows have no label position left (all truncated): zero gradients, no
+    division by the zero positions."""
+    import training.chunked_logps as cl
+
+    h = torch.randn(0, 16, requires_grad=True)
+    w = torch.randn(200, 16, requires_grad=True)
+    out = cl.HeadLogps.apply(h, w, torch.zeros(0, dtype=torch.long), 8)
+    (out.sum() + (w * 0).sum()).backward()
+    assert out.shape == (0,) and h.grad.shape == (0, 16)
+    assert w.grad is not None and not w.grad.any()

@@ -25,8 +25,8 @@ import weakref
 import torch
 
 CHUNK = 1024  # positions per head chunk: 1024 x 49k vocab x 4 bytes = 200 MB of fp32 logits
-VOCAB_SLICE = 8192  # most weight rows per slice in the bf16 backward (a matmul's temporaries
-                    # scale with its operands: 1 GB for a whole 128k x 2048 bf16 matrix here)
+VOCAB_SLICE = 8192  # most weight rows per slice in backward (a matmul's temporaries scale with
+                    # its operands: 1 GB for a whole 128k x 2048 bf16 matrix on an AVX2 CPU)
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -89,7 +89,7 @@ def _backward_by_vocab(h, w, targets, lse, go, chunk: int, need_h: bool, w_dtype
     at most VOCAB_SLICE rows of the weight; the hidden-state gradient adds up over slices in fp32
     (positions x hidden)."""
     n, vocab = h.shape[0], w.shape[0]
-    step = max(1, min(VOCAB_SLICE, chunk * vocab // n))
+    step = max(1, min(VOCAB_SLICE, chunk * vocab // max(n, 1)))
     gw = torch.empty(w.shape, dtype=w_dtype, device=w.device)
     gh = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need_h else None
     rows = torch.arange(n, device=h.device)
