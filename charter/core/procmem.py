@@ -7,16 +7,29 @@ from __future__ import annotations
 from pathlib import Path
 
 _STATUS = Path("/proc/self/status")
+_MEMINFO = Path("/proc/meminfo")
 
 
-def _field(name: str) -> int | None:
+def _kb(path: Path, name: str) -> int | None:
+    """The `name:` line's value in kB from a /proc file (None where there is none)."""
     try:
-        for line in _STATUS.read_text().splitlines():
+        for line in path.read_text().splitlines():
             if line.startswith(name + ":"):
-                return int(line.split()[1]) // 1024  # kB -> MB
+                return int(line.split()[1])
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def _field(name: str) -> int | None:
+    kb = _kb(_STATUS, name)
+    return None if kb is None else kb // 1024  # kB -> MB
+
+
+def available_bytes() -> int | None:
+    """The machine's memory available to a new allocation (MemAvailable), in bytes."""
+    kb = _kb(_MEMINFO, "MemAvailable")
+    return None if kb is None else kb * 1024
 
 
 def rss_mb() -> int | None:

